@@ -1,0 +1,39 @@
+# vaelab: `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SPEC   ?= quickstart
+EXP    ?= beta_study
+ARGS   ?=
+
+.PHONY: help install test test-slow lint train ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(BIN)/vaelab  ## create .venv and install vaelab with its dependencies
+
+$(BIN)/vaelab: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+test: install  ## ruff, then the test suite (slow tests excluded)
+	$(BIN)/ruff check vaelab tests
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: install  ## run only the slow tests
+	$(BIN)/python -m pytest -m slow -q
+
+lint: install  ## ruff over the package and tests
+	$(BIN)/ruff check vaelab tests
+
+train: install  ## train one run: make train SPEC=quickstart [ARGS="--set model.z_dim=10"]
+	$(BIN)/vaelab train experiments/$(SPEC).yaml $(ARGS)
+
+ui: install  ## MLflow UI over runs/ on http://127.0.0.1:5000
+	$(BIN)/vaelab ui
+
+clean:  ## remove caches (keeps runs/ and studies/)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,71 @@
+"""Shared fixtures: real Fashion-MNIST where installed, small IDX folders the
+tests write, and real MLflow stores in temporary folders."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaelab.data.idx import write_idx
+from vaelab.data.mnist_family import FILES, SOURCES, candidate_dirs
+from vaelab.spec import RunSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fashion_mnist_dir() -> Path | None:
+    for folder in candidate_dirs(SOURCES["fashion_mnist"], REPO / "data"):
+        if all((folder / f"{stem}.gz").is_file() or (folder / stem).is_file() for stem in FILES.values()):
+            return folder
+    return None
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    """The folder holding real Fashion-MNIST (`.ci/run` installs Debian's package)."""
+    folder = fashion_mnist_dir()
+    if folder is None:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return folder
+
+
+def make_idx_folder(folder: Path, n_train: int = 240, n_test: int = 80, seed: int = 0, gz: bool = False) -> Path:
+    """Small MNIST-like IDX files: a bright square per class at a class-dependent place."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 60).astype(np.uint8)
+        for i, label in enumerate(labels):
+            row, col = 2 + 2 * (label // 5) * 5, 2 + (label % 5) * 5
+            images[i, row : row + 8, col : col + 5] = 230
+        suffix = ".gz" if gz else ""
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    return make_idx_folder(tmp_path / "mnist-files")
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+
+
+def tiny_run(root: Path, dataset: str = "mnist", **sections) -> RunSpec:
+    """A run spec small enough to train in a second or two on CPU."""
+    base = RunSpec()
+    data = dataclasses.replace(base.data, dataset=dataset, root=str(root), download=False, subset=None)
+    model = dataclasses.replace(base.model, z_dim=4, hidden=(32,), channels=(8, 16))
+    train = dataclasses.replace(base.train, epochs=2, batch_size=64, device="cpu")
+    evals = dataclasses.replace(base.eval, batch_size=500, tsne_points=60)
+    run = dataclasses.replace(base, data=data, model=model, train=train, eval=evals)
+    for name, changes in sections.items():
+        run = dataclasses.replace(run, **{name: dataclasses.replace(getattr(run, name), **changes)})
+    return run

@@ -1,0 +1,119 @@
+"""The command line as a user runs it: a subprocess in a fresh folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import REPO
+
+
+def vaelab(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "vaelab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def write_spec(folder: Path, mnist_root: Path, **base) -> Path:
+    spec = {"name": "cli_demo", "base": {
+        "data": {"dataset": "mnist", "root": str(mnist_root), "download": False},
+        "model": {"z_dim": 3, "hidden": [32]},
+        "train": {"epochs": 2, "batch_size": 64, "device": "cpu"},
+        "eval": {"tsne_points": 40}, **base}}
+    (folder / "experiments").mkdir(exist_ok=True)
+    path = folder / "experiments" / "cli_demo.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_train_then_sample(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root)
+    done = vaelab(tmp_path, "train", "cli_demo", "--no-progress", "--set", "model.z_dim=2")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
+    checkpoint = next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("checkpoint:"))
+    assert Path(checkpoint).is_relative_to(tmp_path / "runs" / "artifacts")
+    out = tmp_path / "grid.png"
+    sampled = vaelab(tmp_path, "sample", checkpoint, "--n", "16", "--out", str(out))
+    assert sampled.returncode == 0, sampled.stderr
+    assert "z_dim=2" in sampled.stdout
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 4 * 28
+
+
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root, loss={"likelihood": "poisson"})
+    done = vaelab(tmp_path, "train", "cli_demo")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "base.loss.likelihood" in done.stderr and "bernoulli" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_override_and_unknown_spec(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root)
+    bad = vaelab(tmp_path, "train", "cli_demo", "--set", "train.epochs=-1")
+    assert bad.returncode == 2 and "--set train.epochs: expected int" in bad.stderr
+    unknown = vaelab(tmp_path, "train", "nope")
+    assert unknown.returncode == 2 and "known specs: cli_demo" in unknown.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_the_resolved_spec(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root)
+    done = vaelab(tmp_path, "train", "cli_demo", "--dry-run", "--set", "loss.beta=4")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["base"]["loss"]["beta"] == 4.0
+    assert resolved["base"]["train"]["lr"] == 0.001  # defaults are filled in
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sample_bad_arguments(tmp_path: Path):
+    done = vaelab(tmp_path, "sample", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "not a checkpoint folder" in done.stderr
+    done = vaelab(tmp_path, "sample", str(tmp_path), "--out", str(tmp_path / "x.jpg"))
+    assert done.returncode == 2 and "--out" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ui_serves_on_loopback(tmp_path: Path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)
+    server = subprocess.Popen([sys.executable, "-m", "vaelab", "ui", "--port", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    output = server.stdout.read().decode() if server.poll() is not None else ""
+                    pytest.fail(f"MLflow UI did not come up: {output}")
+                time.sleep(0.5)
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+        if listening.returncode == 0 and listening.stdout.strip():
+            local_addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening.stdout.splitlines()}
+            assert local_addresses == {"127.0.0.1"}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

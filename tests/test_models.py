@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vaelab.models import ConfigError
+from vaelab.objectives import Bernoulli, vae_terms
+from vaelab.registry import ARCHITECTURES, build_model
+from vaelab.spec import RunSpec
+
+
+def run_with(arch: str, z_dim: int = 6) -> RunSpec:
+    base = RunSpec()
+    return dataclasses.replace(base, model=dataclasses.replace(base.model, arch=arch, z_dim=z_dim, hidden=(64,)))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shapes(arch):
+    model = build_model(run_with(arch), (1, 28, 28))
+    x = torch.rand(5, 1, 28, 28)
+    out = model(x)
+    assert out.params.shape == x.shape
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (5, 6)
+    assert model.decode(torch.zeros(2, 6)).shape == (2, 1, 28, 28)
+
+
+def test_default_mlp_is_the_canonical_784_400_20():
+    model = build_model(RunSpec(), (1, 28, 28))
+    sizes = [(m.in_features, m.out_features) for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert sizes == [(784, 400), (400, 40)]  # 40 = mean and log-variance of 20 dims
+
+
+def test_conv_rejects_sides_it_cannot_halve():
+    base = run_with("conv")
+    spec = dataclasses.replace(base, model=dataclasses.replace(base.model, channels=(8, 8, 8)))
+    with pytest.raises(ConfigError, match="model.channels"):
+        build_model(spec, (1, 28, 28))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_one_optimiser_step_changes_every_weight(arch):
+    torch.manual_seed(0)
+    model = build_model(run_with(arch), (1, 28, 28))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(8, 1, 28, 28)
+    out = model(x)
+    vae_terms(x, out.params, out.mu, out.logvar, Bernoulli(), 1.0).loss.mean().backward()
+    optimizer.step()
+    unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, before[k])]
+    assert unchanged == []

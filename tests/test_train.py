@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_idx_folder, tiny_run
+from vaelab.data import load_data
+from vaelab.evaluate import split_terms
+from vaelab.registry import build_likelihood
+from vaelab.train import NonFiniteLossError, fit, init_model
+
+
+def train_once(root: Path, **sections):
+    run = tiny_run(root, **sections)
+    data = load_data(run.data, torch.device("cpu"))
+    model = init_model(run, data.shape, torch.device("cpu"))
+    seen: list[int] = []
+    result = fit(run, model, data, callbacks=[lambda epoch, _: seen.append(epoch)], show_progress=False)
+    return run, data, model, result, seen
+
+
+def test_same_seed_same_metrics_different_seed_differs(mnist_root: Path):
+    _, _, model_a, first, _ = train_once(mnist_root)
+    _, _, model_b, second, _ = train_once(mnist_root)
+    _, _, _, other, _ = train_once(mnist_root, train={"seed": 1})
+    strip = [{k: v for k, v in h.items() if not k.startswith("time/")} for h in first.history]
+    assert strip == [{k: v for k, v in h.items() if not k.startswith("time/")} for h in second.history]
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key])
+    assert other.history[-1]["train/loss"] != first.history[-1]["train/loss"]
+
+
+def test_training_lowers_the_loss_and_calls_back_every_epoch(mnist_root: Path):
+    _, _, _, result, seen = train_once(mnist_root, train={"epochs": 4, "patience": None})
+    assert seen == [1, 2, 3, 4]
+    losses = [h["train/loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    expected = {"train/loss", "train/recon", "train/kl", "train/elbo", "val/loss", "val/recon", "val/kl",
+                "val/elbo", "val/mse", "time/epoch_s"}
+    assert expected <= set(result.history[0])
+    h = result.history[0]
+    assert h["train/elbo"] == pytest.approx(h["train/recon"] + h["train/kl"])
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path: Path):
+    # 40 training images and a big model overfit within a few epochs.
+    root = make_idx_folder(tmp_path / "small", n_train=80, n_test=20)
+    run, data, model, result, _ = train_once(
+        root, data={"val_fraction": 0.5}, model={"hidden": (256,), "z_dim": 16},
+        train={"epochs": 200, "patience": 2, "batch_size": 8, "lr": 3e-3},
+    )
+    assert result.stopped_early
+    assert result.epochs_run == result.best_epoch + 2
+    val_losses = [h["val/loss"] for h in result.history]
+    assert result.best_val_loss == min(val_losses)
+    gen = torch.Generator().manual_seed(run.train.seed + 2)  # the validation draws fit() uses
+    now = split_terms(model, data.val, build_likelihood(run), run.loss.beta, run.eval.batch_size, gen)
+    assert now["loss"] == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_non_finite_loss_stops_with_a_reason(mnist_root: Path):
+    run = tiny_run(mnist_root)
+    data = load_data(run.data, torch.device("cpu"))
+    data.train.x[3, 0, 5, 5] = float("nan")
+    model = init_model(run, data.shape, torch.device("cpu"))
+    with pytest.raises(NonFiniteLossError, match="non-finite train/loss.*epoch 1"):
+        fit(run, model, data, show_progress=False)

@@ -1,0 +1,3 @@
+"""vaelab: tracked variational autoencoder experiments from YAML specs."""
+
+__version__ = "0.1.0"

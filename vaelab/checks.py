@@ -1,0 +1,176 @@
+"""Typed value checks for spec fields.
+
+Each check turns a raw YAML value into a typed one or raises SpecError with the
+dotted path, the bad value and what is allowed, so a user sees one line such as
+``model.z_dim: expected int > 0, got 'ten'``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A spec (or override) is invalid; the message names the dotted path."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fail(path: str, allowed: str, value: Any) -> SpecError:
+    return SpecError(f"{path}: expected {allowed}, got {_show(value)}")
+
+
+class Check:
+    """Base class: `parse(value, path)` returns the typed value or raises SpecError."""
+
+    def parse(self, value: Any, path: str) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Check):
+    min: int | None = None
+    max: int | None = None
+
+    def describe(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"int in [{self.min}, {self.max}]"
+        if self.min is not None:
+            return "int > 0" if self.min == 1 else f"int >= {self.min}"
+        return "int"
+
+    def parse(self, value: Any, path: str) -> int:
+        # bool is an int subclass in Python; `true` is never a size.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(path, self.describe(), value)
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise fail(path, self.describe(), value)
+        return value
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class Float(Check):
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # True: value must be strictly greater than min
+    max_open: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_open else '>='} {self.min:g}")
+        if self.max is not None:
+            parts.append(f"{'<' if self.max_open else '<='} {self.max:g}")
+        return "float" + (" " + " and ".join(parts) if parts else "")
+
+    def parse(self, value: Any, path: str) -> float:
+        # PyYAML reads `1e-3` (no dot) as a string; accept plain numeric text.
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(path, self.describe(), value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise fail(path, self.describe(), value)
+        if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
+            raise fail(path, self.describe(), value)
+        if self.max is not None and (number > self.max or (self.max_open and number == self.max)):
+            raise fail(path, self.describe(), value)
+        return number
+
+
+@dataclass(frozen=True)
+class Bool(Check):
+    def describe(self) -> str:
+        return "true or false"
+
+    def parse(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise fail(path, self.describe(), value)
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(Check):
+    names: Sequence[str]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.names)
+
+    def parse(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or value not in self.names:
+            raise fail(path, self.describe(), value)
+        return value
+
+
+@dataclass(frozen=True)
+class Text(Check):
+    max_len: int = 10_000
+
+    def describe(self) -> str:
+        return "a string"
+
+    def parse(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or len(value) > self.max_len:
+            raise fail(path, self.describe() + f" of at most {self.max_len} characters", value)
+        return value
+
+
+# Names become directory names and MLflow experiment names, so they must not
+# contain separators or start with a dot (no `..`, no hidden files).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Name(Check):
+    def describe(self) -> str:
+        return "a name of letters, digits, '_', '-', '.' (max 64, not starting with '.' or '-')"
+
+    def parse(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+            raise fail(path, self.describe(), value)
+        return value
+
+
+@dataclass(frozen=True)
+class Optional(Check):
+    inner: Check
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} or null"
+
+    def parse(self, value: Any, path: str) -> Any:
+        if value is None:
+            return None
+        try:
+            return self.inner.parse(value, path)
+        except SpecError:
+            raise fail(path, self.describe(), value) from None
+
+
+@dataclass(frozen=True)
+class IntList(Check):
+    item: Int
+    min_len: int = 1
+    max_len: int = 16
+
+    def describe(self) -> str:
+        return f"a list of {self.min_len}-{self.max_len} values, each {self.item.describe()}"
+
+    def parse(self, value: Any, path: str) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple)) or not self.min_len <= len(value) <= self.max_len:
+            raise fail(path, self.describe(), value)
+        return tuple(self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value))

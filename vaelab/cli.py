@@ -1,0 +1,144 @@
+"""`vaelab train | sample | ui | keys`: the command line. Bad input ends in one
+line on stderr and exit code 2; a failed run in exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from vaelab.checks import SpecError
+
+EXPERIMENTS_DIR = Path("experiments")
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def resolve_spec_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or a bare name looked up as experiments/NAME.yaml."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    raise SpecError(f"{name_or_path}: no such spec file" + (f"; known specs: {', '.join(known)}" if known else ""))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vaelab.spec import load_spec, to_dict
+
+    spec = load_spec(resolve_spec_path(args.spec), args.set)
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump({"name": spec.name, "description": spec.description, "base": to_dict(spec.base)},
+                             sort_keys=False), end="")
+        return 0
+    from vaelab.runner import run
+    from vaelab.tracking import Tracker
+
+    tracker = Tracker(args.tracking_uri)
+    outcome = run(spec.base, spec.name, tracker, show_progress=not args.no_progress)
+    print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.uri})")
+    for key in ("test/elbo", "test/recon", "test/kl", "test/mse", "test/active_units"):
+        print(f"  {key:<18} {outcome.metrics[key]:.4f}")
+    print("  (nats per image; test/elbo is the negative ELBO, lower is better)")
+    if outcome.checkpoint_dir is not None:
+        print(f"checkpoint: {outcome.checkpoint_dir}")
+        print(f"  vaelab sample {outcome.checkpoint_dir} --n 64 --out samples.png")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from vaelab.checkpoint import load_checkpoint
+    from vaelab.figures import write_samples
+
+    if args.n < 1 or args.n > 10_000:
+        raise UsageError(f"--n: expected an int in [1, 10000], got {args.n}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out: expected a .png file name, got {args.out}")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: folder {out.parent} does not exist")
+    checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    write_samples(checkpoint.model, checkpoint.likelihood, out, n=args.n, seed=args.seed)
+    print(f"wrote {args.n} samples from {checkpoint.name} ({checkpoint.run_spec.model.arch}, "
+          f"z_dim={checkpoint.run_spec.model.z_dim}) to {out}")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from vaelab.tracking import Tracker
+
+    command = Tracker(args.tracking_uri).ui_command(host=args.host, port=args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    try:
+        return subprocess.call([sys.executable, "-m", "mlflow", *command[1:]])
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from vaelab.spec import describe_fields
+
+    for path, default, allowed, doc in describe_fields():
+        print(f"{path:<20} default {default!r:<14} {allowed}. {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaelab", description="Tracked VAE experiments from YAML specs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one run from a spec's base")
+    train.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value, e.g. --set model.z_dim=10 (repeatable)")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
+
+    sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint folder")
+    sample.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json)")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", default="samples.png", help="PNG file to write")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    sample.set_defaults(func=_cmd_sample)
+
+    ui = sub.add_parser("ui", help="MLflow UI over the tracking store")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri")
+    ui.set_defaults(func=_cmd_ui)
+
+    keys = sub.add_parser("keys", help="list every spec key with its default and allowed values")
+    keys.set_defaults(func=_cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vaelab.checkpoint import CheckpointError
+    from vaelab.data import DataError
+    from vaelab.models import ConfigError
+    from vaelab.train import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except (SpecError, UsageError, DataError, CheckpointError, ConfigError) as err:
+        print(f"vaelab: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"vaelab: run failed: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Fashion-MNIST and MNIST from IDX files: find them, else download them.
+
+Search order: `data.root` (flat, `<root>/<dataset>/`, or torchvision's
+`<root>/<Class>/raw/`), then the Debian data package folder, then a
+torchvision download into `data.root` when `data.download` allows.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vaelab.data.idx import IdxError, read_idx
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+class DataError(ValueError):
+    """Data cannot be found or read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # our dataset name
+    torchvision_class: str  # torchvision.datasets class (and its folder name)
+    system_dirs: tuple[str, ...]  # folders installed by OS packages
+    class_names: tuple[str, ...]
+
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+SOURCES = {
+    "fashion_mnist": Source("fashion_mnist", "FashionMNIST", ("/usr/share/datasets/fashion-mnist",), FASHION_CLASSES),
+    "mnist": Source("mnist", "MNIST", (), tuple(str(d) for d in range(10))),
+}
+
+
+@dataclass(frozen=True)
+class RawSplits:
+    """uint8 images (N, 28, 28) and int64 labels for the official train and test splits."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    origin: Path
+    class_names: tuple[str, ...]
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def candidate_dirs(source: Source, root: Path) -> list[Path]:
+    return [
+        root,
+        root / source.name,
+        root / source.torchvision_class / "raw",
+        *(Path(d) for d in source.system_dirs),
+    ]
+
+
+def _complete_dir(dirs: list[Path]) -> Path | None:
+    for folder in dirs:
+        if all(_find_file(folder, stem) for stem in FILES.values()):
+            return folder
+    return None
+
+
+def _download(source: Source, root: Path) -> None:
+    import torchvision.datasets as tvd
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # no network must fail fast, not hang
+    try:
+        getattr(tvd, source.torchvision_class)(str(root), train=True, download=True)
+        getattr(tvd, source.torchvision_class)(str(root), train=False, download=True)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_folder(folder: Path, stamp: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """Decoded arrays of a folder; cached per process (sweeps train many runs on
+    one dataset), keyed by the files' mtimes so a changed file is read again."""
+    return {key: read_idx(_find_file(folder, stem)) for key, stem in FILES.items()}
+
+
+def load_raw(dataset: str, root: str | Path, download: bool = True) -> RawSplits:
+    source = SOURCES[dataset]
+    root = Path(root)
+    dirs = candidate_dirs(source, root)
+    folder = _complete_dir(dirs)
+    download_error = ""
+    if folder is None and download:
+        try:
+            _download(source, root)
+        except Exception as err:  # any network/IO failure means "not available"
+            download_error = f"; download failed ({type(err).__name__})"
+        folder = _complete_dir(dirs)
+    if folder is None:
+        names = ", ".join(FILES.values())
+        raise DataError(
+            f"{dataset}: IDX files not found; put {names} (optionally .gz) in {root}/ "
+            f"(searched {', '.join(str(d) for d in dirs)}){download_error}"
+        )
+    try:
+        stamp = tuple(_find_file(folder, stem).stat().st_mtime for stem in FILES.values())
+        arrays = _read_folder(folder, stamp)
+    except IdxError as err:
+        raise DataError(str(err)) from None
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+    return RawSplits(
+        train_images=arrays["train_images"],
+        train_labels=arrays["train_labels"].astype(np.int64),
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"].astype(np.int64),
+        origin=folder,
+        class_names=source.class_names,
+    )

@@ -1,0 +1,124 @@
+"""Every PNG a run writes: reconstructions, samples, latent interpolation,
+t-SNE of latent means, learning curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+from vaelab.models import VAE  # noqa: E402
+from vaelab.objectives import Likelihood  # noqa: E402
+
+
+def _grid_image(images: Tensor, nrow: int) -> np.ndarray:
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _enlarge(images: Tensor, min_side: int = 56) -> Tensor:
+    """Nearest-neighbour upscaling so 28x28 tiles are visible without zooming."""
+    factor = max(1, min_side // images.shape[-1])
+    return images.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2) if factor > 1 else images
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+@torch.inference_mode()
+def sample_images(model: VAE, likelihood: Likelihood, n: int, generator: torch.Generator) -> Tensor:
+    """Decoder means of n draws from the prior N(0, I)."""
+    model.eval()
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.z_dim, generator=generator, device=device)
+    return likelihood.mean(model.decode(z))
+
+
+def write_samples(model: VAE, likelihood: Likelihood, path: Path, n: int = 64, seed: int = 0) -> Path:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    images = sample_images(model, likelihood, n, generator)
+    save_image(_enlarge(images.cpu()), path, nrow=int(math.ceil(math.sqrt(n))), padding=2, pad_value=1.0)
+    return path
+
+
+@torch.inference_mode()
+def write_reconstructions(model: VAE, likelihood: Likelihood, x: Tensor, path: Path) -> Path:
+    """Originals and their reconstructions (decoder mean at the posterior mean)."""
+    model.eval()
+    recon = likelihood.mean(model.decode(model.encode(x)[0]))
+    nrow = 8
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for ax, images, title in zip(axes, (x, recon), ("original", "reconstruction"), strict=False):
+        ax.imshow(_grid_image(images, nrow), cmap="gray" if images.shape[1] == 1 else None)
+        ax.set_title(title)
+        ax.axis("off")
+    return _save(fig, path)
+
+
+@torch.inference_mode()
+def write_interpolation(model: VAE, likelihood: Likelihood, pairs: Tensor, path: Path, steps: int = 10) -> Path:
+    """Rows of decoded linear interpolations between the latent means of image
+    pairs; `pairs` is (2 * rows, C, H, W), consecutive images forming a pair.
+    The first and last column show the real images."""
+    model.eval()
+    mu = model.encode(pairs)[0]
+    start, end = mu[0::2], mu[1::2]
+    weights = torch.linspace(0, 1, steps, device=mu.device).view(1, steps, 1)
+    z = start.unsqueeze(1) * (1 - weights) + end.unsqueeze(1) * weights  # (rows, steps, z)
+    decoded = likelihood.mean(model.decode(z.flatten(0, 1))).view(len(start), steps, *pairs.shape[1:])
+    rows = torch.cat([pairs[0::2].unsqueeze(1), decoded, pairs[1::2].unsqueeze(1)], dim=1)
+    save_image(_enlarge(rows.flatten(0, 1).cpu()), path, nrow=steps + 2, padding=2, pad_value=1.0)
+    return path
+
+
+def write_tsne(means: Tensor, labels: Tensor, path: Path, class_names: tuple[str, ...] = (), seed: int = 0) -> Path:
+    """t-SNE of latent means coloured by class (scikit-learn)."""
+    from sklearn.manifold import TSNE
+
+    points = means.detach().double().cpu().numpy()
+    if points.shape[1] > 2:
+        perplexity = float(min(30, max(2, len(points) // 4)))
+        points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+        title = f"t-SNE of test latent means (z_dim={means.shape[1]}, {len(points)} points)"
+    else:
+        # Two (or one) dimensions need no embedding: plot the means themselves.
+        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+        title = f"test latent means (z_dim={means.shape[1]}, {len(points)} points)"
+    fig, ax = plt.subplots(figsize=(7, 6))
+    classes = labels.cpu().numpy()
+    cmap = plt.get_cmap("tab10" if classes.max() < 10 else "tab20")
+    for label in np.unique(classes):
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        chosen = classes == label
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=6, color=cmap(label % cmap.N), label=name)
+    ax.legend(title="class", loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8, markerscale=2)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, path)
+
+
+def write_learning_curves(history: list[dict[str, float]], path: Path) -> Path:
+    """train vs val loss, reconstruction and KL per epoch (nats per image)."""
+    epochs = np.arange(1, len(history) + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, term in zip(axes, ("loss", "recon", "kl"), strict=False):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            ax.plot(epochs, [h[f"{split}/{term}"] for h in history], style, markersize=3, label=split)
+        ax.set_title(f"{term} (nats per image)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)

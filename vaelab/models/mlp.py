@@ -1,0 +1,46 @@
+"""Fully connected encoder and decoder (Kingma & Welling 2014, appendix C)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+def _stack(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=False):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """x (N, C, H, W) -> (mu, logvar), each (N, z_dim)."""
+
+    def __init__(self, shape: tuple[int, int, int], z_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.body = _stack([math.prod(shape), *hidden])
+        self.head = nn.Linear(hidden[-1], 2 * z_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.head(self.body(x.flatten(1))).chunk(2, dim=1)
+        return mu, logvar
+
+
+class MLPDecoder(nn.Module):
+    """z (N, z_dim) -> per-pixel likelihood parameters (N, C, H, W)."""
+
+    def __init__(self, shape: tuple[int, int, int], z_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.shape = shape
+        sizes = [z_dim, *reversed(hidden)]
+        self.body = _stack(sizes)
+        self.head = nn.Linear(sizes[-1], math.prod(shape))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.head(self.body(z)).view(-1, *self.shape)
+
+
+def build_mlp(shape: tuple[int, int, int], model_spec) -> tuple[nn.Module, nn.Module]:
+    hidden = tuple(model_spec.hidden)
+    return MLPEncoder(shape, model_spec.z_dim, hidden), MLPDecoder(shape, model_spec.z_dim, hidden)

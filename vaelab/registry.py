@@ -1,0 +1,51 @@
+"""Name -> builder tables: the names a spec may use for datasets, architectures
+and likelihoods. Adding an entry here is all it takes to make a name valid."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from vaelab.data import ImageData, load_data
+from vaelab.models import VAE
+from vaelab.models.conv import build_conv
+from vaelab.models.mlp import build_mlp
+from vaelab.objectives import Likelihood, build_bernoulli, build_gaussian
+
+# dataset name -> (loader(data_spec, device) -> ImageData, image shape (C, H, W))
+DATASETS: dict[str, tuple[Callable[..., ImageData], tuple[int, int, int]]] = {
+    "fashion_mnist": (load_data, (1, 28, 28)),
+    "mnist": (load_data, (1, 28, 28)),
+}
+
+ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {
+    "mlp": build_mlp,
+    "conv": build_conv,
+}
+
+LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {
+    "bernoulli": build_bernoulli,
+    "gaussian": build_gaussian,
+}
+
+REGISTRIES = {"dataset": DATASETS, "arch": ARCHITECTURES, "likelihood": LIKELIHOODS}
+
+
+def image_shape(data_spec) -> tuple[int, int, int]:
+    """The (C, H, W) a dataset yields, known from the spec alone (so a
+    checkpoint can rebuild its model without loading data)."""
+    return DATASETS[data_spec.dataset][1]
+
+
+def build_model(run_spec, shape: tuple[int, int, int]) -> VAE:
+    encoder, decoder = ARCHITECTURES[run_spec.model.arch](shape, run_spec.model)
+    return VAE(encoder, decoder, run_spec.model.z_dim)
+
+
+def build_likelihood(run_spec) -> Likelihood:
+    return LIKELIHOODS[run_spec.loss.likelihood](run_spec.loss)
+
+
+def load_dataset(data_spec, device) -> ImageData:
+    return DATASETS[data_spec.dataset][0](data_spec, device)

@@ -1,0 +1,272 @@
+"""YAML experiment specs -> frozen, validated dataclasses.
+
+A spec file has `name`, `description` and `base` (one run, in sections data,
+model, loss, train, eval). Every field is addressed by its dotted path
+(`model.z_dim`), and that same path is used by `--set`, MLflow params and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaelab.checks import (
+    Bool,
+    Check,
+    Choice,
+    Float,
+    Int,
+    IntList,
+    Name,
+    Optional,
+    SpecError,
+    Text,
+    fail,
+)
+
+__all__ = ["SpecError", "RunSpec", "Spec", "load_spec", "parse_spec", "apply_overrides", "flatten"]
+
+
+@dataclass(frozen=True)
+class RegistryChoice(Check):
+    """A name that must be registered in vaelab.registry (looked up lazily, so
+    parsing a spec does not import torch)."""
+
+    kind: str
+
+    def names(self) -> list[str]:
+        from vaelab import registry
+
+        return sorted(registry.REGISTRIES[self.kind])
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.names())
+
+    def parse(self, value: Any, path: str) -> str:
+        return Choice(tuple(self.names())).parse(value, path)
+
+
+def _f(default: Any, check: Check, doc: str) -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = _f("fashion_mnist", RegistryChoice("dataset"), "which dataset")
+    root: str = _f("data", Text(), "folder searched first for the dataset files")
+    download: bool = _f(True, Bool(), "try a torchvision download when the files are not found")
+    val_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True), "share of training images held out for validation")
+    split_seed: int = _f(0, Int(0), "seed of the train/val split (fixed across train.seed)")
+    subset: int | None = _f(None, Optional(Int(1)), "use only the first N training images; null = all")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str = _f("mlp", RegistryChoice("arch"), "encoder/decoder architecture")
+    z_dim: int = _f(20, Int(1, 4096), "latent dimensions")
+    hidden: tuple[int, ...] = _f((400,), IntList(Int(1, 65536)), "mlp hidden layer sizes")
+    channels: tuple[int, ...] = _f((32, 64), IntList(Int(1, 4096), max_len=6), "conv channels per stride-2 stage")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    likelihood: str = _f("bernoulli", RegistryChoice("likelihood"), "p(x|z)")
+    beta: float = _f(1.0, Float(0.0, 1e6), "weight of the KL term in the training loss")
+    sigma: float = _f(0.1, Float(0.0, 1e3, min_open=True), "std of the fixed-sigma gaussian likelihood")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = _f(10, Int(1, 100_000), "maximum epochs")
+    batch_size: int = _f(128, Int(1, 1_000_000), "examples per optimiser step")
+    lr: float = _f(1e-3, Float(0.0, 10.0, min_open=True), "Adam learning rate")
+    patience: int | None = _f(5, Optional(Int(1)), "epochs without val/loss improvement before stopping; null = never")
+    seed: int = _f(0, Int(0, 2**32 - 1), "seed of initialisation, batching and sampling")
+    device: str = _f("auto", Choice(("auto", "cpu", "cuda")), "auto = cuda when available")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    batch_size: int = _f(1000, Int(1, 1_000_000), "examples per evaluation batch")
+    tsne_points: int = _f(1000, Int(0, 20_000), "test points in the t-SNE figure; 0 = no t-SNE")
+    figures: bool = _f(True, Bool(), "write the PNG figures")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one training run needs."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def hash(self) -> str:
+        """A short, stable identity of the resolved run (used to find duplicates)."""
+        blob = json.dumps(flatten(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    description: str = ""
+    base: RunSpec = field(default_factory=RunSpec)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataSpec, "model": ModelSpec, "loss": LossSpec, "train": TrainSpec, "eval": EvalSpec,
+}
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _parse_section(cls: type, raw: Any, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise fail(path, "a mapping", raw)
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise SpecError(f"{path}.{key}: unknown key; allowed: {', '.join(known)}")
+    values = {}
+    for name, f in known.items():
+        if name in raw:
+            values[name] = f.metadata["check"].parse(raw[name], f"{path}.{name}")
+    return cls(**values)
+
+
+def parse_run(raw: Any, path: str = "base") -> RunSpec:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise fail(path or "(run)", "a mapping with sections " + ", ".join(SECTIONS), raw)
+    for key in raw:
+        if key not in SECTIONS:
+            raise SpecError(f"{_join(path, str(key))}: unknown section; allowed: {', '.join(SECTIONS)}")
+    return RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
+
+
+TOP_LEVEL = ("name", "description", "base")
+
+
+def parse_spec(raw: Any) -> Spec:
+    if not isinstance(raw, Mapping):
+        raise fail("(top level)", "a mapping with keys " + ", ".join(TOP_LEVEL), raw)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise SpecError(f"{key}: unknown key; allowed: {', '.join(TOP_LEVEL)}")
+    if "name" not in raw:
+        raise SpecError("name: missing; every spec needs a name (it names the MLflow experiment)")
+    return Spec(
+        name=Name().parse(raw["name"], "name"),
+        description=Text().parse(raw.get("description") or "", "description"),
+        base=parse_run(raw.get("base")),
+    )
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read spec ({err})") from None
+    try:
+        # safe_load: a spec is data; tags such as !!python/object are refused.
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}:{line}: invalid YAML ({problem})") from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    """Read, override and validate a spec file."""
+    raw = read_yaml(Path(path))
+    spec = parse_spec(raw)
+    return apply_overrides(spec, overrides or [])
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{dotted}: not a spec path")
+    node[parts[-1]] = value
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A spec or run spec as plain YAML-able data."""
+    return _to_plain(obj)
+
+
+def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
+    """Apply `--set data.subset=1000` style overrides to the base run; values are
+    YAML-typed and validated exactly like the file."""
+    if not overrides:
+        return spec
+    raw = to_dict(spec.base)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. model.z_dim=10")
+        section, _, leaf = key.partition(".")
+        if section not in SECTIONS or not leaf or leaf not in {f.name for f in fields(SECTIONS[section])}:
+            raise SpecError(f"{key}: not a spec path (e.g. model.z_dim; `vaelab keys` lists them all)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key, value)
+    try:
+        return dataclasses.replace(spec, base=parse_run(raw, path=""))
+    except SpecError as err:
+        raise SpecError(f"--set {err}") from None
+
+
+def flatten(run: RunSpec) -> dict[str, Any]:
+    """{'model.z_dim': 20, ...}: the dotted names used everywhere."""
+    flat: dict[str, Any] = {}
+    for section in fields(run):
+        for f in fields(getattr(run, section.name)):
+            value = getattr(getattr(run, section.name), f.name)
+            flat[f"{section.name}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def run_to_yaml(run: RunSpec, name: str) -> str:
+    """The resolved run as a spec file that `load_spec` reads back."""
+    return yaml.safe_dump({"name": name, "base": to_dict(run)}, sort_keys=False)
+
+
+def describe_fields() -> list[tuple[str, Any, str, str]]:
+    """(dotted path, default, allowed, doc) for every field: used by `vaelab keys`."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            rows.append((f"{section}.{f.name}", f.default, f.metadata["check"].describe(), f.metadata["doc"]))
+    return rows

@@ -1,0 +1,154 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Default store: `sqlite:///runs/mlflow.db` with artifacts in `runs/artifacts/`;
+`MLFLOW_TRACKING_URI` (or an explicit URI) points elsewhere, e.g. a server. One
+experiment per spec name; a run per training run, with the flattened spec as
+params, per-epoch metrics logged one batch per epoch, test metrics, figures and
+the checkpoint folder as artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+DEFAULT_STORE_DIR = Path("runs")
+FAILURE_TAG = "failure_reason"
+
+# Alembic prints every schema migration when a new SQLite store is created.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _artifact_root(uri: str) -> Path | None:
+    """For a SQLite store, artifacts live in `artifacts/` beside the database
+    (a server or other store decides for itself)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).parent / "artifacts"
+
+
+def local_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _param_text(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+class TrackedRun:
+    """Handle on one MLflow run; all writes go through MlflowClient."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_text(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """All values in one call (one database transaction)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.log_metrics(metrics, step=epoch)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+
+class Tracker:
+    """Creates experiments and runs in one tracking store."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_tracking_uri(tracking_uri)
+        root = _artifact_root(self.uri)
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        self.artifact_root = root
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = (self.artifact_root / name).as_uri() if self.artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:
+            # Another process created it first.
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    @contextmanager
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> Iterator[TrackedRun]:
+        """A run that ends FINISHED, or FAILED with a `failure_reason` tag if the
+        body raises (KILLED on Ctrl-C)."""
+        all_tags = {"vaelab.git_commit": git_commit(), **(tags or {})}
+        info = self.client.create_run(
+            self.experiment_id(experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+        )
+        run = TrackedRun(self.client, info.info.run_id)
+        try:
+            yield run
+        except KeyboardInterrupt:
+            self.client.set_tag(run.run_id, FAILURE_TAG, "interrupted (KeyboardInterrupt)")
+            self.client.set_terminated(run.run_id, status="KILLED")
+            raise
+        except BaseException as err:
+            reason = f"{type(err).__name__}: {err}".strip()
+            self.client.set_tag(run.run_id, FAILURE_TAG, reason[:5000])
+            self.client.set_terminated(run.run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run.run_id, status="FINISHED")
+
+    def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+        """`mlflow ui` over this store, bound to loopback unless asked otherwise."""
+        command = ["mlflow", "ui", "--backend-store-uri", self.uri, "--host", host, "--port", str(port)]
+        if self.artifact_root is not None:
+            command += ["--default-artifact-root", self.artifact_root.as_uri()]
+        return command

@@ -1,0 +1,123 @@
+"""fit(): the training loop. Adam, early stopping on val/loss with the best
+weights restored, a guard against non-finite losses, and seeded reproducibility.
+
+This module never imports mlflow or optuna: tracking and pruning plug in as
+epoch callbacks, so the core runs and tests without them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from vaelab.data import ImageData, batch_indices
+from vaelab.evaluate import split_terms
+from vaelab.models import VAE
+from vaelab.objectives import Likelihood, vae_terms
+from vaelab.registry import build_likelihood, build_model
+
+# Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/loss": ...}).
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or inf; the message is the failure reason."""
+
+
+@dataclass
+class RunResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    stopped_early: bool = False
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def init_model(run_spec, shape: tuple[int, int, int], device: torch.device) -> VAE:
+    """Build the spec's model with weights seeded by train.seed."""
+    torch.manual_seed(run_spec.train.seed)
+    return build_model(run_spec, shape).to(device)
+
+
+def _train_epoch(model, optimizer, data: ImageData, likelihood, beta, batch_size, batch_gen, noise_gen, bar):
+    sums = torch.zeros(3, device=data.train.x.device)
+    for idx in batch_indices(len(data.train), batch_size, batch_gen, data.train.x.device):
+        x = data.train.x[idx]
+        out = model(x, generator=noise_gen)
+        terms = vae_terms(x, out.params, out.mu, out.logvar, likelihood, beta)
+        loss = terms.loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Accumulate on the device: no host sync per step.
+        sums += torch.stack([terms.loss.sum(), terms.recon.sum(), terms.kl.sum()]).detach()
+        bar.update(1)
+    loss, recon, kl = (sums / len(data.train)).tolist()
+    return {"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/elbo": recon + kl}
+
+
+def fit(
+    run_spec,
+    model: VAE,
+    data: ImageData,
+    callbacks: list[EpochCallback] | None = None,
+    show_progress: bool = True,
+    likelihood: Likelihood | None = None,
+) -> RunResult:
+    """Train `model` in place; on return it holds the weights of the best epoch."""
+    train, loss_spec = run_spec.train, run_spec.loss
+    likelihood = likelihood or build_likelihood(run_spec)
+    device = data.train.x.device
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    batch_gen = torch.Generator().manual_seed(train.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(train.seed)
+    val_gen_seed = train.seed + 2  # validation noise: the same draws every epoch
+    n_batches = math.ceil(len(data.train) / train.batch_size)
+    result = RunResult()
+    best_state = copy.deepcopy(model.state_dict())
+    stale = 0
+    for epoch in range(1, train.epochs + 1):
+        model.train()
+        with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs}", unit="batch", disable=not show_progress,
+                  leave=True, dynamic_ncols=True) as bar:
+            started = time.perf_counter()
+            metrics = _train_epoch(model, optimizer, data, likelihood, loss_spec.beta, train.batch_size,
+                                   batch_gen, noise_gen, bar)
+            metrics["time/epoch_s"] = time.perf_counter() - started
+            val_gen = torch.Generator(device=device).manual_seed(val_gen_seed)
+            val = split_terms(model, data.val, likelihood, loss_spec.beta, run_spec.eval.batch_size, val_gen)
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+            bar.set_postfix({"train/loss": f"{metrics['train/loss']:.2f}", "val/loss": f"{metrics['val/loss']:.2f}"})
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"non-finite {', '.join(bad)} at epoch {epoch} (try a lower train.lr)")
+        result.history.append(metrics)
+        for callback in callbacks or []:
+            callback(epoch, metrics)
+        if metrics["val/loss"] < result.best_val_loss:
+            result.best_val_loss, result.best_epoch, stale = metrics["val/loss"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if train.patience is not None and stale >= train.patience:
+                result.stopped_early = True
+                break
+    model.load_state_dict(best_state)
+    return result
