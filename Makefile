@@ -6,7 +6,7 @@ SPEC   ?= quickstart
 EXP    ?= beta_study
 ARGS   ?=
 
-.PHONY: help install test test-slow lint train ui clean
+.PHONY: help install test test-slow lint train sweep worker ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ lint: install  ## ruff over the package and tests
 
 train: install  ## train one run: make train SPEC=quickstart [ARGS="--set model.z_dim=10"]
 	$(BIN)/vaelab train experiments/$(SPEC).yaml $(ARGS)
+
+sweep: install  ## run a whole study, resumable: make sweep EXP=beta_study [ARGS="--workers 2"]
+	$(BIN)/vaelab sweep experiments/$(EXP).yaml $(ARGS)
+
+worker: install  ## join a running sweep as one more worker: make worker EXP=beta_study [ARGS="--storage URL"]
+	$(BIN)/vaelab worker experiments/$(EXP).yaml $(ARGS)
 
 ui: install  ## MLflow UI over runs/ on http://127.0.0.1:5000
 	$(BIN)/vaelab ui

@@ -117,3 +117,34 @@ def test_ui_serves_on_loopback(tmp_path: Path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_sweep_bad_search_and_no_search(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root)
+    no_search = vaelab(tmp_path, "sweep", "cli_demo")
+    assert no_search.returncode == 2 and "search: missing" in no_search.stderr
+    spec = yaml.safe_load((tmp_path / "experiments" / "cli_demo.yaml").read_text())
+    spec["search"] = {"kind": "grid", "params": {"loss.beta": [1, -2]}}
+    (tmp_path / "experiments" / "cli_demo.yaml").write_text(yaml.safe_dump(spec))
+    bad = vaelab(tmp_path, "sweep", "cli_demo")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "vaelab: error: search.params.loss.beta[1]: expected float >= 0 and <= 1e+06, got -2"
+    spec["search"] = {"kind": "grid", "params": {"loss.beta": [1, 2]}}
+    (tmp_path / "experiments" / "cli_demo.yaml").write_text(yaml.safe_dump(spec))
+    bad_storage = vaelab(tmp_path, "sweep", "cli_demo", "--storage", "redis://x")
+    assert bad_storage.returncode == 2 and "--storage: expected an RDB URL" in bad_storage.stderr
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "runs").exists()
+
+
+def test_sweep_dry_run_prints_the_table_and_a_cost(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root)
+    spec = yaml.safe_load((tmp_path / "experiments" / "cli_demo.yaml").read_text())
+    spec["search"] = {"kind": "grid", "params": {"loss.beta": [1, 4], "model.z_dim": [2, 8]}, "seeds": [0, 1, 2]}
+    (tmp_path / "experiments" / "cli_demo.yaml").write_text(yaml.safe_dump(spec))
+    done = vaelab(tmp_path, "sweep", "cli_demo", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "12 runs (4 points x 3 seeds)" in done.stdout
+    assert "rough cost" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("|") and "---" not in line]
+    assert len(rows) == 1 + 12
+    assert not (tmp_path / "studies").exists()

@@ -9,7 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
 from vaelab.runner import run
+from vaelab.search import expand_grid
 from vaelab.spec import apply_overrides, load_spec
+from vaelab.sweep import Sweep
 from vaelab.tracking import Tracker
 
 SPECS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -26,6 +28,25 @@ def test_spec_validates_and_names_its_command(path: Path):
     assert spec.name == path.stem
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# ") and path.stem in first_line
+
+
+SWEEPS = [p for p in SPECS if load_spec(p).search is not None]
+
+
+def test_the_shipped_studies_exist():
+    assert {"beta_study", "zdim_study", "arch_loss_grid", "optuna_search"} <= {p.stem for p in SWEEPS}
+    beta = load_spec(REPO / "experiments" / "beta_study.yaml")
+    assert len(expand_grid(beta.search, beta.base)) == 15
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_tiny_version_of_each_sweep_runs_two_trials(path: Path, fmnist_root: Path, tmp_path: Path):
+    spec = apply_overrides(load_spec(path), ["data.subset=300", "train.epochs=1", "eval.figures=false",
+                                             f"data.root={fmnist_root}", "train.device=cpu"])
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    sweep = Sweep(spec, tracker=tracker, studies_root=tmp_path / "studies")
+    assert sweep.work(sweep.prepare(), max_trials=2) == 2
+    assert sweep.counts().complete == 2
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)

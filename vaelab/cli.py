@@ -54,6 +54,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_sweep_spec(args: argparse.Namespace):
+    from vaelab.spec import load_spec
+
+    spec = load_spec(resolve_spec_path(args.spec), args.set)
+    if spec.search is None:
+        raise SpecError(f"search: missing in {args.spec}; a sweep needs a search section (grid or optuna)")
+    return spec
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from vaelab import sweep_commands
+
+    if args.workers < 1 or args.workers > 64:
+        raise UsageError(f"--workers: expected an int in [1, 64], got {args.workers}")
+    spec = _load_sweep_spec(args)
+    if args.dry_run:
+        return sweep_commands.dry_run(spec)
+    return sweep_commands.run_sweep(spec, args)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from vaelab import sweep_commands
+
+    return sweep_commands.run_worker(_load_sweep_spec(args), args)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from vaelab.checkpoint import load_checkpoint
     from vaelab.figures import write_samples
@@ -104,6 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
 
+    sweep = sub.add_parser("sweep", help="run a spec's whole search (grid or optuna); rerun to resume")
+    sweep.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base value")
+    sweep.add_argument("--dry-run", action="store_true", help="print the expanded runs and a rough cost, run nothing")
+    sweep.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    sweep.add_argument("--storage", help="Optuna RDB URL shared by all workers (default: a journal in studies/NAME/)")
+    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    worker = sub.add_parser("worker", help="join a sweep as one more worker (this or another machine)")
+    worker.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    worker.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base value")
+    worker.add_argument("--storage", help="Optuna RDB URL shared by all workers (default: a journal in studies/NAME/)")
+    worker.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    worker.add_argument("--quiet", action="store_true", help="print nothing per trial")
+    worker.set_defaults(func=_cmd_worker)
+
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint folder")
     sample.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json)")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
@@ -128,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     from vaelab.checkpoint import CheckpointError
     from vaelab.data import DataError
     from vaelab.models import ConfigError
+    from vaelab.sweep import SweepError
     from vaelab.train import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (SpecError, UsageError, DataError, CheckpointError, ConfigError) as err:
+    except (SpecError, UsageError, DataError, CheckpointError, ConfigError, SweepError) as err:
         print(f"vaelab: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -38,6 +38,13 @@ def image_shape(data_spec) -> tuple[int, int, int]:
     return DATASETS[data_spec.dataset][1]
 
 
+def train_size(data_spec) -> int:
+    """Training images after the subset and the validation split, without loading data."""
+    official = {"fashion_mnist": 60_000, "mnist": 60_000}[data_spec.dataset]
+    n = min(official, data_spec.subset or official)
+    return n - int(round(n * data_spec.val_fraction))
+
+
 def build_model(run_spec, shape: tuple[int, int, int]) -> VAE:
     encoder, decoder = ARCHITECTURES[run_spec.model.arch](shape, run_spec.model)
     return VAE(encoder, decoder, run_spec.model.z_dim)

@@ -5,6 +5,7 @@ sweeps hand each of their run specs to the same function."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from vaelab.evaluate import evaluate_test, latent_means
 from vaelab.registry import build_likelihood, load_dataset
 from vaelab.spec import RunSpec, flatten
 from vaelab.tracking import Tracker, local_path
-from vaelab.train import fit, init_model, resolve_device
+from vaelab.train import EpochCallback, fit, init_model, resolve_device
 
 CHECKPOINT_DIR = "checkpoint"
 FIGURES_DIR = "figures"
@@ -32,7 +33,16 @@ class RunOutcome:
     run_id: str
     metrics: dict[str, float]
     artifact_uri: str
-    epochs_run: int
+    history: list[dict[str, float]]
+    best_epoch: int
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    def best(self, metric: str) -> float:
+        """`metric` at the epoch whose weights were kept (the best val/loss)."""
+        return self.history[self.best_epoch - 1][metric]
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -65,6 +75,9 @@ def run(
     tracker: Tracker,
     show_progress: bool = True,
     extra_tags: dict[str, str] | None = None,
+    epoch_callbacks: list[EpochCallback] | None = None,
+    on_start: Callable[[str], None] | None = None,
+    name: str | None = None,
 ) -> RunOutcome:
     """Train and evaluate one run, recording everything in `tracker`. Bad input
     (data, model shape) raises before any MLflow run is created."""
@@ -80,10 +93,12 @@ def run(
         "mlflow.note.content": METRIC_NOTES,
         **(extra_tags or {}),
     }
-    with tracker.start_run(experiment, run_name(run_spec), tags) as tracked:
+    with tracker.start_run(experiment, name or run_name(run_spec), tags) as tracked:
+        if on_start is not None:
+            on_start(tracked.run_id)
         tracked.log_params(flatten(run_spec))
-        result = fit(run_spec, model, data, callbacks=[tracked.log_epoch], show_progress=show_progress,
-                     likelihood=likelihood)
+        result = fit(run_spec, model, data, callbacks=[tracked.log_epoch, *(epoch_callbacks or [])],
+                     show_progress=show_progress, likelihood=likelihood)
         metrics = evaluate_test(model, data.test, likelihood, run_spec.loss.beta, run_spec.eval.batch_size,
                                 run_spec.train.seed)
         metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
@@ -95,4 +110,4 @@ def run(
                 write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec)
             save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics)
             tracked.log_artifacts(Path(tmp))
-        return RunOutcome(tracked.run_id, metrics, tracked.artifact_uri, result.epochs_run)
+        return RunOutcome(tracked.run_id, metrics, tracked.artifact_uri, result.history, result.best_epoch)

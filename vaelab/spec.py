@@ -120,6 +120,7 @@ class Spec:
     name: str
     description: str = ""
     base: RunSpec = field(default_factory=RunSpec)
+    search: Any = None  # vaelab.search.GridSearch | OptunaSearch | None
 
 
 SECTIONS: dict[str, type] = {
@@ -158,7 +159,7 @@ def parse_run(raw: Any, path: str = "base") -> RunSpec:
     return RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
 
 
-TOP_LEVEL = ("name", "description", "base")
+TOP_LEVEL = ("name", "description", "base", "search")
 
 
 def parse_spec(raw: Any) -> Spec:
@@ -169,10 +170,14 @@ def parse_spec(raw: Any) -> Spec:
             raise SpecError(f"{key}: unknown key; allowed: {', '.join(TOP_LEVEL)}")
     if "name" not in raw:
         raise SpecError("name: missing; every spec needs a name (it names the MLflow experiment)")
+    from vaelab.search import parse_search  # search checks values against this module's fields
+
+    base = parse_run(raw.get("base"))
     return Spec(
         name=Name().parse(raw["name"], "name"),
         description=Text().parse(raw.get("description") or "", "description"),
-        base=parse_run(raw.get("base")),
+        base=base,
+        search=parse_search(raw["search"], base) if raw.get("search") is not None else None,
     )
 
 
@@ -234,8 +239,7 @@ def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
         key = key.strip()
         if not sep or not key:
             raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. model.z_dim=10")
-        section, _, leaf = key.partition(".")
-        if section not in SECTIONS or not leaf or leaf not in {f.name for f in fields(SECTIONS[section])}:
+        if field_check(key) is None:
             raise SpecError(f"{key}: not a spec path (e.g. model.z_dim; `vaelab keys` lists them all)")
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -246,6 +250,25 @@ def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
         return dataclasses.replace(spec, base=parse_run(raw, path=""))
     except SpecError as err:
         raise SpecError(f"--set {err}") from None
+
+
+def field_check(dotted: str) -> Check | None:
+    """The check of a dotted run path such as `model.z_dim`, or None if no such path."""
+    section, _, leaf = dotted.partition(".")
+    cls = SECTIONS.get(section)
+    if cls is None or not leaf:
+        return None
+    found = {f.name: f for f in fields(cls)}.get(leaf)
+    return found.metadata["check"] if found else None
+
+
+def with_values(run: RunSpec, values: Mapping[str, Any]) -> RunSpec:
+    """`run` with dotted values replaced (values already checked)."""
+    for dotted, value in values.items():
+        section, _, leaf = dotted.partition(".")
+        value = tuple(value) if isinstance(value, list) else value
+        run = dataclasses.replace(run, **{section: dataclasses.replace(getattr(run, section), **{leaf: value})})
+    return run
 
 
 def flatten(run: RunSpec) -> dict[str, Any]:

@@ -9,6 +9,7 @@ the checkpoint folder as artifacts.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -105,10 +106,17 @@ class Tracker:
 
         self.uri = resolve_tracking_uri(tracking_uri)
         root = _artifact_root(self.uri)
-        if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
         self.artifact_root = root
-        self.client = MlflowClient(tracking_uri=self.uri)
+        if root is None:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        # Opening a new SQLite store runs schema migrations; two workers doing it at
+        # once corrupt each other, so they take turns.
+        with open(root.parent / ".mlflow-init.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client.search_experiments(max_results=1)
 
     def experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -142,9 +150,40 @@ class Tracker:
         except BaseException as err:
             reason = f"{type(err).__name__}: {err}".strip()
             self.client.set_tag(run.run_id, FAILURE_TAG, reason[:5000])
-            self.client.set_terminated(run.run_id, status="FAILED")
+            # Exceptions may say how the run ended (a pruned run is KILLED, not FAILED).
+            self.client.set_terminated(run.run_id, status=getattr(err, "run_status", "FAILED"))
             raise
         self.client.set_terminated(run.run_id, status="FINISHED")
+
+    def kill_run(self, run_id: str, reason: str) -> None:
+        """Mark a run whose process died as KILLED (no RUNNING leftovers)."""
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_tag(run_id, FAILURE_TAG, reason)
+                self.client.set_terminated(run_id, status="KILLED")
+        except Exception:  # the run may live in another store; nothing to clean here
+            pass
+
+    def create_parent_run(self, experiment: str, run_name: str, params: dict[str, Any],
+                          tags: dict[str, Any]) -> str:
+        """A RUNNING run that groups a sweep's child runs."""
+        info = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+                                      tags={"vaelab.git_commit": git_commit(), **{k: str(v) for k, v in tags.items()}})
+        TrackedRun(self.client, info.info.run_id).log_params(params)
+        return info.info.run_id
+
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:
+            return False
+
+    def set_status(self, run_id: str, status: str) -> None:
+        if status == "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run_id, status=status)
 
     def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         """`mlflow ui` over this store, bound to loopback unless asked otherwise."""

@@ -30,6 +30,13 @@ class NonFiniteLossError(RuntimeError):
     """Training produced NaN or inf; the message is the failure reason."""
 
 
+class RunPruned(Exception):
+    """Raised by an epoch callback to stop a run early on purpose (a pruner's
+    decision); trackers record it as KILLED rather than FAILED."""
+
+    run_status = "KILLED"
+
+
 @dataclass
 class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+
+from vaelab.search import GridSearch, OptunaSearch, expand_grid
+from vaelab.spec import SpecError, parse_spec
+
+
+def spec(search: dict):
+    return parse_spec({"name": "s", "base": {"train": {"seed": 7}}, "search": search})
+
+
+def test_grid_expansion_is_deterministic_and_applies_values():
+    parsed = spec({"kind": "grid", "params": {"loss.beta": [1, 4], "model.arch": ["mlp", "conv"]}, "seeds": [0, 1]})
+    assert isinstance(parsed.search, GridSearch)
+    points = expand_grid(parsed.search, parsed.base)
+    assert len(points) == 8
+    assert [p.values for p in points[:3]] == [
+        {"loss.beta": 1.0, "model.arch": "mlp", "train.seed": 0},
+        {"loss.beta": 1.0, "model.arch": "mlp", "train.seed": 1},
+        {"loss.beta": 1.0, "model.arch": "conv", "train.seed": 0},
+    ]
+    assert points[-1].run.loss.beta == 4.0 and points[-1].run.model.arch == "conv" and points[-1].run.train.seed == 1
+    assert len({p.run.hash() for p in points}) == 8
+    assert [p.values for p in expand_grid(parsed.search, parsed.base)] == [p.values for p in points]
+
+
+def test_grid_without_seeds_uses_the_base_seed_and_lists_work():
+    parsed = spec({"kind": "grid", "params": {"model.hidden": [[32], [64, 32]]}})
+    points = expand_grid(parsed.search, parsed.base)
+    assert [p.run.model.hidden for p in points] == [(32,), (64, 32)]
+    assert {p.run.train.seed for p in points} == {7}
+
+
+def test_optuna_space():
+    parsed = spec({"kind": "optuna", "n_trials": 5, "sampler": "random", "pruner": "hyperband", "params": {
+        "loss.beta": {"low": 0.1, "high": 10, "log": True},
+        "model.z_dim": {"low": 2, "high": 32},
+        "model.arch": {"choices": ["mlp", "conv"]}}})
+    assert isinstance(parsed.search, OptunaSearch)
+    kinds = {key: dist.kind for key, dist in parsed.search.params}
+    assert kinds == {"loss.beta": "float", "model.z_dim": "int", "model.arch": "categorical"}
+
+
+@pytest.mark.parametrize(
+    ("search", "start"),
+    [
+        ({"params": {"loss.beta": [1]}}, "search.kind: expected one of grid, optuna"),
+        ({"kind": "grid", "params": {"loss.betta": [1]}}, "search.params.loss.betta: not a searchable spec path"),
+        ({"kind": "grid", "params": {"loss.beta": []}}, "search.params.loss.beta: expected a non-empty list"),
+        ({"kind": "grid", "params": {"model.arch": ["mlp", "vit"]}}, "search.params.model.arch[1]: expected one of"),
+        ({"kind": "grid", "params": {"loss.beta": [1, 1.0]}}, "search.params.loss.beta: repeated value"),
+        ({"kind": "grid", "params": {"train.seed": [1, 2]}}, "search.params.train.seed: not a searchable"),
+        ({"kind": "grid", "params": {}}, "search.params: expected a non-empty mapping"),
+        ({"kind": "grid", "params": {"loss.beta": [1]}, "seeds": []}, "search.seeds: expected a non-empty list"),
+        ({"kind": "grid", "params": {"loss.beta": [1]}, "n_trials": 3}, "search.n_trials: unknown key"),
+        ({"kind": "grid", "params": {"loss.beta": [1]}, "metric": "test/elbo"}, "search.metric: expected one of"),
+        ({"kind": "optuna", "params": {"loss.beta": {"low": 1, "high": 2}}}, "search.n_trials: missing"),
+        ({"kind": "optuna", "n_trials": 2, "params": {"loss.beta": {"low": 3, "high": 2}}},
+         "search.params.loss.beta: low (3.0) must not exceed high (2.0)"),
+        ({"kind": "optuna", "n_trials": 2, "params": {"loss.beta": {"low": 0, "high": 2, "log": True}}},
+         "search.params.loss.beta: log scale needs low > 0"),
+        ({"kind": "optuna", "n_trials": 2, "params": {"model.z_dim": {"low": 0, "high": 2}}},
+         "search.params.model.z_dim.low: expected int"),
+        ({"kind": "optuna", "n_trials": 2, "params": {"model.arch": {"choices": []}}},
+         "search.params.model.arch.choices: expected a non-empty list"),
+        ({"kind": "optuna", "n_trials": 2, "params": {"model.hidden": {"choices": [[1]]}}},
+         "search.params.model.hidden: list-valued keys can be searched in grids only"),
+        ({"kind": "optuna", "n_trials": 2, "params": {"loss.beta": {"low": 1, "hi": 2}}},
+         "search.params.loss.beta.hi: unknown key"),
+        ({"kind": "optuna", "n_trials": 2, "sampler": "annealing", "params": {"loss.beta": {"low": 1, "high": 2}}},
+         "search.sampler: expected one of tpe"),
+    ],
+)
+def test_bad_searches_name_their_path(search, start):
+    with pytest.raises(SpecError) as err:
+        spec(search)
+    assert str(err.value).startswith(start), str(err.value)

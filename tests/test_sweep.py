@@ -1,0 +1,214 @@
+"""Sweeps against real Optuna storages (journal file, PostgreSQL when one is
+reachable) and real MLflow stores, with real tiny training runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import REPO
+from vaelab.search import expand_grid
+from vaelab.spec import load_spec
+from vaelab.sweep import DIED, DUPLICATE, HEARTBEAT, MLFLOW_RUN, POINT, WORKER, Sweep
+from vaelab.tracking import Tracker
+
+BASE = {
+    "model": {"z_dim": 3, "hidden": [32]},
+    "train": {"epochs": 2, "batch_size": 64, "device": "cpu", "patience": None},
+    "eval": {"figures": False},
+}
+
+
+def write_spec(folder: Path, mnist_root: Path, search: dict, name: str = "sweep_demo", **base) -> Path:
+    data = {"dataset": "mnist", "root": str(mnist_root), "download": False}
+    body = {"name": name, "base": {**BASE, "data": data, **base}, "search": search}
+    (folder / "experiments").mkdir(exist_ok=True)
+    path = folder / "experiments" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+GRID = {"kind": "grid", "params": {"loss.beta": [0.5, 2.0]}, "seeds": [0, 1]}
+
+
+def make_sweep(tmp_path: Path, spec_path: Path, storage: str | None = None) -> Sweep:
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    return Sweep(load_spec(spec_path), storage, tracker, studies_root=tmp_path / "studies", heartbeat_s=1,
+                 grace_s=30)
+
+
+def child_runs(tmp_path: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags], [r for r in runs if "vaelab.sweep" in r.data.tags]
+
+
+def assert_each_point_once(sweep: Sweep, tmp_path: Path) -> None:
+    expected = {p.run.hash() for p in sweep.points}
+    complete = [t for t in sweep.trials() if t.state == TrialState.COMPLETE]
+    assert Counter(t.user_attrs[POINT] for t in complete) == Counter({h: 1 for h in expected})
+    children, parents = child_runs(tmp_path, sweep.spec.name)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert Counter(r.data.tags["vaelab.run_hash"] for r in finished) == Counter({h: 1 for h in expected})
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
+def test_grid_sweep_runs_every_point_once_then_says_complete(tmp_path: Path, mnist_root: Path):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    sweep = make_sweep(tmp_path, path)
+    parent = sweep.prepare()
+    assert sweep.work(parent) == 4
+    assert sweep.finish(parent).complete == 4
+    assert_each_point_once(sweep, tmp_path)
+    _, [parent_run] = child_runs(tmp_path, "sweep_demo")
+    assert parent_run.info.status == "FINISHED"
+
+    again = make_sweep(tmp_path, path)
+    assert again.prepare() == parent
+    assert again.work(parent) == 0
+    children, _ = child_runs(tmp_path, "sweep_demo")
+    assert len(children) == 4
+    # Child params are the point's values, and its tags say which trial it was.
+    by_trial = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    points = expand_grid(sweep.search, sweep.spec.base)
+    for trial in sweep.trials():
+        assert by_trial[trial.number].data.params["loss.beta"] == str(trial.params["loss.beta"])
+    assert {float(r.data.params["loss.beta"]) for r in children} == {p.values["loss.beta"] for p in points}
+
+
+def test_failing_trial_does_not_stop_the_sweep(tmp_path: Path, mnist_root: Path):
+    search = {"kind": "grid", "params": {"loss.sigma": [1e-300, 0.1]}}
+    path = write_spec(tmp_path, mnist_root, search, loss={"likelihood": "gaussian"})
+    sweep = make_sweep(tmp_path, path)
+    parent = sweep.prepare()
+    sweep.work(parent)
+    states = {t.params["loss.sigma"]: t for t in sweep.trials()}
+    assert states[1e-300].state == TrialState.FAIL
+    assert "non-finite" in states[1e-300].user_attrs["failure_reason"]
+    assert states[0.1].state == TrialState.COMPLETE
+    children, _ = child_runs(tmp_path, "sweep_demo")
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+    # A failed point is a result, not a hole: the rerun does not repeat it.
+    assert make_sweep(tmp_path, path).work(sweep.prepare()) == 0
+
+
+def test_pruning_marks_trials_pruned_in_optuna_and_mlflow(tmp_path: Path, mnist_root: Path):
+    search = {"kind": "optuna", "n_trials": 8, "sampler": "random", "pruner": "median", "seed": 3,
+              "params": {"train.lr": {"low": 1e-5, "high": 3e-2, "log": True}}}
+    path = write_spec(tmp_path, mnist_root, search, train={**BASE["train"], "epochs": 4})
+    sweep = make_sweep(tmp_path, path)
+    parent = sweep.prepare()
+    sweep.work(parent)
+    states = Counter(t.state for t in sweep.trials())
+    assert states[TrialState.PRUNED] >= 1 and states[TrialState.COMPLETE] >= 3
+    assert sum(states.values()) == 8
+    children, _ = child_runs(tmp_path, "sweep_demo")
+    pruned = [r for r in children if r.info.status == "KILLED"]
+    assert len(pruned) == states[TrialState.PRUNED]
+    assert all("pruned" in r.data.tags["failure_reason"] for r in pruned)
+
+
+def test_dead_worker_trial_is_requeued_and_twins_step_aside(tmp_path: Path, mnist_root: Path):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    sweep = make_sweep(tmp_path, path)
+    parent = sweep.prepare()
+    # A trial claimed by a worker on another machine that stopped beating long ago.
+    waiting = sweep.study.get_trials(states=(TrialState.WAITING,))[0]
+    storage = sweep.storage
+    storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)
+    storage.set_trial_user_attr(waiting._trial_id, WORKER, "elsewhere:1")
+    storage.set_trial_user_attr(waiting._trial_id, HEARTBEAT, time.time() - 3600)
+    # And the same point enqueued twice, as by two `vaelab sweep` commands racing.
+    twin = sweep.points[1]
+    sweep.study.enqueue_trial(twin.values, user_attrs={POINT: twin.run.hash()})
+    sweep.work(parent)
+    trials = sweep.trials()
+    dead = [t for t in trials if DIED in t.user_attrs]
+    assert [t.number for t in dead] == [waiting.number] and "no heartbeat" in dead[0].user_attrs[DIED]
+    assert len([t for t in trials if DUPLICATE in t.user_attrs]) == 1
+    assert sweep.counts().complete == 4
+    assert_each_point_once(sweep, tmp_path)
+
+
+def vaelab(cwd: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.Popen([sys.executable, "-m", "vaelab", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_kill_9_then_rerun_finishes_each_point_exactly_once(tmp_path: Path, mnist_root: Path):
+    # Longer trials so the kill lands inside one.
+    path = write_spec(tmp_path, mnist_root, GRID, train={**BASE["train"], "epochs": 12})
+    first = vaelab(tmp_path, "sweep", str(path), "--no-progress")
+    journal = tmp_path / "studies" / "sweep_demo" / "optuna.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if journal.exists():
+            study = optuna.load_study(study_name="sweep_demo", storage=make_sweep(tmp_path, path).storage)
+            running = study.get_trials(states=(TrialState.RUNNING,))
+            done = study.get_trials(states=(TrialState.COMPLETE,))
+            if done and running and MLFLOW_RUN in running[0].user_attrs:
+                break
+        time.sleep(0.2)
+    else:
+        first.kill()
+        pytest.fail("the sweep never got to a second trial: " + first.communicate()[0])
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    rerun = vaelab(tmp_path, "sweep", str(path), "--no-progress")
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, output
+    assert "resuming" in output and "re-queued" in output
+    sweep = make_sweep(tmp_path, path)
+    assert_each_point_once(sweep, tmp_path)
+    children, _ = child_runs(tmp_path, "sweep_demo")
+    assert [r.info.status for r in children].count("KILLED") == 1
+
+
+def test_two_local_workers_share_one_study(tmp_path: Path, mnist_root: Path):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    done = vaelab(tmp_path, "sweep", str(path), "--workers", "2", "--no-progress")
+    output = done.communicate(timeout=300)[0]
+    assert done.returncode == 0, output
+    sweep = make_sweep(tmp_path, path)
+    assert_each_point_once(sweep, tmp_path)
+    workers = {t.user_attrs[WORKER] for t in sweep.trials()}
+    assert len(workers) == 2, workers  # both processes ran trials
+    assert "4 complete" in output
+
+
+def postgres_url() -> str:
+    url = os.environ.get("VAELAB_TEST_POSTGRES", "")
+    if not url:
+        pytest.skip("no PostgreSQL for tests (.ci/run starts one and sets VAELAB_TEST_POSTGRES)")
+    return url
+
+
+def test_workers_share_a_postgresql_study(tmp_path: Path, mnist_root: Path):
+    url = postgres_url()
+    name = f"pg_{uuid.uuid4().hex[:10]}"
+    path = write_spec(tmp_path, mnist_root, GRID, name=name)
+    # Two separate `vaelab worker` processes, as on two machines, sharing the database and the MLflow store.
+    workers = [vaelab(tmp_path, "worker", str(path), "--storage", url) for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    sweep = make_sweep(tmp_path, path, storage=url)
+    assert_each_point_once(sweep, tmp_path)
+    assert sum(int(o.split(" ran ")[1].split()[0]) for o in outputs) == 4

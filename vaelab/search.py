@@ -1,0 +1,192 @@
+"""The `search` section of a spec: a grid (cartesian product x seeds) or an
+Optuna search space. Parsing and grid expansion only; running them is sweep.py.
+
+Every value in a grid list, and every bound or choice of a distribution, is
+checked by the same check as the run field it sets, so `model.arch: [mlp, vit]`
+fails at `search.params.model.arch[1]` before anything runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vaelab.checks import Choice, Float, Int, IntList, SpecError, Text, fail
+from vaelab.spec import RunSpec, field_check, with_values
+
+KINDS = ("grid", "optuna")
+SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+# Optimise on validation metrics only: choosing by test numbers leaks the test set.
+METRICS = ("val/loss", "val/elbo", "val/recon", "val/kl", "val/mse")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One Optuna search dimension over a run field."""
+
+    kind: str  # "float" | "int" | "categorical"
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class GridSearch:
+    params: tuple[tuple[str, tuple[Any, ...]], ...]  # (dotted key, values) in spec order
+    seeds: tuple[int, ...]
+    metric: str = "val/loss"
+    direction: str = "minimize"
+    storage: str | None = None
+    kind: str = "grid"
+
+
+@dataclass(frozen=True)
+class OptunaSearch:
+    params: tuple[tuple[str, Distribution], ...]
+    n_trials: int
+    metric: str = "val/loss"
+    direction: str = "minimize"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int = 0
+    storage: str | None = None
+    kind: str = "optuna"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep: its swept values (including train.seed) and the run spec."""
+
+    values: dict[str, Any]
+    run: RunSpec
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items())
+
+
+COMMON_KEYS = {"kind", "params", "metric", "direction", "storage"}
+GRID_KEYS = COMMON_KEYS | {"seeds"}
+OPTUNA_KEYS = COMMON_KEYS | {"n_trials", "sampler", "pruner", "seed"}
+DISTRIBUTION_KEYS = {"low", "high", "log", "step", "choices"}
+
+
+def _check_keys(raw: Mapping, allowed: set[str], path: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise SpecError(f"{path}.{key}: unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def _param_check(key: Any, path: str):
+    check = field_check(key) if isinstance(key, str) else None
+    if check is None or key == "train.seed":
+        hint = " (use search.seeds for seeds)" if key == "train.seed" else " (a dotted run key such as loss.beta)"
+        raise SpecError(f"{path}: not a searchable spec path{hint}")
+    return check
+
+
+def _grid_params(raw: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise fail("search.params", "a non-empty mapping of dotted keys to lists of values", raw)
+    params = []
+    for key, values in raw.items():
+        path = f"search.params.{key}"
+        check = _param_check(key, path)
+        if not isinstance(values, list) or not values:
+            raise fail(path, "a non-empty list of values", values)
+        parsed = tuple(check.parse(v, f"{path}[{i}]") for i, v in enumerate(values))
+        if len(set(map(repr, parsed))) != len(parsed):
+            raise SpecError(f"{path}: repeated value in {list(values)!r}")
+        params.append((key, parsed))
+    return tuple(params)
+
+
+def _distribution(key: str, raw: Any, check) -> Distribution:
+    path = f"search.params.{key}"
+    if not isinstance(raw, Mapping):
+        raise fail(path, "a mapping with low/high (and log, step) or choices", raw)
+    _check_keys(raw, DISTRIBUTION_KEYS, path)
+    if "choices" in raw:
+        if set(raw) != {"choices"}:
+            raise SpecError(f"{path}: choices cannot be combined with low/high/log/step")
+        if isinstance(check, IntList):
+            raise SpecError(f"{path}: list-valued keys can be searched in grids only")
+        choices = raw["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise fail(f"{path}.choices", "a non-empty list", choices)
+        return Distribution("categorical", choices=tuple(check.parse(v, f"{path}.choices[{i}]")
+                                                         for i, v in enumerate(choices)))
+    if not isinstance(check, (Int, Float)):
+        raise SpecError(f"{path}: a non-numeric key takes `choices: [...]`")
+    if "low" not in raw or "high" not in raw:
+        raise SpecError(f"{path}: numeric distributions need low and high")
+    low, high = check.parse(raw["low"], f"{path}.low"), check.parse(raw["high"], f"{path}.high")
+    if low > high:
+        raise SpecError(f"{path}: low ({low}) must not exceed high ({high})")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise fail(f"{path}.log", "true or false", log)
+    if log and low <= 0:
+        raise SpecError(f"{path}: log scale needs low > 0, got {low}")
+    step = raw.get("step")
+    if step is not None:
+        step = check.parse(step, f"{path}.step")
+        if step <= 0 or log:
+            raise SpecError(f"{path}.step: expected a step > 0 without log scale, got {step}")
+    return Distribution("int" if isinstance(check, Int) else "float", low=low, high=high, log=log, step=step)
+
+
+def _optuna_params(raw: Any) -> tuple[tuple[str, Distribution], ...]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise fail("search.params", "a non-empty mapping of dotted keys to distributions", raw)
+    return tuple((key, _distribution(key, value, _param_check(key, f"search.params.{key}")))
+                 for key, value in raw.items())
+
+
+def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
+    if not isinstance(raw, Mapping):
+        raise fail("search", "a mapping with kind: grid or kind: optuna", raw)
+    kind = Choice(KINDS).parse(raw.get("kind"), "search.kind")
+    _check_keys(raw, GRID_KEYS if kind == "grid" else OPTUNA_KEYS, "search")
+    common = {
+        "metric": Choice(METRICS).parse(raw.get("metric", "val/loss"), "search.metric"),
+        "direction": Choice(("minimize", "maximize")).parse(raw.get("direction", "minimize"), "search.direction"),
+        "storage": Text(2000).parse(raw["storage"], "search.storage") if raw.get("storage") else None,
+    }
+    if kind == "grid":
+        seeds = raw.get("seeds", [base.train.seed])
+        if not isinstance(seeds, list) or not seeds:
+            raise fail("search.seeds", "a non-empty list of ints", seeds)
+        parsed_seeds = tuple(Int(0, 2**32 - 1).parse(s, f"search.seeds[{i}]") for i, s in enumerate(seeds))
+        if len(set(parsed_seeds)) != len(parsed_seeds):
+            raise SpecError(f"search.seeds: repeated seed in {seeds}")
+        return GridSearch(params=_grid_params(raw.get("params")), seeds=parsed_seeds, **common)
+    if "n_trials" not in raw:
+        raise SpecError("search.n_trials: missing; an optuna search needs a number of trials")
+    return OptunaSearch(
+        params=_optuna_params(raw.get("params")),
+        n_trials=Int(1, 100_000).parse(raw["n_trials"], "search.n_trials"),
+        sampler=Choice(SAMPLERS).parse(raw.get("sampler", "tpe"), "search.sampler"),
+        pruner=Choice(PRUNERS).parse(raw.get("pruner", "median"), "search.pruner"),
+        seed=Int(0, 2**32 - 1).parse(raw.get("seed", 0), "search.seed"),
+        **common,
+    )
+
+
+def expand_grid(search: GridSearch, base: RunSpec) -> list[Point]:
+    """The cartesian product of the grid, repeated over seeds, in a fixed order:
+    the first key varies slowest, seeds fastest."""
+    keys = [key for key, _ in search.params]
+    points = []
+    for combo in itertools.product(*(values for _, values in search.params), search.seeds):
+        values = dict(zip(keys, combo[:-1], strict=True))
+        values["train.seed"] = combo[-1]
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        points.append(Point(values=plain, run=with_values(base, plain)))
+    return points
+

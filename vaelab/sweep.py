@@ -1,0 +1,435 @@
+"""Sweeps on Optuna: the only module that imports optuna.
+
+Both kinds run on an Optuna study. A grid is enqueued as fixed trials, one per
+point, each labelled with the hash of its resolved run; an Optuna search asks
+its sampler. Any number of workers (processes, machines) claim trials from the
+shared storage, and each claimed trial goes to the same `runner.run` that
+`vaelab train` uses, as an MLflow child run under one parent run per sweep.
+
+Exactly once: a worker claims a WAITING trial atomically (the storage refuses a
+second claim), and a claimed grid trial that has an older live twin (two
+processes enqueued the same point at once) steps aside. Resume: trials whose
+worker died (its pid is gone on this host, or its heartbeat is older than the
+grace period) are failed, their MLflow run is marked KILLED, and their point is
+enqueued again; finished trials are never re-run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from vaelab.runner import run as run_one
+from vaelab.search import GridSearch, OptunaSearch, Point, expand_grid
+from vaelab.spec import Spec, flatten, with_values
+from vaelab.tracking import Tracker
+from vaelab.train import RunPruned
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+STUDIES_DIR = Path("studies")
+# Trial user attributes (the sweep's own bookkeeping, visible in Optuna's dashboard too).
+POINT, WORKER, HEARTBEAT, MLFLOW_RUN = "grid_point", "worker", "heartbeat", "mlflow_run_id"
+FAILURE, DIED, DUPLICATE = "failure_reason", "worker_died", "duplicate_of"
+PARENT_RUN = "mlflow_parent_run_id"
+
+
+class SweepError(ValueError):
+    """A sweep cannot start (bad storage URL, no search section, ...)."""
+
+
+def study_dir(name: str, root: Path = STUDIES_DIR) -> Path:
+    folder = (root / name).resolve()
+    if folder.parent != root.resolve():  # names are validated; this is the last line of defence
+        raise SweepError(f"study name {name!r} escapes {root}/")
+    return folder
+
+
+def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR):
+    """`url` (or search.storage) as an Optuna RDB URL, else a journal file under
+    studies/<name>/ that several local processes can share (SQLite cannot)."""
+    url = url or spec.search.storage
+    if url:
+        if url.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql", "sqlite"):
+            raise SweepError(f"--storage: expected an RDB URL (postgresql://, mysql://, sqlite:///), got {url!r}")
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as err:
+            raise SweepError(f"--storage {url}: cannot connect ({str(err).splitlines()[0]})") from None
+    folder = study_dir(spec.name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = str(folder / "optuna.journal")
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def _sampler(search: OptunaSearch | GridSearch) -> optuna.samplers.BaseSampler:
+    if isinstance(search, GridSearch):
+        return optuna.samplers.RandomSampler(seed=0)  # never consulted: every grid trial is enqueued
+    seed = search.seed
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+    }[search.sampler]()
+
+
+def _pruner(search: OptunaSearch | GridSearch) -> optuna.pruners.BasePruner:
+    name = search.pruner if isinstance(search, OptunaSearch) else "none"
+    return {
+        "none": optuna.pruners.NopPruner,
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }[name]()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Counts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    replaced: int = 0  # trials of dead workers or duplicates, whose point ran again
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    def line(self) -> str:
+        text = (f"{self.complete} complete, {self.pruned} pruned, {self.failed} failed, "
+                f"{self.running} running, {self.waiting} waiting")
+        if self.replaced:
+            text += f" ({self.replaced} re-queued after a dead worker)"
+        return text
+
+
+def _is_replaced(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and (DIED in trial.user_attrs or DUPLICATE in trial.user_attrs)
+
+
+def _holds_point(trial: FrozenTrial) -> bool:
+    """A trial that has run, runs, or will run its point (so the point needs no new trial)."""
+    return not _is_replaced(trial)
+
+
+class Sweep:
+    """One spec's sweep over a storage; `prepare` once, then `work` in any number of processes."""
+
+    def __init__(self, spec: Spec, storage_url: str | None = None, tracker: Tracker | None = None,
+                 studies_root: Path = STUDIES_DIR, heartbeat_s: float = 10.0, grace_s: float = 60.0,
+                 tracking_uri: str | None = None):
+        if spec.search is None:
+            raise SweepError(f"{spec.name}: the spec has no search section; use `vaelab train` for one run")
+        self.spec = spec
+        self.search = spec.search
+        self.studies_root = studies_root
+        self.storage_url = storage_url
+        self.storage = open_storage(spec, storage_url, studies_root)  # a bad URL fails before MLflow is touched
+        self.tracker = tracker or Tracker(tracking_uri)
+        self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
+        self.points = expand_grid(self.search, spec.base) if isinstance(self.search, GridSearch) else []
+        self.study = optuna.create_study(
+            storage=self.storage, study_name=spec.name, load_if_exists=True,
+            direction=self.search.direction, sampler=_sampler(self.search), pruner=_pruner(self.search),
+        )
+        self._study_id = self.storage.get_study_id_from_name(spec.name)
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return len(self.points) if self.points else self.search.n_trials
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    def counts(self) -> Counts:
+        counts = Counts()
+        for trial in self.trials():
+            if _is_replaced(trial):
+                counts.replaced += 1
+            elif trial.state == TrialState.COMPLETE:
+                counts.complete += 1
+            elif trial.state == TrialState.PRUNED:
+                counts.pruned += 1
+            elif trial.state == TrialState.FAIL:
+                counts.failed += 1
+            elif trial.state == TrialState.RUNNING:
+                counts.running += 1
+            elif trial.state == TrialState.WAITING:
+                counts.waiting += 1
+        if counts.complete:
+            best = self.study.best_trial
+            counts.best_value, counts.best_params = best.value, dict(best.params)
+        return counts
+
+    @contextmanager
+    def _local_lock(self):
+        """Serialise `prepare` between local processes (the journal's own lock guards
+        each write, not our read-then-enqueue)."""
+        if self.storage_url or self.search.storage:
+            yield  # shared RDB: twins are resolved at claim time instead
+            return
+        folder = study_dir(self.spec.name, self.studies_root)
+        with open(folder / "prepare.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ---- prepare: parent run, dead trials, grid points --------------------------------------
+    def prepare(self) -> str:
+        """Create (or find) the MLflow parent run, re-queue trials of dead workers,
+        enqueue grid points that have no trial yet. Safe to call again: that is resume."""
+        with self._local_lock():
+            parent = self._parent_run()
+            self.reap_dead()
+            if self.points:
+                self._enqueue_missing_points()
+        return parent
+
+    def _parent_run(self) -> str:
+        parent = self.study.user_attrs.get(PARENT_RUN)
+        if parent and self.tracker.run_exists(parent):
+            self.tracker.set_status(parent, "RUNNING")
+            return parent
+        params = {f"base.{k}": v for k, v in flatten(self.spec.base).items()}
+        params.update({"search.kind": self.search.kind, "search.total": self.total,
+                       "search.params": ", ".join(k for k, _ in self.search.params)})
+        parent = self.tracker.create_parent_run(self.spec.name, f"sweep-{self.spec.name}", params,
+                                                {"vaelab.sweep": self.search.kind, "optuna.study": self.spec.name})
+        self.study.set_user_attr(PARENT_RUN, parent)
+        return parent
+
+    def _enqueue_missing_points(self) -> int:
+        held = {t.user_attrs.get(POINT) for t in self.trials() if _holds_point(t)}
+        added = 0
+        for point in self.points:
+            key = point.run.hash()
+            if key not in held:
+                self.study.enqueue_trial(_as_optuna_params(point.values), user_attrs={POINT: key})
+                held.add(key)
+                added += 1
+        return added
+
+    def _is_dead(self, trial: FrozenTrial, now: float) -> str | None:
+        host_pid = str(trial.user_attrs.get(WORKER, ""))
+        host, _, pid = host_pid.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            return f"worker {host_pid} is gone"
+        beat = trial.user_attrs.get(HEARTBEAT)
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        last = float(beat) if beat is not None else started
+        if now - last > self.grace_s:
+            return f"no heartbeat from {host_pid or 'its worker'} for {now - last:.0f} s"
+        return None
+
+    def reap_dead(self) -> int:
+        """Fail RUNNING trials whose worker died, close their MLflow runs, re-queue their points."""
+        now, reaped = time.time(), 0
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            reason = self._is_dead(trial, now)
+            if reason is None:
+                continue
+            reaped += self._fail_and_requeue(trial, reason)
+        return reaped
+
+    def _fail_and_requeue(self, trial: FrozenTrial, reason: str) -> int:
+        trial_id = trial._trial_id
+        try:
+            self.storage.set_trial_user_attr(trial_id, DIED, reason)
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except Exception:
+            return 0  # finished meanwhile, or another process reaped it first
+        if MLFLOW_RUN in trial.user_attrs:
+            self.tracker.kill_run(trial.user_attrs[MLFLOW_RUN], f"worker died: {reason}")
+        attrs = {k: v for k, v in trial.user_attrs.items() if k == POINT}
+        self.study.enqueue_trial(dict(trial.params) or trial.system_attrs.get("fixed_params", {}),
+                                 user_attrs={**attrs, "retry_of": trial.number})
+        return 1
+
+    # ---- work: claim and run trials -----------------------------------------------------------
+    def _claim_waiting(self) -> Trial | None:
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+                claimed = Trial(self.study, trial._trial_id)
+                self.storage.set_trial_user_attr(claimed._trial_id, WORKER, worker_id())
+                self.storage.set_trial_user_attr(claimed._trial_id, HEARTBEAT, time.time())
+                return claimed
+        return None
+
+    def _older_twin(self, trial: Trial) -> int | None:
+        key = trial.user_attrs.get(POINT)
+        if key is None:
+            return None
+        for other in self.trials():
+            if other.number < trial.number and other.user_attrs.get(POINT) == key and _holds_point(other):
+                return other.number
+        return None
+
+    def _next_trial(self) -> Trial | None:
+        """A claimed trial to run, or None when nothing is left for this worker."""
+        while True:
+            self.reap_dead()
+            trial = self._claim_waiting()
+            if trial is not None:
+                twin = self._older_twin(trial)
+                if twin is None:
+                    return trial
+                self.storage.set_trial_user_attr(trial._trial_id, DUPLICATE, twin)
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                continue
+            counts = self.counts()
+            if not self.points and counts.done + counts.running + counts.waiting < self.total:
+                trial = self.study.ask()  # an Optuna search: the sampler proposes the next point
+                self.storage.set_trial_user_attr(trial._trial_id, WORKER, worker_id())
+                self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
+                return trial
+            if counts.running == 0:
+                return None
+            # Others are still running: wait, in case their worker dies and the point comes back.
+            time.sleep(min(self.heartbeat_s, 5.0))
+
+    def _suggest(self, trial: Trial) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if isinstance(self.search, GridSearch):
+            for key, options in self.search.params:
+                values[key] = _suggest_grid(trial, key, options)
+            values["train.seed"] = trial.suggest_categorical("train.seed", list(self.search.seeds))
+            return values
+        for key, dist in self.search.params:
+            if dist.kind == "categorical":
+                values[key] = trial.suggest_categorical(key, list(dist.choices))
+            elif dist.kind == "int":
+                values[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step or 1, log=dist.log)
+            else:
+                values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        return values
+
+    def _heartbeat(self, trial: Trial, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            try:
+                self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
+            except Exception:
+                return  # the trial was finished or reaped; nothing more to beat for
+
+    def run_trial(self, trial: Trial, parent: str, on_epoch: Callable[[int, dict], None] | None = None) -> FrozenTrial:
+        values = self._suggest(trial)
+        point = Point(values=values, run=with_values(self.spec.base, values))
+        metric = self.search.metric
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+            if isinstance(self.search, OptunaSearch) and self.search.pruner != "none":
+                trial.report(metrics[metric], epoch)
+                if trial.should_prune():
+                    raise RunPruned(f"pruned by the {self.search.pruner} pruner at epoch {epoch}")
+
+        tags = {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
+                "vaelab.sweep_point": point.label}
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(trial, stop), daemon=True)
+        beat.start()
+        try:
+            outcome = run_one(point.run, self.spec.name, self.tracker, show_progress=False, extra_tags=tags,
+                              name=_child_run_name(trial.number, values),
+                              epoch_callbacks=[report],
+                              on_start=lambda run_id: self.storage.set_trial_user_attr(trial._trial_id, MLFLOW_RUN,
+                                                                                         run_id))
+        except RunPruned:
+            stop.set()
+            return self._tell(trial, state=TrialState.PRUNED)
+        except KeyboardInterrupt:
+            stop.set()
+            # Ctrl-C: give the point back so the next `vaelab sweep` runs it again.
+            self._fail_and_requeue(self.storage.get_trial(trial._trial_id), "interrupted (Ctrl-C)")
+            raise
+        except Exception as err:  # a bad run (NaN, bad shape) fails alone; the sweep goes on
+            stop.set()
+            self.storage.set_trial_user_attr(trial._trial_id, FAILURE, f"{type(err).__name__}: {err}"[:2000])
+            return self._tell(trial, state=TrialState.FAIL)
+        stop.set()
+        self.storage.set_trial_user_attr(trial._trial_id, "test_elbo", outcome.metrics["test/elbo"])
+        return self._tell(trial, values=outcome.best(metric))
+
+    def _tell(self, trial: Trial, values: float | None = None, state: TrialState | None = None) -> FrozenTrial:
+        try:
+            return self.study.tell(trial, values, state=state)
+        except Exception:
+            # Reaped as dead while it ran (a long stall): its point was re-queued; keep the record as is.
+            return self.storage.get_trial(trial._trial_id)
+
+    def work(self, parent: str, on_trial: Callable[[FrozenTrial], None] | None = None,
+             on_epoch: Callable[[Trial, int, dict], None] | None = None, max_trials: int | None = None) -> int:
+        """Run trials until none is left (or `max_trials`); returns how many this worker ran."""
+        ran = 0
+        while max_trials is None or ran < max_trials:
+            trial = self._next_trial()
+            if trial is None:
+                break
+            epoch_hook = (lambda e, m, t=trial: on_epoch(t, e, m)) if on_epoch else None
+            frozen = self.run_trial(trial, parent, epoch_hook)
+            ran += 1
+            if on_trial is not None:
+                on_trial(frozen)
+        return ran
+
+    def finish(self, parent: str) -> Counts:
+        """Close the parent run when every trial is done; returns the counts."""
+        counts = self.counts()
+        if counts.running == 0 and counts.waiting == 0 and counts.done >= self.total:
+            self.tracker.set_status(parent, "FINISHED")
+        return counts
+
+
+def _child_run_name(number: int, values: dict[str, Any]) -> str:
+    """e.g. `trial-3 beta=2 hidden=[64,32] seed=1`: readable in the MLflow run list."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={value}".replace(" ", "") for key, value in values.items()]
+    return " ".join([f"trial-{number}", *parts])[:200]
+
+
+def _as_optuna_params(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(list(v)) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+
+
+def _suggest_grid(trial: Trial, key: str, options: tuple[Any, ...]) -> Any:
+    """The enqueued value of a grid key. List values (model.hidden) travel as
+    their repr, since Optuna's categorical choices must be scalars."""
+    if options and isinstance(options[0], tuple):
+        chosen = trial.suggest_categorical(key, [str(list(o)) for o in options])
+        return next(list(o) for o in options if str(list(o)) == chosen)
+    return trial.suggest_categorical(key, list(options))
+

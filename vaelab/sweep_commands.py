@@ -1,0 +1,161 @@
+"""`vaelab sweep` and `vaelab worker`: progress, summaries and local worker processes
+around vaelab.sweep."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+from vaelab.search import GridSearch, OptunaSearch, expand_grid
+from vaelab.spec import Spec
+
+
+def _trial_line(trial, metric: str) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+    state = trial.state.name.lower()
+    if trial.value is not None:
+        result = f"{metric} {trial.value:.2f}"
+        if "test_elbo" in trial.user_attrs:
+            result += f", test/elbo {trial.user_attrs['test_elbo']:.2f}"
+    else:
+        result = trial.user_attrs.get("failure_reason", "")
+    return f"trial {trial.number:>3} {state:<8} {params}  {result}".rstrip()
+
+
+def _summary(sweep, counts) -> str:
+    lines = [f"sweep '{sweep.spec.name}': {counts.line()}"]
+    if counts.best_value is not None:
+        params = ", ".join(f"{k}={v}" for k, v in counts.best_params.items())
+        lines.append(f"best {sweep.search.metric} {counts.best_value:.3f} ({sweep.search.direction}) at {params}")
+    return "\n".join(lines)
+
+
+def dry_run(spec: Spec) -> int:
+    import pandas as pd
+
+    from vaelab.cost import seconds_per_epoch
+
+    search = spec.search
+    if isinstance(search, GridSearch):
+        points = expand_grid(search, spec.base)
+        table = pd.DataFrame([p.values for p in points])
+        table.index.name = "point"
+        print(table.to_markdown())
+        runs = [p.run for p in points]
+        print(f"\n{len(points)} runs ({len(points) // len(search.seeds)} points x {len(search.seeds)} seeds)")
+    else:
+        assert isinstance(search, OptunaSearch)
+        rows = [{"key": k, "kind": d.kind, "low": d.low, "high": d.high, "log": d.log,
+                 "choices": list(d.choices) or None} for k, d in search.params]
+        print(pd.DataFrame(rows).to_markdown(index=False))
+        print(f"\n{search.n_trials} trials, sampler {search.sampler}, pruner {search.pruner}, "
+              f"{search.direction} {search.metric}")
+        runs = [spec.base] * search.n_trials
+    # Cost: time the distinct architectures once, then add up (early stopping may cut it).
+    cache: dict[tuple, float] = {}
+    total = 0.0
+    for run in runs:
+        key = (run.model, run.data.subset, run.train.batch_size, run.loss.likelihood, run.train.device)
+        if key not in cache:
+            cache[key] = seconds_per_epoch(run)
+        total += cache[key] * run.train.epochs
+    amount = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
+    print(f"rough cost: at most {amount} of training on this machine, one worker "
+          f"({sum(r.train.epochs for r in runs)} model-epochs; evaluation and figures add a few s per run)")
+    return 0
+
+
+def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
+    from vaelab.sweep import Sweep
+
+    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri)
+    parent = sweep.prepare()
+    counts = sweep.counts()
+    if counts.done >= sweep.total and counts.running == 0 and counts.waiting == 0:
+        sweep.finish(parent)
+        print(f"sweep '{spec.name}' is already complete; nothing to run.\n{_summary(sweep, counts)}")
+        return 0
+    if counts.done:
+        print(f"resuming sweep '{spec.name}': {counts.line()}")
+    metric = sweep.search.metric
+    bar = tqdm(total=sweep.total, initial=min(counts.done, sweep.total), unit="trial", desc=spec.name,
+               disable=args.no_progress, dynamic_ncols=True)
+
+    def on_trial(trial) -> None:
+        tqdm.write(_trial_line(trial, metric))
+        bar.update(1)
+
+    def on_epoch(trial, epoch: int, metrics: dict) -> None:
+        bar.set_postfix_str(f"trial {trial.number} epoch {epoch} val/loss {metrics['val/loss']:.2f}")
+
+    try:
+        if args.workers <= 1:
+            sweep.work(parent, on_trial=on_trial, on_epoch=on_epoch)
+        else:
+            _run_local_workers(sweep, args, on_trial)
+    finally:
+        bar.close()
+    counts = sweep.finish(parent)
+    print(_summary(sweep, counts))
+    return 0
+
+
+def _worker_command(args: argparse.Namespace, threads: int) -> list[str]:
+    command = [sys.executable, "-m", "vaelab", "worker", args.spec, "--quiet", "--threads", str(threads)]
+    for item in args.set:
+        command += ["--set", item]
+    if args.storage:
+        command += ["--storage", args.storage]
+    if args.tracking_uri:
+        command += ["--tracking-uri", args.tracking_uri]
+    return command
+
+
+def _run_local_workers(sweep, args: argparse.Namespace, on_trial) -> None:
+    """Start `--workers` processes on this machine and report their trials as they finish."""
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    workers = [subprocess.Popen(_worker_command(args, threads)) for _ in range(args.workers)]
+    seen = {t.number for t in sweep.trials() if t.state.is_finished()}
+    try:
+        while True:
+            alive = [w for w in workers if w.poll() is None]
+            for trial in sweep.trials():
+                if trial.state.is_finished() and trial.number not in seen:
+                    seen.add(trial.number)
+                    if "worker_died" not in trial.user_attrs and "duplicate_of" not in trial.user_attrs:
+                        on_trial(trial)
+            if not alive:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for worker in workers:
+            worker.terminate()
+        raise
+    # A worker that crashed leaves its trial RUNNING: the next `prepare` re-queues it.
+    sweep.reap_dead()
+
+
+def run_worker(spec: Spec, args: argparse.Namespace) -> int:
+    import torch
+
+    from vaelab.sweep import Sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri)
+    parent = sweep.prepare()
+    metric = sweep.search.metric
+
+    def on_trial(trial) -> None:
+        if not args.quiet:
+            print(_trial_line(trial, metric), flush=True)
+
+    ran = sweep.work(parent, on_trial=on_trial)
+    if not args.quiet:
+        print(f"worker {os.getpid()} ran {ran} trials; {sweep.counts().line()}")
+    return 0
