@@ -6,7 +6,7 @@ SPEC   ?= quickstart
 EXP    ?= beta_study
 ARGS   ?=
 
-.PHONY: help install test test-slow lint train sweep worker ui clean
+.PHONY: help install test test-slow lint train sweep worker report ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ sweep: install  ## run a whole study, resumable: make sweep EXP=beta_study [ARGS
 
 worker: install  ## join a running sweep as one more worker: make worker EXP=beta_study [ARGS="--storage URL"]
 	$(BIN)/vaelab worker experiments/$(EXP).yaml $(ARGS)
+
+report: install  ## markdown report of a study from the tracking store: make report EXP=beta_study
+	$(BIN)/vaelab report experiments/$(EXP).yaml $(ARGS)
 
 ui: install  ## MLflow UI over runs/ on http://127.0.0.1:5000
 	$(BIN)/vaelab ui

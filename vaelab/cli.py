@@ -80,6 +80,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return sweep_commands.run_worker(_load_sweep_spec(args), args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from vaelab.report import write_study_report
+    from vaelab.spec import load_spec
+    from vaelab.sweep import STUDIES_DIR, optuna_report_section, study_dir
+    from vaelab.tracking import Tracker
+
+    spec = load_spec(resolve_spec_path(args.spec))
+    out_dir = Path(args.out) if args.out else study_dir(spec.name, STUDIES_DIR)
+    path = write_study_report(spec, Tracker(args.tracking_uri), out_dir,
+                              optuna_figures=lambda folder: optuna_report_section(spec, args.storage, folder))
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from vaelab.checkpoint import load_checkpoint
     from vaelab.figures import write_samples
@@ -149,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--quiet", action="store_true", help="print nothing per trial")
     worker.set_defaults(func=_cmd_worker)
 
+    report = sub.add_parser("report", help="write studies/NAME/report.md from the tracking store")
+    report.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    report.add_argument("--out", help="folder for report.md, table.csv, figures/ (default studies/NAME/)")
+    report.add_argument("--storage", help="Optuna RDB URL of the study, for Optuna plots")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    report.set_defaults(func=_cmd_report)
+
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint folder")
     sample.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json)")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
@@ -173,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from vaelab.checkpoint import CheckpointError
     from vaelab.data import DataError
     from vaelab.models import ConfigError
+    from vaelab.report import ReportError
     from vaelab.sweep import SweepError
     from vaelab.train import NonFiniteLossError
 
@@ -184,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"vaelab: run failed: {err}", file=sys.stderr)
         return 1
+    except ReportError as err:
+        print(f"vaelab: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vaelab: interrupted; what finished is kept, and the same command resumes", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ def run(
                                 run_spec.train.seed)
         metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
                         "time/train_s": sum(h["time/epoch_s"] for h in result.history)})
+        # Validation numbers of the weights that were kept (the sweep objective, and the report's "best").
+        kept = result.history[result.best_epoch - 1]
+        metrics.update({f"best/{k}": v for k, v in kept.items() if k.startswith("val/")})
         tracked.log_metrics(metrics, step=result.epochs_run)
         tracked.set_tags({"vaelab.stopped_early": result.stopped_early})
         with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:

@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,10 +76,11 @@ def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR):
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def _sampler(search: OptunaSearch | GridSearch) -> optuna.samplers.BaseSampler:
+def _sampler(search: OptunaSearch | GridSearch, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     if isinstance(search, GridSearch):
         return optuna.samplers.RandomSampler(seed=0)  # never consulted: every grid trial is enqueued
-    seed = search.seed
+    # Workers that share a study need different seeds, or they propose the same points.
+    seed = (search.seed + seed_offset) % 2**32
     return {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -149,7 +151,7 @@ class Sweep:
 
     def __init__(self, spec: Spec, storage_url: str | None = None, tracker: Tracker | None = None,
                  studies_root: Path = STUDIES_DIR, heartbeat_s: float = 10.0, grace_s: float = 60.0,
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, sampler_seed_offset: int = 0):
         if spec.search is None:
             raise SweepError(f"{spec.name}: the spec has no search section; use `vaelab train` for one run")
         self.spec = spec
@@ -162,7 +164,8 @@ class Sweep:
         self.points = expand_grid(self.search, spec.base) if isinstance(self.search, GridSearch) else []
         self.study = optuna.create_study(
             storage=self.storage, study_name=spec.name, load_if_exists=True,
-            direction=self.search.direction, sampler=_sampler(self.search), pruner=_pruner(self.search),
+            direction=self.search.direction, sampler=_sampler(self.search, sampler_seed_offset),
+            pruner=_pruner(self.search),
         )
         self._study_id = self.storage.get_study_id_from_name(spec.name)
 
@@ -227,6 +230,7 @@ class Sweep:
             return parent
         params = {f"base.{k}": v for k, v in flatten(self.spec.base).items()}
         params.update({"search.kind": self.search.kind, "search.total": self.total,
+                       "search.metric": self.search.metric, "search.direction": self.search.direction,
                        "search.params": ", ".join(k for k, _ in self.search.params)})
         parent = self.tracker.create_parent_run(self.spec.name, f"sweep-{self.spec.name}", params,
                                                 {"vaelab.sweep": self.search.kind, "optuna.study": self.spec.name})
@@ -433,3 +437,50 @@ def _suggest_grid(trial: Trial, key: str, options: tuple[Any, ...]) -> Any:
         return next(list(o) for o in options if str(list(o)) == chosen)
     return trial.suggest_categorical(key, list(options))
 
+
+
+def optuna_report_section(spec: Spec, storage_url: str | None, folder: Path,
+                          studies_root: Path = STUDIES_DIR) -> list[str]:
+    """Markdown lines for an Optuna search's report: the best trials, the optimisation
+    history and the parameter importances (Optuna's matplotlib plots). Reads only."""
+    if not isinstance(spec.search, OptunaSearch):
+        return []
+    journal = study_dir(spec.name, studies_root) / "optuna.journal"
+    if not (storage_url or spec.search.storage) and not journal.exists():
+        return ["", "## Optuna study", "", f"(no Optuna storage found at {journal})"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from optuna.visualization import matplotlib as optuna_plots
+
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(spec, storage_url, studies_root))
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    lines = ["", "## Optuna study", ""]
+    if not complete:
+        return lines + ["No complete trials yet."]
+    reverse = spec.search.direction == "maximize"
+    best = sorted(complete, key=lambda t: t.value, reverse=reverse)[:5]
+
+    rows = [{"trial": t.number, spec.search.metric: round(t.value, 4), **t.params} for t in best]
+    lines += [f"Best trials by {spec.search.metric} ({spec.search.direction}):", "",
+              pd.DataFrame(rows).to_markdown(index=False), ""]
+    plots = [("optuna_history.png", optuna_plots.plot_optimization_history)]
+    if len(complete) >= 2 and len(spec.search.params) >= 2:
+        plots.append(("optuna_importances.png", optuna_plots.plot_param_importances))
+    for name, plot in plots:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as err:
+                lines.append(f"({name}: {err})")
+                continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure.set_size_inches(7, 4.5)
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=100)
+        plt.close(figure)
+        lines.append(f"![{name[:-4]}](figures/{name})")
+    return lines

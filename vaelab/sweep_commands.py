@@ -147,7 +147,7 @@ def run_worker(spec: Spec, args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri)
+    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, sampler_seed_offset=os.getpid())
     parent = sweep.prepare()
     metric = sweep.search.metric
 

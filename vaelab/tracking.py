@@ -185,6 +185,33 @@ class Tracker:
         else:
             self.client.set_terminated(run_id, status=status)
 
+    def fetch_artifact(self, run_id: str, path: str, dest: Path) -> Path | None:
+        """Copy one artifact of a run (local store or server) into `dest`; None if absent."""
+        try:
+            return Path(self.client.download_artifacts(run_id, path, str(dest)))
+        except Exception:
+            return None
+
+    def runs_table(self, experiment: str):
+        """Every run of an experiment as a pandas DataFrame (columns run_id, status,
+        run_name, start_time, end_time, artifact_uri, params.*, metrics.*, tags.*),
+        with the experiment id; (None, None) if there is no such experiment."""
+        import pandas as pd
+
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return None, None
+        rows = []
+        for run in self.client.search_runs([found.experiment_id], max_results=50_000):
+            row = {"run_id": run.info.run_id, "status": run.info.status, "run_name": run.info.run_name,
+                   "start_time": run.info.start_time, "end_time": run.info.end_time,
+                   "artifact_uri": run.info.artifact_uri}
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            rows.append(row)
+        return found.experiment_id, pd.DataFrame(rows)
+
     def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         """`mlflow ui` over this store, bound to loopback unless asked otherwise."""
         command = ["mlflow", "ui", "--backend-store-uri", self.uri, "--host", host, "--port", str(port)]

@@ -1,0 +1,131 @@
+"""Reports built from a tiny real sweep, checked against the MLflow store."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.test_sweep import make_sweep, write_spec
+from vaelab.report import ReportError, write_study_report
+from vaelab.spec import load_spec
+from vaelab.sweep import optuna_report_section
+from vaelab.tracking import Tracker
+
+GRID = {"kind": "grid", "params": {"loss.beta": [0.5, 4.0]}, "seeds": [0, 1, 2]}
+TINY_FIGURES = {"figures": True, "tsne_points": 30}
+
+
+def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return header, rows
+
+
+def number(cell: str) -> tuple[float, float]:
+    mean, _, std = cell.strip("*").partition(" ± ")
+    return float(mean), float(std) if std else float("nan")
+
+
+@pytest.fixture
+def grid_study(tmp_path: Path, mnist_root: Path):
+    path = write_spec(tmp_path, mnist_root, GRID, eval=TINY_FIGURES)
+    sweep = make_sweep(tmp_path, path)
+    parent = sweep.prepare()
+    sweep.work(parent)
+    sweep.finish(parent)
+    return path, sweep
+
+
+def test_report_numbers_match_the_store(grid_study, tmp_path: Path):
+    path, sweep = grid_study
+    tracker = sweep.tracker
+    report = write_study_report(load_spec(path), tracker, tmp_path / "out")
+    text = report.read_text()
+    assert "6 finished, 0 pruned, 0 failed, 0 running" in text
+    header, rows = parse_markdown_table(text.split("## Results")[1])
+    assert header[:4] == ["loss.beta", "test −ELBO (nats)", "test recon (nats)", "test KL (nats)"]
+    assert {"test MSE (per pixel)", "active units", "epochs", "n", "runs"} <= set(header)
+    assert [row[0] for row in rows] == ["0.5", "4.0"]
+
+    client = MlflowClient(tracker.uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep_demo").experiment_id])
+    for row in rows:
+        values = [r.data.metrics for r in runs
+                  if r.data.params.get("loss.beta") == row[0] and "mlflow.parentRunId" in r.data.tags]
+        assert len(values) == 3 and row[header.index("n")] == "3"
+        for column, metric in (("test −ELBO (nats)", "test/elbo"), ("test KL (nats)", "test/kl")):
+            mean, std = number(row[header.index(column)])
+            expected = np.array([v[metric] for v in values])
+            assert mean == pytest.approx(expected.mean(), abs=0.006)
+            assert std == pytest.approx(expected.std(ddof=1), abs=0.006)
+        run_ids = re.findall(r"runs/([0-9a-f]{32})\)", row[header.index("runs")])
+        assert len(run_ids) == 3
+
+    best = [row for row in rows if row[header.index("test −ELBO (nats)")].startswith("**")]
+    assert len(best) == 1
+    csv = (tmp_path / "out" / "table.csv").read_text().splitlines()
+    assert csv[0].startswith("loss.beta,n,test/elbo mean,test/elbo std") and len(csv) == 3
+
+    figures = sorted(re.findall(r"\(figures/([^)]+\.png)\)", text))
+    assert {"by_loss_beta.png", "rate_distortion.png", "best_reconstructions.png", "best_samples.png"} <= set(figures)
+    for name in figures:
+        with Image.open(tmp_path / "out" / "figures" / name) as image:
+            image.verify()
+
+
+def test_partial_study_says_what_is_missing(tmp_path: Path, mnist_root: Path):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    sweep = make_sweep(tmp_path, path)
+    parent = sweep.prepare()
+    sweep.work(parent, max_trials=2)
+    text = write_study_report(load_spec(path), sweep.tracker, tmp_path / "out").read_text()
+    assert "Partial study:** 2 of 6 runs are done" in text
+    _, rows = parse_markdown_table(text.split("## Results")[1])
+    assert len(rows) == 1  # both finished runs are beta=0.5 (seeds 0, 1)
+
+
+def test_mixed_likelihoods_are_flagged(tmp_path: Path, mnist_root: Path):
+    search = {"kind": "grid", "params": {"loss.likelihood": ["bernoulli", "gaussian"]}}
+    path = write_spec(tmp_path, mnist_root, search)
+    sweep = make_sweep(tmp_path, path)
+    sweep.work(sweep.prepare())
+    text = write_study_report(load_spec(path), sweep.tracker, tmp_path / "out").read_text()
+    assert "Mixed likelihoods" in text and "test MSE (per pixel)" in text
+
+
+def test_unknown_or_empty_study_is_one_line(tmp_path: Path, mnist_root: Path):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    with pytest.raises(ReportError, match="no runs of 'sweep_demo'") as err:
+        write_study_report(load_spec(path), tracker, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    sweep = make_sweep(tmp_path, path)
+    sweep.prepare()  # a parent run, no trial yet
+    with pytest.raises(ReportError, match="no finished runs"):
+        write_study_report(load_spec(path), sweep.tracker, tmp_path / "out")
+
+
+def test_optuna_study_gets_best_trials_and_plots(tmp_path: Path, mnist_root: Path):
+    search = {"kind": "optuna", "n_trials": 4, "sampler": "random", "pruner": "none",
+              "params": {"loss.beta": {"low": 0.5, "high": 4.0, "log": True},
+                         "train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    path = write_spec(tmp_path, mnist_root, search)
+    sweep = make_sweep(tmp_path, path)
+    sweep.work(sweep.prepare())
+    spec = load_spec(path)
+    out = tmp_path / "out"
+    report = write_study_report(spec, sweep.tracker, out, optuna_figures=lambda folder: optuna_report_section(
+        spec, None, folder, studies_root=tmp_path / "studies"))
+    text = report.read_text()
+    assert "Best trials by val/loss (minimize)" in text
+    for name in ("optuna_history.png", "optuna_importances.png"):
+        assert f"figures/{name}" in text
+        with Image.open(out / "figures" / name) as image:
+            image.verify()
+    assert "by_loss_beta.png" not in text  # per-parameter curves are for grids

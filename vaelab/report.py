@@ -1,0 +1,251 @@
+"""A study's report from the tracking store alone: runs -> pandas -> markdown
+tables (mean ± std over seeds), a CSV, and figures. Nothing is trained or loaded."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vaelab import report_figures
+
+# metric -> (column header with its unit, which way is better: "min", "max" or None)
+KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
+    "test/elbo": ("test −ELBO (nats)", "min"),
+    "test/recon": ("test recon (nats)", "min"),
+    "test/kl": ("test KL (nats)", None),
+    "test/mse": ("test MSE (per pixel)", "min"),
+    "test/nll_iw": ("test NLL, IWAE (nats)", "min"),
+    "test/bits_per_dim": ("test bits/dim", "min"),
+    "test/active_units": ("active units", "max"),
+    "test/probe_acc": ("probe accuracy", "max"),
+    "train/epochs_run": ("epochs", None),
+    "time/train_s": ("train time (s)", None),
+}
+UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves
+
+
+class ReportError(ValueError):
+    """Nothing to report (unknown study, no finished runs)."""
+
+
+@dataclass
+class StudyRuns:
+    name: str
+    experiment_id: str
+    runs: pd.DataFrame  # child runs (or plain runs), one row each
+    parent: pd.Series | None
+    swept: list[str]  # dotted keys that vary between configurations (train.seed excluded)
+
+
+def _outcome(row: pd.Series) -> str:
+    status = row["status"]
+    reason = str(row.get("tags.failure_reason") or "")
+    if status == "FINISHED":
+        return "finished"
+    if status == "KILLED":
+        return "pruned" if "pruned" in reason else "killed"
+    return {"FAILED": "failed", "RUNNING": "running"}.get(status, status.lower())
+
+
+def select_runs(name: str, experiment_id: str, frame: pd.DataFrame) -> StudyRuns:
+    is_parent = frame["tags.vaelab.sweep"].notna() if "tags.vaelab.sweep" in frame else pd.Series(False, frame.index)
+    parents = frame[is_parent].sort_values("start_time")
+    parent = parents.iloc[-1] if len(parents) else None
+    runs = frame[~is_parent].copy()
+    if parent is not None and "tags.mlflow.parentRunId" in runs:
+        runs = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]].copy()
+    runs["outcome"] = [_outcome(row) for _, row in runs.iterrows()]
+    listed = str(parent.get("params.search.params") or "") if parent is not None else ""
+    swept = [k for k in listed.split(", ") if k] if listed else _varying_params(runs)
+    return StudyRuns(name=name, experiment_id=experiment_id, runs=runs, parent=parent,
+                     swept=[k for k in swept if k != "train.seed"])
+
+
+def _varying_params(runs: pd.DataFrame) -> list[str]:
+    cols = [c for c in runs if c.startswith("params.") and c != "params.train.seed"]
+    return [c[len("params."):] for c in cols if runs[c].nunique(dropna=False) > 1]
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    present = {c[len("metrics."):] for c in runs if c.startswith("metrics.") and runs[c].notna().any()}
+    ordered = [m for m in KNOWN_METRICS if m in present and m.startswith("test/")]
+    # test/loss is left out: it includes beta, so it differs between configurations by construction.
+    ordered += sorted(m for m in present if m.startswith("test/") and m not in KNOWN_METRICS and m != "test/loss")
+    return ordered + [m for m in ("train/epochs_run", "time/train_s") if m in present]
+
+
+def aggregate(study: StudyRuns) -> pd.DataFrame:
+    """One row per configuration: mean, std and n of every metric over seeds."""
+    finished = study.runs[study.runs["outcome"] == "finished"]
+    keys = [f"params.{k}" for k in study.swept]
+    metrics = metric_columns(finished)
+    if finished.empty:
+        return pd.DataFrame()
+    grouped = finished.groupby(keys, sort=False, dropna=False) if keys else finished.groupby(lambda _: "all")
+    rows = []
+    for group_key, part in grouped:
+        values = group_key if isinstance(group_key, tuple) else (group_key,)
+        row = dict(zip(study.swept, values, strict=False)) if keys else {}
+        row["n"] = len(part)
+        for metric in metrics:
+            column = part[f"metrics.{metric}"].astype(float)
+            row[f"{metric} mean"] = column.mean()
+            row[f"{metric} std"] = column.std(ddof=1) if len(column) > 1 else np.nan
+        row["run_ids"] = list(part["run_id"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if study.swept:  # rows in the order of the swept values, numerically where they are numbers
+        keys = pd.DataFrame({k: _sortable(table[k]) for k in study.swept})
+        table = table.loc[keys.sort_values(study.swept).index].reset_index(drop=True)
+    return table
+
+
+def _sortable(values: pd.Series) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    return numbers if numbers.notna().all() else values.astype(str)
+
+
+def _fmt(mean: float, std: float, metric: str) -> str:
+    digits = 4 if metric.endswith("mse") else (1 if metric.startswith(("time/", "train/")) else 2)
+    if np.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" + ("" if np.isnan(std) else f" ± {std:.{digits}f}")
+
+
+def _fmt_param(value) -> str:
+    """Optuna's floats (0.0026938830192854116) as 4 significant digits; the rest as logged."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(value) if number.is_integer() or len(str(value)) <= 6 else f"{number:.4g}"
+
+
+def _run_link(experiment_id: str, run_id: str) -> str:
+    return f"[{run_id[:8]}]({UI_BASE}/#/experiments/{experiment_id}/runs/{run_id})"
+
+
+def markdown_table(study: StudyRuns, table: pd.DataFrame) -> str:
+    metrics = [c[: -len(" mean")] for c in table if c.endswith(" mean")]
+    shown = pd.DataFrame({key: table[key].map(_fmt_param) for key in study.swept})
+    for metric in metrics:
+        header, better = KNOWN_METRICS.get(metric, (metric, None))
+        cells = [_fmt(m, s, metric) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"], strict=True)]
+        if better and len(table) > 1:
+            best = table[f"{metric} mean"].idxmin() if better == "min" else table[f"{metric} mean"].idxmax()
+            cells[table.index.get_loc(best)] = f"**{cells[table.index.get_loc(best)]}**"
+        shown[header] = cells
+    shown["n"] = table["n"]
+    shown["runs"] = [" ".join(_run_link(study.experiment_id, r) for r in ids) for ids in table["run_ids"]]
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def _header(study: StudyRuns, description: str) -> list[str]:
+    runs = study.runs
+    counts = runs["outcome"].value_counts()
+    done = runs[runs["end_time"].notna()]
+    compute_s = float(((done["end_time"] - done["start_time"]) / 1000).sum())
+    commits = sorted(set(runs.get("tags.vaelab.git_commit", pd.Series(dtype=str)).dropna()))
+    lines = [f"# Study `{study.name}`", ""]
+    if description:
+        lines += [description.strip(), ""]
+    lines += [
+        f"- generated: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} from the MLflow store (experiment "
+        f"{study.experiment_id})",
+        f"- git commit(s): {', '.join(c[:10] for c in commits) or 'unknown'}",
+        "- runs: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("finished", "pruned", "failed", "running")),
+        f"- total compute: {compute_s / 60:.1f} min of wall time over all runs",
+        "- units: nats per image; **test −ELBO** is the negative ELBO (recon + KL at beta = 1), lower is better;"
+        " mean ± std over seeds, n runs per row; **bold** = best in its column",
+    ]
+    return lines
+
+
+def _missing_note(study: StudyRuns) -> list[str]:
+    expected = None
+    if study.parent is not None and study.parent.get("params.search.total") is not None:
+        expected = int(study.parent["params.search.total"])
+    counted = int(study.runs["outcome"].isin(["finished", "pruned", "failed"]).sum())
+    running = int((study.runs["outcome"] == "running").sum())
+    if expected is not None and counted < expected:
+        return ["", f"> **Partial study:** {counted} of {expected} runs are done"
+                    f"{f', {running} running' if running else ''}; the tables below cover the finished ones."]
+    return []
+
+
+def _likelihood_note(study: StudyRuns) -> list[str]:
+    column = "params.loss.likelihood"
+    finished = study.runs[study.runs["outcome"] == "finished"]
+    if column in finished and finished[column].nunique() > 1:
+        return ["", "> **Mixed likelihoods:** ELBOs under different likelihoods are not comparable (a Gaussian "
+                    "density is not a Bernoulli probability). Compare **test MSE (per pixel)** across likelihoods, "
+                    "and ELBO/recon only within one likelihood."]
+    return []
+
+
+def build_report(study: StudyRuns, out_dir: Path, description: str = "",
+                 best_images: dict[str, Path] | None = None, extra_sections: list[str] | None = None) -> Path:
+    """Write report.md, table.csv and figures/ under `out_dir`; returns the report path."""
+    table = aggregate(study)
+    if table.empty:
+        raise ReportError(f"study '{study.name}' has no finished runs yet ({len(study.runs)} runs in the store)")
+    figures_dir = out_dir / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for stale in figures_dir.glob("by_*.png"):  # a parameter may no longer be swept
+        stale.unlink()
+    table.drop(columns=["run_ids"]).to_csv(out_dir / "table.csv", index=False)
+    lines = _header(study, description) + _missing_note(study)
+    lines += ["", "## Results", *_likelihood_note(study), "", markdown_table(study, table), "",
+              "Raw numbers: [table.csv](table.csv)."]
+    finished = study.runs[study.runs["outcome"] == "finished"]
+    is_grid = study.parent is None or study.parent.get("params.search.kind") == "grid"
+    # Per-parameter curves need repeated values (a grid); an Optuna search gets Optuna's own plots.
+    figures = report_figures.swept_param_figures(finished, study.swept, figures_dir) if is_grid else []
+    figures += report_figures.rate_distortion(finished, study.swept, figures_dir)
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{path.stem}](figures/{path.name})" for path in figures]
+    lines += extra_sections or []
+    if best_images:
+        lines += ["", "## Best run", ""]
+        lines += [f"![{label}](figures/{path.name})" for label, path in best_images.items()]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _best_run(study: StudyRuns) -> pd.Series:
+    finished = study.runs[study.runs["outcome"] == "finished"]
+    metric, direction = "test/elbo", "minimize"
+    if study.parent is not None and study.parent.get("params.search.metric"):
+        metric, direction = f"best/{study.parent['params.search.metric']}", study.parent["params.search.direction"]
+    column = f"metrics.{metric}" if f"metrics.{metric}" in finished else "metrics.test/elbo"
+    values = finished[column].astype(float)
+    return finished.loc[values.idxmin() if direction == "minimize" else values.idxmax()]
+
+
+def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Path:
+    """The report of `spec`'s experiment in `tracker`'s store, written under out_dir.
+    `optuna_figures(folder) -> (markdown lines)` adds the Optuna study's own plots."""
+    experiment_id, frame = tracker.runs_table(spec.name)
+    if frame is None or frame.empty:
+        raise ReportError(f"no runs of '{spec.name}' in {tracker.uri}; run `make sweep EXP={spec.name}` first")
+    study = select_runs(spec.name, experiment_id, frame)
+    if not (study.runs["outcome"] == "finished").any():
+        raise ReportError(f"study '{spec.name}' has no finished runs yet ({len(study.runs)} runs in the store)")
+    figures_dir = out_dir / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    best = _best_run(study)
+    images = {}
+    for name in ("reconstructions", "samples"):
+        fetched = tracker.fetch_artifact(best["run_id"], f"figures/{name}.png", figures_dir / ".best")
+        if fetched is not None:
+            target = figures_dir / f"best_{name}.png"
+            fetched.replace(target)
+            images[f"best run {best['run_id'][:8]}: {name}"] = target
+    extra = optuna_figures(figures_dir) if optuna_figures else []
+    return build_report(study, out_dir, spec.description, images, extra)
