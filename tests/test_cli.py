@@ -148,3 +148,12 @@ def test_sweep_dry_run_prints_the_table_and_a_cost(tmp_path: Path, mnist_root: P
     rows = [line for line in done.stdout.splitlines() if line.startswith("|") and "---" not in line]
     assert len(rows) == 1 + 12
     assert not (tmp_path / "studies").exists()
+
+
+def test_report_of_a_study_with_no_runs_is_one_line(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root)
+    done = vaelab(tmp_path, "report", "cli_demo")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"vaelab: no runs of 'cli_demo' in sqlite:///{tmp_path / 'runs' / 'mlflow.db'}; "
+        "run `make sweep EXP=cli_demo` first"]
