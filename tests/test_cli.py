@@ -157,3 +157,4 @@ def test_report_of_a_study_with_no_runs_is_one_line(tmp_path: Path, mnist_root: 
     assert done.stderr.strip().splitlines() == [
         f"vaelab: no runs of 'cli_demo' in sqlite:///{tmp_path / 'runs' / 'mlflow.db'}; "
         "run `make sweep EXP=cli_demo` first"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "studies").exists()

@@ -81,14 +81,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from vaelab.report import write_study_report
+    from vaelab.report import ReportError, write_study_report
     from vaelab.spec import load_spec
     from vaelab.sweep import STUDIES_DIR, optuna_report_section, study_dir
-    from vaelab.tracking import Tracker
+    from vaelab.tracking import Tracker, resolve_tracking_uri, store_exists
 
     spec = load_spec(resolve_spec_path(args.spec))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if not store_exists(uri):
+        raise ReportError(f"no runs of '{spec.name}' in {uri}; run `make sweep EXP={spec.name}` first")
     out_dir = Path(args.out) if args.out else study_dir(spec.name, STUDIES_DIR)
-    path = write_study_report(spec, Tracker(args.tracking_uri), out_dir,
+    path = write_study_report(spec, Tracker(uri), out_dir,
                               optuna_figures=lambda folder: optuna_report_section(spec, args.storage, folder))
     print(f"wrote {path}")
     return 0

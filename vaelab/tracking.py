@@ -23,8 +23,9 @@ from urllib.parse import unquote, urlparse
 DEFAULT_STORE_DIR = Path("runs")
 FAILURE_TAG = "failure_reason"
 
-# Alembic prints every schema migration when a new SQLite store is created.
-logging.getLogger("alembic").setLevel(logging.WARNING)
+# Alembic and MLflow announce every schema migration when a new SQLite store is created.
+for _noisy in ("alembic", "mlflow.store.db.utils"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -42,6 +43,11 @@ def _artifact_root(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///"):]).parent / "artifacts"
+
+
+def store_exists(uri: str) -> bool:
+    """False only for a SQLite store whose file is not there (reading must not create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
 
 
 def local_path(uri: str) -> Path | None:
