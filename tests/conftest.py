@@ -64,7 +64,7 @@ def tiny_run(root: Path, dataset: str = "mnist", **sections) -> RunSpec:
     data = dataclasses.replace(base.data, dataset=dataset, root=str(root), download=False, subset=None)
     model = dataclasses.replace(base.model, z_dim=4, hidden=(32,), channels=(8, 16))
     train = dataclasses.replace(base.train, epochs=2, batch_size=64, device="cpu")
-    evals = dataclasses.replace(base.eval, batch_size=500, tsne_points=60)
+    evals = dataclasses.replace(base.eval, batch_size=500, tsne_points=60, iw_samples=20)
     run = dataclasses.replace(base, data=data, model=model, train=train, eval=evals)
     for name, changes in sections.items():
         run = dataclasses.replace(run, **{name: dataclasses.replace(getattr(run, name), **changes)})

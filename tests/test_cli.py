@@ -29,7 +29,7 @@ def write_spec(folder: Path, mnist_root: Path, **base) -> Path:
         "data": {"dataset": "mnist", "root": str(mnist_root), "download": False},
         "model": {"z_dim": 3, "hidden": [32]},
         "train": {"epochs": 2, "batch_size": 64, "device": "cpu"},
-        "eval": {"tsne_points": 40}, **base}}
+        "eval": {"tsne_points": 40, "iw_samples": 10}, **base}}
     (folder / "experiments").mkdir(exist_ok=True)
     path = folder / "experiments" / "cli_demo.yaml"
     path.write_text(yaml.safe_dump(spec))

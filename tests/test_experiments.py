@@ -42,7 +42,7 @@ def test_the_shipped_studies_exist():
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_tiny_version_of_each_sweep_runs_two_trials(path: Path, fmnist_root: Path, tmp_path: Path):
     spec = apply_overrides(load_spec(path), ["data.subset=300", "train.epochs=1", "eval.figures=false",
-                                             f"data.root={fmnist_root}", "train.device=cpu"])
+                                             "eval.iw_samples=0", f"data.root={fmnist_root}", "train.device=cpu"])
     tracker = Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     sweep = Sweep(spec, tracker=tracker, studies_root=tmp_path / "studies")
     assert sweep.work(sweep.prepare(), max_trials=2) == 2
@@ -52,7 +52,7 @@ def test_tiny_version_of_each_sweep_runs_two_trials(path: Path, fmnist_root: Pat
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_tiny_version_trains(path: Path, fmnist_root: Path, tracking_uri: str):
     spec = load_spec(path)
-    tiny = apply_overrides(spec, ["data.subset=300", "train.epochs=1", "eval.tsne_points=50",
+    tiny = apply_overrides(spec, ["data.subset=300", "train.epochs=1", "eval.tsne_points=50", "eval.iw_samples=5",
                                   f"data.root={fmnist_root}", "train.device=cpu"])
     outcome = run(tiny.base, spec.name, Tracker(tracking_uri), show_progress=False)
     assert MlflowClient(tracking_uri).get_run(outcome.run_id).info.status == "FINISHED"

@@ -17,7 +17,7 @@ from vaelab.sweep import optuna_report_section
 from vaelab.tracking import Tracker
 
 GRID = {"kind": "grid", "params": {"loss.beta": [0.5, 4.0]}, "seeds": [0, 1, 2]}
-TINY_FIGURES = {"figures": True, "tsne_points": 30}
+TINY_FIGURES = {"figures": True, "tsne_points": 30, "iw_samples": 10, "probe": True}
 
 
 def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:

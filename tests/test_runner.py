@@ -17,7 +17,8 @@ from vaelab.runner import run
 from vaelab.spec import flatten
 from vaelab.tracking import FAILURE_TAG, Tracker, local_path
 
-FIGURES = {"reconstructions.png", "samples.png", "interpolation.png", "tsne.png", "learning_curves.png"}
+FIGURES = {"reconstructions.png", "samples.png", "interpolation.png", "tsne.png", "learning_curves.png",
+           "kl_per_dimension.png", "traversals.png"}
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from vaelab.tracking import Tracker
 BASE = {
     "model": {"z_dim": 3, "hidden": [32]},
     "train": {"epochs": 2, "batch_size": 64, "device": "cpu", "patience": None},
-    "eval": {"figures": False},
+    "eval": {"figures": False, "iw_samples": 0, "probe": False},
 }
 
 

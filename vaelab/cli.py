@@ -45,9 +45,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     tracker = Tracker(args.tracking_uri)
     outcome = run(spec.base, spec.name, tracker, show_progress=not args.no_progress)
     print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.uri})")
-    for key in ("test/elbo", "test/recon", "test/kl", "test/mse", "test/active_units"):
-        print(f"  {key:<18} {outcome.metrics[key]:.4f}")
-    print("  (nats per image; test/elbo is the negative ELBO, lower is better)")
+    for key in ("test/elbo", "test/recon", "test/kl", "test/nll_iw", "test/bits_per_dim", "test/mse",
+                "test/active_units", "test/probe_acc"):
+        if key in outcome.metrics:
+            print(f"  {key:<18} {outcome.metrics[key]:.4f}")
+    print("  (nats per image; test/elbo is the negative ELBO and test/nll_iw the importance-weighted NLL:"
+          " lower is better)")
     if outcome.checkpoint_dir is not None:
         print(f"checkpoint: {outcome.checkpoint_dir}")
         print(f"  vaelab sample {outcome.checkpoint_dir} --n 64 --out samples.png")

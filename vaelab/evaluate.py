@@ -3,6 +3,8 @@ nats per example, plus a likelihood-free pixel error and active units."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -47,10 +49,81 @@ def active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int
 
 
 def evaluate_test(
-    model: VAE, split: Split, likelihood: Likelihood, beta: float, batch_size: int, seed: int
+    model: VAE, split: Split, likelihood: Likelihood, beta: float, batch_size: int, seed: int,
+    iw_samples: int = 0, probe_train: Split | None = None,
 ) -> dict[str, float]:
-    """All `test/...` metrics; seeded so the same model gives the same numbers."""
+    """All `test/...` metrics; seeded so the same model gives the same numbers.
+    `iw_samples` > 0 adds test/nll_iw and test/bits_per_dim; `probe_train` (a
+    labelled split) adds test/probe_acc."""
     generator = torch.Generator(device=split.x.device).manual_seed(seed + 1)
     metrics = {f"test/{k}": v for k, v in split_terms(model, split, likelihood, beta, batch_size, generator).items()}
-    metrics["test/active_units"] = float(active_units(latent_means(model, split.x, batch_size)))
+    means = latent_means(model, split.x, batch_size)
+    metrics["test/active_units"] = float(active_units(means))
+    per_dim = kl_per_dimension(model, split.x, batch_size)
+    metrics.update({f"test/kl_dim/{d}": float(v) for d, v in enumerate(per_dim.tolist())})
+    pixels = split.x[0].numel()
+    if iw_samples > 0:
+        nll = importance_weighted_nll(model, split.x, likelihood, iw_samples, generator)
+        metrics["test/nll_iw"] = float(nll.double().mean())
+        # bits per dimension of the same estimate: nats / (pixels * ln 2)
+        metrics["test/bits_per_dim"] = metrics["test/nll_iw"] / (pixels * math.log(2))
+    if probe_train is not None and len(probe_train) >= 20:
+        train_means = latent_means(model, probe_train.x[:10_000], batch_size)
+        metrics["test/probe_acc"] = probe_accuracy(train_means, probe_train.y[:10_000], means, split.y)
     return metrics
+
+
+@torch.inference_mode()
+def importance_weighted_nll(
+    model: VAE, x: Tensor, likelihood: Likelihood, k: int, generator: torch.Generator, budget: int = 16_384
+) -> Tensor:
+    """-log p(x) per example, estimated with k importance samples from q(z|x)
+    (Burda et al. 2016, eq. 8): log (1/k) sum_i p(x, z_i) / q(z_i | x). The bound
+    tightens as k grows; k = 1 is the ELBO. Samples are drawn in chunks so that at
+    most `budget` decoder rows are in memory at once."""
+    model.eval()
+    batch = max(1, budget // min(k, budget))
+    estimates = []
+    for start in range(0, len(x), batch):
+        xb = x[start : start + batch]
+        mu, logvar = model.encode(xb)
+        std = torch.exp(0.5 * logvar)
+        log_weights = []
+        chunk = max(1, budget // len(xb))
+        for done in range(0, k, chunk):
+            n = min(chunk, k - done)
+            eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + eps * std  # (n, B, z)
+            log_q = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(-1)
+            log_prior = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+            params = model.decode(z.flatten(0, 1))
+            x_rep = xb.unsqueeze(0).expand(n, *xb.shape).flatten(0, 1)
+            log_lik = likelihood.log_prob(x_rep, params).view(n, len(xb))
+            log_weights.append(log_lik + log_prior - log_q)
+        log_w = torch.cat(log_weights)  # (k, B)
+        estimates.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)))
+    return torch.cat(estimates)
+
+
+def kl_per_dimension(model: VAE, x: Tensor, batch_size: int) -> Tensor:
+    """Mean KL(q(z_d|x) || N(0,1)) of each latent dimension over x, in nats."""
+    with torch.inference_mode():
+        model.eval()
+        total = None
+        for start in range(0, len(x), batch_size):
+            mu, logvar = model.encode(x[start : start + batch_size])
+            kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(0)
+            total = kl if total is None else total + kl
+        return total / len(x)
+
+
+def probe_accuracy(train_means: Tensor, train_labels: Tensor, test_means: Tensor, test_labels: Tensor) -> float:
+    """Test accuracy of a logistic regression fitted on latent means: how linearly
+    the classes can be read off the code."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_means.double().cpu().numpy())
+    probe = LogisticRegression(max_iter=500)
+    probe.fit(scaler.transform(train_means.double().cpu().numpy()), train_labels.cpu().numpy())
+    return float(probe.score(scaler.transform(test_means.double().cpu().numpy()), test_labels.cpu().numpy()))

@@ -122,3 +122,35 @@ def write_learning_curves(history: list[dict[str, float]], path: Path) -> Path:
         ax.legend()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def write_kl_per_dimension(kl: Tensor, path: Path) -> Path:
+    """KL of each latent dimension (nats, mean over test images), largest first:
+    dimensions near zero carry no information (posterior collapse)."""
+    values = kl.detach().cpu().numpy()
+    order = np.argsort(-values)
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(values) + 2), 3.5))
+    ax.bar(range(len(values)), values[order], color="tab:blue")
+    ax.set_xticks(range(len(values)), [str(i) for i in order], fontsize=7)
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(f"KL per dimension, total {values.sum():.1f} nats")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+@torch.inference_mode()
+def write_traversals(model: VAE, likelihood: Likelihood, x: Tensor, kl: Tensor, path: Path,
+                     max_dims: int = 10, steps: int = 9, span: float = 3.0) -> Path:
+    """Decode the posterior mean of one image while moving one latent dimension
+    from -span to +span (rows: dimensions with the most KL first)."""
+    model.eval()
+    mu = model.encode(x[:1])[0]
+    dims = torch.argsort(kl, descending=True)[:max_dims]
+    values = torch.linspace(-span, span, steps, device=mu.device)
+    z = mu.repeat(len(dims) * steps, 1).view(len(dims), steps, -1).clone()
+    for row, dim in enumerate(dims.tolist()):
+        z[row, :, dim] = values
+    images = likelihood.mean(model.decode(z.flatten(0, 1)))
+    save_image(_enlarge(images.cpu()), path, nrow=steps, padding=2, pad_value=1.0)
+    return path

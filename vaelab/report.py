@@ -74,7 +74,9 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     present = {c[len("metrics."):] for c in runs if c.startswith("metrics.") and runs[c].notna().any()}
     ordered = [m for m in KNOWN_METRICS if m in present and m.startswith("test/")]
     # test/loss is left out: it includes beta, so it differs between configurations by construction.
-    ordered += sorted(m for m in present if m.startswith("test/") and m not in KNOWN_METRICS and m != "test/loss")
+    # test/kl_dim/* (one per latent dimension) belong in the run's figure, not in the table.
+    ordered += sorted(m for m in present if m.startswith("test/") and m not in KNOWN_METRICS and m != "test/loss"
+                      and not m.startswith("test/kl_dim/"))
     return ordered + [m for m in ("train/epochs_run", "time/train_s") if m in present]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from vaelab import figures
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data import ImageData
-from vaelab.evaluate import evaluate_test, latent_means
+from vaelab.evaluate import evaluate_test, kl_per_dimension, latent_means
 from vaelab.registry import build_likelihood, load_dataset
 from vaelab.spec import RunSpec, flatten
 from vaelab.tracking import Tracker, local_path
@@ -63,6 +63,9 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
     figures.write_samples(model, likelihood, folder / "samples.png", n=64, seed=seed)
     figures.write_interpolation(model, likelihood, test.x[:8], folder / "interpolation.png")
     figures.write_learning_curves(history, folder / "learning_curves.png")
+    kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size)
+    figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
+    figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png")
     n_tsne = min(run_spec.eval.tsne_points, len(test))
     if n_tsne >= 10:
         means = latent_means(model, test.x[:n_tsne], run_spec.eval.batch_size)
@@ -100,7 +103,8 @@ def run(
         result = fit(run_spec, model, data, callbacks=[tracked.log_epoch, *(epoch_callbacks or [])],
                      show_progress=show_progress, likelihood=likelihood)
         metrics = evaluate_test(model, data.test, likelihood, run_spec.loss.beta, run_spec.eval.batch_size,
-                                run_spec.train.seed)
+                                run_spec.train.seed, iw_samples=run_spec.eval.iw_samples,
+                                probe_train=data.train if run_spec.eval.probe else None)
         metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
                         "time/train_s": sum(h["time/epoch_s"] for h in result.history)})
         # Validation numbers of the weights that were kept (the sweep objective, and the report's "best").

@@ -96,6 +96,8 @@ class TrainSpec:
 class EvalSpec:
     batch_size: int = _f(1000, Int(1, 1_000_000), "examples per evaluation batch")
     tsne_points: int = _f(1000, Int(0, 20_000), "test points in the t-SNE figure; 0 = no t-SNE")
+    iw_samples: int = _f(1000, Int(0, 100_000), "importance samples per test image for test/nll_iw; 0 = skip")
+    probe: bool = _f(True, Bool(), "fit a logistic-regression probe on latent means (test/probe_acc)")
     figures: bool = _f(True, Bool(), "write the PNG figures")
 
 
