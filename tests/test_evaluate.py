@@ -8,7 +8,6 @@ import torch
 from tests.conftest import make_idx_folder, tiny_run
 from vaelab.data import load_data
 from vaelab.evaluate import active_units, evaluate_test, importance_weighted_nll, kl_per_dimension, latent_means
-from vaelab.registry import build_likelihood as model_likelihood
 from vaelab.train import fit, init_model
 
 
@@ -28,8 +27,8 @@ def test_iwae_is_below_the_elbo_and_tightens_with_k(trained):
     estimates = {}
     for k in (1, 10, 100, 1000):
         generator = torch.Generator().manual_seed(0)
-        estimates[k] = importance_weighted_nll(model, x, model_likelihood(run), k, generator, budget=4096).mean().item()
-    metrics = evaluate_test(model, data.test, model_likelihood(run), 1.0, 500, seed=0)
+        estimates[k] = importance_weighted_nll(model, x, model.likelihood, k, generator, budget=4096).mean().item()
+    metrics = evaluate_test(model, data.test, model.likelihood, 1.0, 500, seed=0)
     # k = 1 is a one-sample ELBO: it agrees with test/elbo up to sampling noise.
     assert estimates[1] == pytest.approx(metrics["test/elbo"], rel=0.01)
     assert estimates[1000] < estimates[100] < estimates[10] < metrics["test/elbo"]
@@ -39,13 +38,13 @@ def test_iwae_is_below_the_elbo_and_tightens_with_k(trained):
 def test_chunking_does_not_change_the_estimate(trained):
     run, data, model = trained
     x = data.test.x[:30]
-    small = importance_weighted_nll(model, x, model_likelihood(run), 64, torch.Generator().manual_seed(1), budget=50)
-    large = importance_weighted_nll(model, x, model_likelihood(run), 64, torch.Generator().manual_seed(1),
+    small = importance_weighted_nll(model, x, model.likelihood, 64, torch.Generator().manual_seed(1), budget=50)
+    large = importance_weighted_nll(model, x, model.likelihood, 64, torch.Generator().manual_seed(1),
                                     budget=10_000)
     # Different chunking draws the noise in another order, so compare the averages loosely...
     assert small.mean().item() == pytest.approx(large.mean().item(), rel=0.01)
     # ...and exactly when the chunks coincide.
-    same = importance_weighted_nll(model, x, model_likelihood(run), 64, torch.Generator().manual_seed(1),
+    same = importance_weighted_nll(model, x, model.likelihood, 64, torch.Generator().manual_seed(1),
                                    budget=10_000)
     torch.testing.assert_close(large, same)
 
@@ -72,7 +71,7 @@ def test_dimensions_forced_to_the_prior_are_inactive(trained):
 
 def test_test_metrics_include_iw_bits_probe_and_kl_per_dim(trained):
     run, data, model = trained
-    metrics = evaluate_test(model, data.test, model_likelihood(run), 1.0, 500, seed=0, iw_samples=50,
+    metrics = evaluate_test(model, data.test, model.likelihood, 1.0, 500, seed=0, iw_samples=50,
                             probe_train=data.train)
     assert metrics["test/nll_iw"] < metrics["test/elbo"]
     assert metrics["test/bits_per_dim"] == pytest.approx(metrics["test/nll_iw"] / (784 * 0.6931471805599453))

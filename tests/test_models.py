@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 import torch
 
+from vaelab.likelihoods import Bernoulli
 from vaelab.models import ConfigError
-from vaelab.objectives import Bernoulli, vae_terms
+from vaelab.objectives import vae_terms
 from vaelab.registry import ARCHITECTURES, build_model
 from vaelab.spec import RunSpec
 

@@ -3,14 +3,12 @@ Carlo estimate."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
+from torch.distributions import Independent, Normal, kl_divergence
 
-from vaelab.objectives import Bernoulli as BernoulliLikelihood
-from vaelab.objectives import FixedGaussian, kl_to_standard_normal, vae_terms
+from vaelab.likelihoods import Bernoulli as BernoulliLikelihood
+from vaelab.objectives import kl_to_standard_normal, vae_terms
 
 
 @pytest.fixture
@@ -43,31 +41,6 @@ def test_kl_matches_monte_carlo(posterior):
 def test_kl_is_zero_at_the_prior():
     zeros = torch.zeros(3, 4)
     assert torch.equal(kl_to_standard_normal(zeros, zeros), torch.zeros(3))
-
-
-def test_bernoulli_log_prob_matches_torch():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 1, 28, 28, generator=gen)
-    x = (torch.rand(4, 1, 28, 28, generator=gen) > 0.5).float()
-    expected = Independent(Bernoulli(logits=logits), 3).log_prob(x)
-    torch.testing.assert_close(BernoulliLikelihood().log_prob(x, logits), expected)
-
-
-@pytest.mark.parametrize("sigma", [0.05, 0.1, 1.0])
-def test_gaussian_log_prob_is_a_real_density(sigma):
-    gen = torch.Generator().manual_seed(0)
-    params = torch.randn(3, 1, 28, 28, generator=gen, dtype=torch.float64)
-    x = torch.rand(3, 1, 28, 28, generator=gen, dtype=torch.float64)
-    expected = Independent(Normal(torch.sigmoid(params), sigma), 3).log_prob(x)
-    torch.testing.assert_close(FixedGaussian(sigma).log_prob(x, params), expected)
-
-
-def test_gaussian_constant_is_included():
-    # A perfect reconstruction still costs D * log(sigma * sqrt(2 pi)) nats.
-    x = torch.full((1, 1, 2, 2), 0.5)
-    params = torch.zeros_like(x)  # sigmoid(0) = 0.5
-    value = FixedGaussian(0.1).log_prob(x, params).item()
-    assert value == pytest.approx(-4 * (math.log(0.1) + 0.5 * math.log(2 * math.pi)), rel=1e-6)
 
 
 def test_beta_weights_only_the_kl(posterior):

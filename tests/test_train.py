@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import make_idx_folder, tiny_run
+from vaelab.checkpoint import load_checkpoint, save_checkpoint
 from vaelab.data import load_data
-from vaelab.evaluate import split_terms
-from vaelab.registry import build_likelihood
+from vaelab.evaluate import evaluate_test, split_terms
+from vaelab.likelihoods import LIKELIHOODS
+from vaelab.registry import ARCHITECTURES
 from vaelab.train import NonFiniteLossError, fit, init_model
 
 
@@ -56,7 +59,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path):
     val_losses = [h["val/loss"] for h in result.history]
     assert result.best_val_loss == min(val_losses)
     gen = torch.Generator().manual_seed(run.train.seed + 2)  # the validation draws fit() uses
-    now = split_terms(model, data.val, build_likelihood(run), run.loss.beta, run.eval.batch_size, gen)
+    now = split_terms(model, data.val, model.likelihood, run.loss.beta, run.eval.batch_size, gen)
     assert now["loss"] == pytest.approx(result.best_val_loss, rel=1e-5)
 
 
@@ -67,3 +70,19 @@ def test_non_finite_loss_stops_with_a_reason(mnist_root: Path):
     model = init_model(run, data.shape, torch.device("cpu"))
     with pytest.raises(NonFiniteLossError, match="non-finite train/loss.*epoch 1"):
         fit(run, model, data, show_progress=False)
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_and_likelihood_trains_one_epoch(arch, likelihood, mnist_root: Path, tmp_path: Path):
+    run = tiny_run(mnist_root, model={"arch": arch}, loss={"likelihood": likelihood}, train={"epochs": 1})
+    data = load_data(run.data, torch.device("cpu"))
+    model = init_model(run, data.shape, torch.device("cpu"))
+    result = fit(run, model, data, show_progress=False)
+    assert math.isfinite(result.history[0]["val/elbo"])
+    metrics = evaluate_test(model, data.test, model.likelihood, run.loss.beta, 500, seed=0, iw_samples=4)
+    assert math.isfinite(metrics["test/nll_iw"]) and metrics["test/nll_iw"] <= metrics["test/elbo"] + 5
+    # The checkpoint carries everything the likelihood learned.
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt", model, run, "matrix", metrics))
+    again = evaluate_test(loaded.model, data.test, loaded.likelihood, run.loss.beta, 500, seed=0)
+    assert again["test/elbo"] == pytest.approx(metrics["test/elbo"], rel=1e-6)

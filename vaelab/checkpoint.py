@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.objectives import Likelihood
-from vaelab.registry import build_likelihood, build_model, image_shape
+from vaelab.registry import build_model, image_shape
 from vaelab.spec import RunSpec, SpecError, load_spec, run_to_yaml
 
 MODEL_FILE, SPEC_FILE, METRICS_FILE = "model.pt", "spec.yaml", "metrics.json"
@@ -83,5 +83,5 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> C
     metrics_path = folder / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     model.eval()
-    return Checkpoint(model=model, run_spec=spec.base, name=spec.name, likelihood=build_likelihood(spec.base),
+    return Checkpoint(model=model, run_spec=spec.base, name=spec.name, likelihood=model.likelihood,
                       metrics=metrics)

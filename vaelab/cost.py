@@ -9,7 +9,7 @@ import time
 import torch
 
 from vaelab.objectives import vae_terms
-from vaelab.registry import build_likelihood, image_shape, train_size
+from vaelab.registry import image_shape, train_size
 from vaelab.spec import RunSpec
 from vaelab.train import init_model, resolve_device
 
@@ -18,7 +18,7 @@ def seconds_per_epoch(run: RunSpec, steps: int = 8) -> float:
     device = resolve_device(run.train.device)
     shape = image_shape(run.data)
     model = init_model(run, shape, device)
-    likelihood = build_likelihood(run)
+    likelihood = model.likelihood
     optimizer = torch.optim.Adam(model.parameters(), lr=run.train.lr)
     x = torch.rand(run.train.batch_size, *shape, device=device)
     elapsed = 0.0

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from vaelab.data import Split
+from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.objectives import Likelihood, vae_terms
+from vaelab.objectives import vae_terms
 
 # Burda et al. 2016 (IWAE), section 5.2: a unit is active when Cov_x(E_q[z_u]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01

@@ -15,8 +15,8 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
+from vaelab.likelihoods import Likelihood  # noqa: E402
 from vaelab.models import VAE  # noqa: E402
-from vaelab.objectives import Likelihood  # noqa: E402
 
 
 def _grid_image(images: Tensor, nrow: int) -> np.ndarray:

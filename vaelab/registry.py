@@ -8,10 +8,10 @@ from collections.abc import Callable
 from torch import nn
 
 from vaelab.data import ImageData, load_data
+from vaelab.likelihoods import LIKELIHOODS, Likelihood
 from vaelab.models import VAE
 from vaelab.models.conv import build_conv
 from vaelab.models.mlp import build_mlp
-from vaelab.objectives import Likelihood, build_bernoulli, build_gaussian
 
 # dataset name -> (loader(data_spec, device) -> ImageData, image shape (C, H, W))
 DATASETS: dict[str, tuple[Callable[..., ImageData], tuple[int, int, int]]] = {
@@ -22,11 +22,6 @@ DATASETS: dict[str, tuple[Callable[..., ImageData], tuple[int, int, int]]] = {
 ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {
     "mlp": build_mlp,
     "conv": build_conv,
-}
-
-LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {
-    "bernoulli": build_bernoulli,
-    "gaussian": build_gaussian,
 }
 
 REGISTRIES = {"dataset": DATASETS, "arch": ARCHITECTURES, "likelihood": LIKELIHOODS}
@@ -47,11 +42,11 @@ def train_size(data_spec) -> int:
 
 def build_model(run_spec, shape: tuple[int, int, int]) -> VAE:
     encoder, decoder = ARCHITECTURES[run_spec.model.arch](shape, run_spec.model)
-    return VAE(encoder, decoder, run_spec.model.z_dim)
+    return VAE(encoder, decoder, run_spec.model.z_dim, build_likelihood(run_spec, shape))
 
 
-def build_likelihood(run_spec) -> Likelihood:
-    return LIKELIHOODS[run_spec.loss.likelihood](run_spec.loss)
+def build_likelihood(run_spec, shape: tuple[int, int, int]) -> Likelihood:
+    return LIKELIHOODS[run_spec.loss.likelihood](run_spec.loss, shape)
 
 
 def load_dataset(data_spec, device) -> ImageData:

@@ -13,7 +13,7 @@ from vaelab import figures
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data import ImageData
 from vaelab.evaluate import evaluate_test, kl_per_dimension, latent_means
-from vaelab.registry import build_likelihood, load_dataset
+from vaelab.registry import load_dataset
 from vaelab.spec import RunSpec, flatten
 from vaelab.tracking import Tracker, local_path
 from vaelab.train import EpochCallback, fit, init_model, resolve_device
@@ -87,7 +87,7 @@ def run(
     device = resolve_device(run_spec.train.device)
     data = load_dataset(run_spec.data, device)
     model = init_model(run_spec, data.shape, device)
-    likelihood = build_likelihood(run_spec)
+    likelihood = model.likelihood
     tags = {
         "vaelab.run_hash": run_spec.hash(),
         "vaelab.data": data.description,

@@ -79,7 +79,9 @@ class ModelSpec:
 class LossSpec:
     likelihood: str = _f("bernoulli", RegistryChoice("likelihood"), "p(x|z)")
     beta: float = _f(1.0, Float(0.0, 1e6), "weight of the KL term in the training loss")
-    sigma: float = _f(0.1, Float(0.0, 1e3, min_open=True), "std of the fixed-sigma gaussian likelihood")
+    sigma: float = _f(0.1, Float(0.0, 1e3, min_open=True),
+                      "gaussian std, laplace scale, or the starting std of gaussian_learned")
+    sigma_mode: str = _f("shared", Choice(("shared", "per_pixel")), "gaussian_learned: one sigma, or one per pixel")
 
 
 @dataclass(frozen=True)

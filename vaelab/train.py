@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from vaelab.data import ImageData, batch_indices
 from vaelab.evaluate import split_terms
+from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.objectives import Likelihood, vae_terms
-from vaelab.registry import build_likelihood, build_model
+from vaelab.objectives import vae_terms
+from vaelab.registry import build_model
 
 # Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/loss": ...}).
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -90,7 +91,7 @@ def fit(
 ) -> RunResult:
     """Train `model` in place; on return it holds the weights of the best epoch."""
     train, loss_spec = run_spec.train, run_spec.loss
-    likelihood = likelihood or build_likelihood(run_spec)
+    likelihood = likelihood or model.likelihood
     device = data.train.x.device
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
     batch_gen = torch.Generator().manual_seed(train.seed)

@@ -18,10 +18,11 @@ class VAEOutput:
 
 
 class VAE(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, z_dim: int):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, z_dim: int, likelihood: nn.Module):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.likelihood = likelihood  # a submodule: a learned sigma trains and saves with the model
         self.z_dim = z_dim
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
