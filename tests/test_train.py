@@ -86,3 +86,29 @@ def test_every_architecture_and_likelihood_trains_one_epoch(arch, likelihood, mn
     loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt", model, run, "matrix", metrics))
     again = evaluate_test(loaded.model, data.test, loaded.likelihood, run.loss.beta, 500, seed=0)
     assert again["test/elbo"] == pytest.approx(metrics["test/elbo"], rel=1e-6)
+
+
+@pytest.mark.parametrize(("schedule", "logged"), [("linear", "train/kl_weight"), ("cyclical", "train/kl_weight"),
+                                                  ("capacity", "train/capacity")])
+def test_schedules_train_and_log_their_weight(schedule, logged, mnist_root: Path):
+    _, _, _, result, _ = train_once(mnist_root, loss={"kl_schedule": schedule, "warmup_epochs": 2.0,
+                                                      "capacity_epochs": 2.0, "cycles": 1, "free_bits": 0.1},
+                                    train={"epochs": 4, "patience": None})
+    values = [h[logged] for h in result.history]
+    assert values[0] < values[1] <= values[2]  # each ramps up over the first two epochs
+    assert all(math.isfinite(h["train/loss"]) for h in result.history)
+
+
+def test_dynamic_binarization_resamples_training_pixels(mnist_root: Path):
+    run = tiny_run(mnist_root, data={"binarize": "dynamic"})
+    data = load_data(run.data, torch.device("cpu"))
+    assert data.dynamic_binarize
+    assert set(data.test.x.unique().tolist()) == {0.0, 1.0} and set(data.val.x.unique().tolist()) == {0.0, 1.0}
+    assert len(data.train.x.unique()) > 2  # kept grey: the loop samples bits per batch
+    again = load_data(run.data, torch.device("cpu"))
+    assert torch.equal(again.test.x, data.test.x)  # the evaluation bits are fixed
+    static = load_data(tiny_run(mnist_root, data={"binarize": "static"}).data, torch.device("cpu"))
+    assert set(static.train.x.unique().tolist()) == {0.0, 1.0} and not static.dynamic_binarize
+    model = init_model(run, data.shape, torch.device("cpu"))
+    result = fit(run, model, data, show_progress=False)
+    assert math.isfinite(result.history[-1]["val/elbo"])

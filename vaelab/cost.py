@@ -25,7 +25,7 @@ def seconds_per_epoch(run: RunSpec, steps: int = 8) -> float:
     for step in range(steps + 2):  # two warm-up steps are not timed
         started = time.perf_counter()
         out = model(x)
-        loss = vae_terms(x, out.params, out.mu, out.logvar, likelihood, run.loss.beta).loss.mean()
+        loss = vae_terms(x, out.params, out.mu, out.logvar, likelihood, run.loss.beta).objective
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

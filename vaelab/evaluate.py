@@ -11,7 +11,7 @@ from torch import Tensor
 from vaelab.data import Split
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.objectives import vae_terms
+from vaelab.objectives import KLWeighting, vae_terms
 
 # Burda et al. 2016 (IWAE), section 5.2: a unit is active when Cov_x(E_q[z_u]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -19,7 +19,8 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 
 @torch.inference_mode()
 def split_terms(
-    model: VAE, split: Split, likelihood: Likelihood, beta: float, batch_size: int, generator: torch.Generator
+    model: VAE, split: Split, likelihood: Likelihood, beta: float | KLWeighting, batch_size: int,
+    generator: torch.Generator,
 ) -> dict[str, float]:
     """Means over the split of loss, recon, kl, elbo (= recon + kl, the negative
     ELBO) and mse (per pixel, between the image and the decoder mean)."""
@@ -50,7 +51,7 @@ def active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int
 
 
 def evaluate_test(
-    model: VAE, split: Split, likelihood: Likelihood, beta: float, batch_size: int, seed: int,
+    model: VAE, split: Split, likelihood: Likelihood, beta: float | KLWeighting, batch_size: int, seed: int,
     iw_samples: int = 0, probe_train: Split | None = None,
 ) -> dict[str, float]:
     """All `test/...` metrics; seeded so the same model gives the same numbers.

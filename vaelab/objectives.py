@@ -6,17 +6,82 @@ so numbers compare with the VAE literature.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from vaelab.likelihoods import Likelihood
 
+SCHEDULES = ("constant", "linear", "cyclical", "capacity")
+
+
+def kl_per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) of each latent dimension, (N, z_dim), in
+    closed form (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
 
 def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per example, in closed form
-    (Kingma & Welling 2014, appendix B)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    """KL(q(z|x) || N(0, I)) per example."""
+    return kl_per_dimension(mu, logvar).sum(1)
+
+
+@dataclass(frozen=True)
+class KLWeighting:
+    """How the KL term enters the training loss at training progress t (in epochs,
+    fractional). At t = inf every schedule has reached its final form, which is
+    what validation and test losses use, so early stopping sees a fixed objective.
+
+    constant: beta * KL.  linear: beta * min(1, t / warmup_epochs) * KL (warm-up,
+    Bowman et al. 2016).  cyclical: the linear ramp over the first half of each of
+    `cycles` equal cycles (Fu et al. 2019).  capacity: gamma * |KL - C(t)| with C
+    growing linearly to capacity_max over capacity_epochs (Burgess et al. 2018).
+    free_bits > 0: each dimension's batch-mean KL counts at least free_bits nats
+    in the training objective (Kingma et al. 2016)."""
+
+    beta: float = 1.0
+    schedule: str = "constant"
+    warmup_epochs: float = 10.0
+    cycles: int = 4
+    total_epochs: int = 10
+    capacity_max: float = 25.0
+    capacity_epochs: float = 10.0
+    gamma: float = 100.0
+    free_bits: float = 0.0
+
+    def weight(self, t: float) -> float:
+        if self.schedule == "linear":
+            return self.beta * min(1.0, t / self.warmup_epochs)
+        if self.schedule == "cyclical" and math.isfinite(t):
+            period = self.total_epochs / self.cycles
+            phase = (t % period) / period
+            return self.beta * min(1.0, phase / 0.5)
+        return self.beta
+
+    def capacity(self, t: float) -> float:
+        return self.capacity_max * min(1.0, t / self.capacity_epochs)
+
+    def per_example(self, recon: Tensor, kl: Tensor, t: float = math.inf) -> Tensor:
+        if self.schedule == "capacity":
+            return recon + self.gamma * (kl - self.capacity(t)).abs()
+        return recon + self.weight(t) * kl
+
+    def objective(self, recon: Tensor, kl_dims: Tensor, t: float) -> Tensor:
+        """The scalar a training step minimises."""
+        if self.free_bits <= 0:
+            return self.per_example(recon, kl_dims.sum(1), t).mean()
+        kl = kl_dims.mean(0).clamp(min=self.free_bits).sum()  # batch-level, per dimension
+        if self.schedule == "capacity":
+            return recon.mean() + self.gamma * (kl - self.capacity(t)).abs()
+        return recon.mean() + self.weight(t) * kl
+
+
+def kl_weighting(run_spec) -> KLWeighting:
+    loss = run_spec.loss
+    return KLWeighting(beta=loss.beta, schedule=loss.kl_schedule, warmup_epochs=loss.warmup_epochs,
+                       cycles=loss.cycles, total_epochs=run_spec.train.epochs, capacity_max=loss.capacity_max,
+                       capacity_epochs=loss.capacity_epochs, gamma=loss.gamma, free_bits=loss.free_bits)
 
 
 @dataclass
@@ -27,13 +92,21 @@ class Terms:
     recon: Tensor
     kl: Tensor
     loss: Tensor
+    objective: Tensor  # the scalar to minimise (differs from loss.mean() only with free bits)
 
     @property
     def neg_elbo(self) -> Tensor:
         return self.recon + self.kl
 
 
-def vae_terms(x: Tensor, params: Tensor, mu: Tensor, logvar: Tensor, likelihood: Likelihood, beta: float) -> Terms:
+def vae_terms(x: Tensor, params: Tensor, mu: Tensor, logvar: Tensor, likelihood: Likelihood,
+              weighting: float | KLWeighting, t: float = math.inf) -> Terms:
+    """The terms of one batch; `weighting` is a KLWeighting or a constant beta,
+    `t` the training progress in epochs (inf: the final objective)."""
+    if not isinstance(weighting, KLWeighting):
+        weighting = KLWeighting(beta=weighting)
     recon = -likelihood.log_prob(x, params)
-    kl = kl_to_standard_normal(mu, logvar)
-    return Terms(recon=recon, kl=kl, loss=recon + beta * kl)
+    kl_dims = kl_per_dimension(mu, logvar)
+    kl = kl_dims.sum(1)
+    return Terms(recon=recon, kl=kl, loss=weighting.per_example(recon, kl, t),
+                 objective=weighting.objective(recon, kl_dims, t))

@@ -13,6 +13,7 @@ from vaelab import figures
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data import ImageData
 from vaelab.evaluate import evaluate_test, kl_per_dimension, latent_means
+from vaelab.objectives import kl_weighting
 from vaelab.registry import load_dataset
 from vaelab.spec import RunSpec, flatten
 from vaelab.tracking import Tracker, local_path
@@ -102,7 +103,7 @@ def run(
         tracked.log_params(flatten(run_spec))
         result = fit(run_spec, model, data, callbacks=[tracked.log_epoch, *(epoch_callbacks or [])],
                      show_progress=show_progress, likelihood=likelihood)
-        metrics = evaluate_test(model, data.test, likelihood, run_spec.loss.beta, run_spec.eval.batch_size,
+        metrics = evaluate_test(model, data.test, likelihood, kl_weighting(run_spec), run_spec.eval.batch_size,
                                 run_spec.train.seed, iw_samples=run_spec.eval.iw_samples,
                                 probe_train=data.train if run_spec.eval.probe else None)
         metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,

@@ -65,6 +65,8 @@ class DataSpec:
     val_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True), "share of training images held out for validation")
     split_seed: int = _f(0, Int(0), "seed of the train/val split (fixed across train.seed)")
     subset: int | None = _f(None, Optional(Int(1)), "use only the first N training images; null = all")
+    binarize: str = _f("none", Choice(("none", "static", "dynamic")),
+                       "sample binary pixels: once (static) or anew each time an image is seen (dynamic)")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,14 @@ class LossSpec:
     sigma: float = _f(0.1, Float(0.0, 1e3, min_open=True),
                       "gaussian std, laplace scale, or the starting std of gaussian_learned")
     sigma_mode: str = _f("shared", Choice(("shared", "per_pixel")), "gaussian_learned: one sigma, or one per pixel")
+    kl_schedule: str = _f("constant", Choice(("constant", "linear", "cyclical", "capacity")),
+                          "how the KL weight evolves during training")
+    warmup_epochs: float = _f(10.0, Float(0.0, 1e5, min_open=True), "linear: epochs to ramp the KL weight to beta")
+    cycles: int = _f(4, Int(1, 1000), "cyclical: number of ramp cycles over train.epochs")
+    capacity_max: float = _f(25.0, Float(0.0, 1e5), "capacity: final KL target C in nats")
+    capacity_epochs: float = _f(10.0, Float(0.0, 1e5, min_open=True), "capacity: epochs to grow C to capacity_max")
+    gamma: float = _f(100.0, Float(0.0, 1e6), "capacity: weight of |KL - C|")
+    free_bits: float = _f(0.0, Float(0.0, 1e3), "minimum KL per latent dimension in the training loss (nats)")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from vaelab.data import ImageData, batch_indices
 from vaelab.evaluate import split_terms
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.objectives import vae_terms
+from vaelab.objectives import KLWeighting, kl_weighting, vae_terms
 from vaelab.registry import build_model
 
 # Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/loss": ...}).
@@ -64,21 +64,31 @@ def init_model(run_spec, shape: tuple[int, int, int], device: torch.device) -> V
     return build_model(run_spec, shape).to(device)
 
 
-def _train_epoch(model, optimizer, data: ImageData, likelihood, beta, batch_size, batch_gen, noise_gen, bar):
+def _train_epoch(model, optimizer, data: ImageData, likelihood, weighting: KLWeighting, epoch: int, batch_size,
+                 batch_gen, noise_gen, bar):
     sums = torch.zeros(3, device=data.train.x.device)
-    for idx in batch_indices(len(data.train), batch_size, batch_gen, data.train.x.device):
+    n_batches = math.ceil(len(data.train) / batch_size)
+    for step, idx in enumerate(batch_indices(len(data.train), batch_size, batch_gen, data.train.x.device)):
         x = data.train.x[idx]
+        if data.dynamic_binarize:  # a fresh binary sample of each image every time it is seen
+            x = torch.bernoulli(x, generator=noise_gen)
         out = model(x, generator=noise_gen)
-        terms = vae_terms(x, out.params, out.mu, out.logvar, likelihood, beta)
-        loss = terms.loss.mean()
+        progress = epoch - 1 + step / n_batches  # in epochs at the start of the step, for the KL schedule
+        terms = vae_terms(x, out.params, out.mu, out.logvar, likelihood, weighting, progress)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms.objective.backward()
         optimizer.step()
         # Accumulate on the device: no host sync per step.
         sums += torch.stack([terms.loss.sum(), terms.recon.sum(), terms.kl.sum()]).detach()
         bar.update(1)
     loss, recon, kl = (sums / len(data.train)).tolist()
-    return {"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/elbo": recon + kl}
+    metrics = {"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/elbo": recon + kl}
+    last_step = epoch - 1 / n_batches  # the schedule's value in the epoch's last step
+    if weighting.schedule == "capacity":
+        metrics["train/capacity"] = weighting.capacity(last_step)
+    else:
+        metrics["train/kl_weight"] = weighting.weight(last_step)
+    return metrics
 
 
 def fit(
@@ -90,10 +100,11 @@ def fit(
     likelihood: Likelihood | None = None,
 ) -> RunResult:
     """Train `model` in place; on return it holds the weights of the best epoch."""
-    train, loss_spec = run_spec.train, run_spec.loss
+    train = run_spec.train
     likelihood = likelihood or model.likelihood
     device = data.train.x.device
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    weighting = kl_weighting(run_spec)
     batch_gen = torch.Generator().manual_seed(train.seed)
     noise_gen = torch.Generator(device=device).manual_seed(train.seed)
     val_gen_seed = train.seed + 2  # validation noise: the same draws every epoch
@@ -106,11 +117,11 @@ def fit(
         with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs}", unit="batch", disable=not show_progress,
                   leave=True, dynamic_ncols=True) as bar:
             started = time.perf_counter()
-            metrics = _train_epoch(model, optimizer, data, likelihood, loss_spec.beta, train.batch_size,
+            metrics = _train_epoch(model, optimizer, data, likelihood, weighting, epoch, train.batch_size,
                                    batch_gen, noise_gen, bar)
             metrics["time/epoch_s"] = time.perf_counter() - started
             val_gen = torch.Generator(device=device).manual_seed(val_gen_seed)
-            val = split_terms(model, data.val, likelihood, loss_spec.beta, run_spec.eval.batch_size, val_gen)
+            val = split_terms(model, data.val, likelihood, weighting, run_spec.eval.batch_size, val_gen)
             metrics.update({f"val/{k}": v for k, v in val.items()})
             bar.set_postfix({"train/loss": f"{metrics['train/loss']:.2f}", "val/loss": f"{metrics['val/loss']:.2f}"})
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]

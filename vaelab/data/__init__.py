@@ -35,6 +35,7 @@ class ImageData:
     shape: tuple[int, int, int]  # (C, H, W)
     class_names: tuple[str, ...]
     description: str
+    dynamic_binarize: bool = False  # the training loop samples binary pixels per batch
 
 
 def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +54,10 @@ def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> S
     return Split(x=x, y=torch.from_numpy(np.array(labels, dtype=np.int64)).to(device))
 
 
+def _binarized(split: Split, generator: torch.Generator) -> Split:
+    return Split(x=torch.bernoulli(split.x, generator=generator), y=split.y)
+
+
 def load_data(spec, device: torch.device) -> ImageData:
     """Load `spec` (a DataSpec) as device tensors with its seeded train/val split."""
     raw = load_raw(spec.dataset, spec.root, spec.download)
@@ -60,10 +65,20 @@ def load_data(spec, device: torch.device) -> ImageData:
     if spec.subset is not None:
         images, labels = images[: spec.subset], labels[: spec.subset]
     train_idx, val_idx = seeded_split(len(images), spec.val_fraction, spec.split_seed)
+    train = _to_split(images[train_idx], labels[train_idx], device)
+    val = _to_split(images[val_idx], labels[val_idx], device)
+    test = _to_split(raw.test_images, raw.test_labels, device)
+    if spec.binarize != "none":
+        # Evaluation sets are binarised once, with a fixed seed, so every run sees the same bits.
+        generator = torch.Generator(device=device).manual_seed(10_000 + spec.split_seed)
+        val, test = _binarized(val, generator), _binarized(test, generator)
+        if spec.binarize == "static":
+            train = _binarized(train, generator)
     return ImageData(
-        train=_to_split(images[train_idx], labels[train_idx], device),
-        val=_to_split(images[val_idx], labels[val_idx], device),
-        test=_to_split(raw.test_images, raw.test_labels, device),
+        train=train,
+        val=val,
+        test=test,
+        dynamic_binarize=spec.binarize == "dynamic",
         shape=(1, *raw.train_images.shape[1:]),
         class_names=raw.class_names,
         description=f"{spec.dataset} from {raw.origin}",
