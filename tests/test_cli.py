@@ -158,3 +158,21 @@ def test_report_of_a_study_with_no_runs_is_one_line(tmp_path: Path, mnist_root: 
         f"vaelab: no runs of 'cli_demo' in sqlite:///{tmp_path / 'runs' / 'mlflow.db'}; "
         "run `make sweep EXP=cli_demo` first"]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "studies").exists()
+
+
+def test_reconstruct_any_image_size(tmp_path: Path, mnist_root: Path):
+    write_spec(tmp_path, mnist_root, train={"epochs": 1, "batch_size": 64, "device": "cpu", "figure_every": 1})
+    done = vaelab(tmp_path, "train", "cli_demo", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    checkpoint = next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("checkpoint:"))
+    epochs = Path(checkpoint).parent / "figures" / "epochs"
+    assert {p.name for p in epochs.iterdir()} == {"reconstructions_e0001.png", "samples_e0001.png"}
+    Image.new("RGB", (300, 170), (200, 30, 30)).save(tmp_path / "photo.jpg")
+    out = tmp_path / "side_by_side.png"
+    made = vaelab(tmp_path, "reconstruct", checkpoint, str(tmp_path / "photo.jpg"), "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    with Image.open(out) as image:
+        assert image.size == (2 * 28 + 3 * 2, 28 + 2 * 2)  # two 28x28 tiles with 2-pixel padding
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    bad = vaelab(tmp_path, "reconstruct", checkpoint, str(tmp_path / "broken.png"), "--out", str(out))
+    assert bad.returncode == 2 and "cannot read as an image" in bad.stderr

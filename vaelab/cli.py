@@ -118,6 +118,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+    from torchvision.utils import save_image
+
+    from vaelab.checkpoint import load_checkpoint
+    from vaelab.data.images import load_image
+    from vaelab.registry import image_shape
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png" or not out.parent.is_dir():
+        raise UsageError(f"--out: expected a .png file in an existing folder, got {args.out}")
+    checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    x = load_image(args.image, image_shape(checkpoint.run_spec.data)).to(args.device)
+    with torch.inference_mode():
+        recon = checkpoint.likelihood.mean(checkpoint.model.decode(checkpoint.model.encode(x)[0]))
+    save_image(torch.cat([x, recon]).cpu(), out, nrow=2, padding=2, pad_value=1.0)
+    print(f"wrote original | reconstruction of {args.image} to {out}")
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from vaelab.tracking import Tracker
 
@@ -183,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     sample.set_defaults(func=_cmd_sample)
+
+    recon = sub.add_parser("reconstruct", help="encode one image file and write original | reconstruction")
+    recon.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json)")
+    recon.add_argument("image", help="an image file of any size (cropped and resized to the model's input)")
+    recon.add_argument("--out", default="reconstruction.png", help="PNG file to write")
+    recon.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    recon.set_defaults(func=_cmd_reconstruct)
 
     ui = sub.add_parser("ui", help="MLflow UI over the tracking store")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")

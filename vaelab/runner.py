@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaelab import figures
+from vaelab import figures, preflight
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data import ImageData
 from vaelab.evaluate import evaluate_test, kl_per_dimension, latent_means
@@ -73,6 +73,25 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
         figures.write_tsne(means, test.y[:n_tsne], folder / "tsne.png", data.class_names, seed=seed)
 
 
+def _epoch_figures(run_spec: RunSpec, model, data: ImageData, tracked) -> EpochCallback:
+    """Reconstructions and samples every train.figure_every epochs, named by epoch."""
+    every = run_spec.train.figure_every
+
+    def callback(epoch: int, _metrics: dict) -> None:
+        if not every or epoch % every:
+            return
+        with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:
+            folder = Path(tmp)
+            figures.write_reconstructions(model, model.likelihood, data.test.x[:32],
+                                          folder / f"reconstructions_e{epoch:04d}.png")
+            figures.write_samples(model, model.likelihood, folder / f"samples_e{epoch:04d}.png",
+                                  seed=run_spec.train.seed)
+            tracked.log_artifacts(folder, f"{FIGURES_DIR}/epochs")
+        model.train()
+
+    return callback
+
+
 def run(
     run_spec: RunSpec,
     experiment: str,
@@ -88,12 +107,14 @@ def run(
     device = resolve_device(run_spec.train.device)
     data = load_dataset(run_spec.data, device)
     model = init_model(run_spec, data.shape, device)
+    flight = preflight.check(model, data.shape, run_spec.train.batch_size, device)
     likelihood = model.likelihood
     tags = {
         "vaelab.run_hash": run_spec.hash(),
         "vaelab.data": data.description,
         "vaelab.device": str(device),
-        "vaelab.n_params": sum(p.numel() for p in model.parameters()),
+        "vaelab.n_params": flight.n_params,
+        "vaelab.activation_mb": round(flight.activation_mb, 1),
         "mlflow.note.content": METRIC_NOTES,
         **(extra_tags or {}),
     }
@@ -101,7 +122,8 @@ def run(
         if on_start is not None:
             on_start(tracked.run_id)
         tracked.log_params(flatten(run_spec))
-        result = fit(run_spec, model, data, callbacks=[tracked.log_epoch, *(epoch_callbacks or [])],
+        snapshots = _epoch_figures(run_spec, model, data, tracked)
+        result = fit(run_spec, model, data, callbacks=[tracked.log_epoch, snapshots, *(epoch_callbacks or [])],
                      show_progress=show_progress, likelihood=likelihood)
         metrics = evaluate_test(model, data.test, likelihood, kl_weighting(run_spec), run_spec.eval.batch_size,
                                 run_spec.train.seed, iw_samples=run_spec.eval.iw_samples,

@@ -102,6 +102,7 @@ class TrainSpec:
     patience: int | None = _f(5, Optional(Int(1)), "epochs without val/loss improvement before stopping; null = never")
     seed: int = _f(0, Int(0, 2**32 - 1), "seed of initialisation, batching and sampling")
     device: str = _f("auto", Choice(("auto", "cpu", "cuda")), "auto = cuda when available")
+    figure_every: int = _f(0, Int(0, 100_000), "also write reconstructions and samples every N epochs; 0 = off")
 
 
 @dataclass(frozen=True)
