@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vaelab.data.idx import write_idx
 from vaelab.data.mnist_family import FILES, SOURCES, candidate_dirs
@@ -46,6 +47,20 @@ def make_idx_folder(folder: Path, n_train: int = 240, n_test: int = 80, seed: in
         write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels)
     return folder
+
+
+def make_pictures(folder: Path, n: int, seed: int = 0, size=(90, 60)) -> None:
+    """Non-square RGB 'landscapes': a sky colour above a ground colour, per class."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cls = ("day", "night")[i % 2]
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        sky = (80, 160, 240) if cls == "day" else (10, 10, 60)
+        image = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+        horizon = int(rng.integers(20, 40))
+        image[:horizon] = sky
+        image[horizon:] = (40, int(rng.integers(90, 160)), 40)
+        Image.fromarray(image).save(folder / cls / f"img{i:03d}.{'png' if i % 3 else 'jpg'}")
 
 
 @pytest.fixture

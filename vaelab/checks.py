@@ -117,6 +117,19 @@ class Choice(Check):
 
 
 @dataclass(frozen=True)
+class IntChoice(Check):
+    values: tuple[int, ...]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(map(str, self.values))
+
+    def parse(self, value: Any, path: str) -> int:
+        if isinstance(value, bool) or value not in self.values:
+            raise fail(path, self.describe(), value)
+        return value
+
+
+@dataclass(frozen=True)
 class Text(Check):
     max_len: int = 10_000
 

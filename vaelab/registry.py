@@ -4,19 +4,22 @@ and likelihoods. Adding an entry here is all it takes to make a name valid."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
-from vaelab.data import ImageData, load_data
+from vaelab.data import ImageData, load_data, load_image_folder
+from vaelab.data.image_folder import image_count
 from vaelab.likelihoods import LIKELIHOODS, Likelihood
 from vaelab.models import VAE
 from vaelab.models.conv import build_conv
 from vaelab.models.mlp import build_mlp
 
-# dataset name -> (loader(data_spec, device) -> ImageData, image shape (C, H, W))
-DATASETS: dict[str, tuple[Callable[..., ImageData], tuple[int, int, int]]] = {
-    "fashion_mnist": (load_data, (1, 28, 28)),
-    "mnist": (load_data, (1, 28, 28)),
+# dataset name -> (loader(data_spec, device) -> ImageData, data_spec -> image shape (C, H, W))
+DATASETS: dict[str, tuple[Callable[..., ImageData], Callable[..., tuple[int, int, int]]]] = {
+    "fashion_mnist": (load_data, lambda spec: (1, 28, 28)),
+    "mnist": (load_data, lambda spec: (1, 28, 28)),
+    "image_folder": (load_image_folder, lambda spec: (spec.channels, spec.image_size, spec.image_size)),
 }
 
 ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {
@@ -30,12 +33,15 @@ REGISTRIES = {"dataset": DATASETS, "arch": ARCHITECTURES, "likelihood": LIKELIHO
 def image_shape(data_spec) -> tuple[int, int, int]:
     """The (C, H, W) a dataset yields, known from the spec alone (so a
     checkpoint can rebuild its model without loading data)."""
-    return DATASETS[data_spec.dataset][1]
+    return DATASETS[data_spec.dataset][1](data_spec)
 
 
 def train_size(data_spec) -> int:
     """Training images after the subset and the validation split, without loading data."""
-    official = {"fashion_mnist": 60_000, "mnist": 60_000}[data_spec.dataset]
+    if data_spec.dataset == "image_folder":
+        official = image_count(Path(data_spec.root))
+    else:
+        official = 60_000
     n = min(official, data_spec.subset or official)
     return n - int(round(n * data_spec.val_fraction))
 

@@ -62,7 +62,9 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
     folder.mkdir(parents=True, exist_ok=True)
     figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png")
     figures.write_samples(model, likelihood, folder / "samples.png", n=64, seed=seed)
-    figures.write_interpolation(model, likelihood, test.x[:8], folder / "interpolation.png")
+    pairs = min(8, len(test)) // 2 * 2  # consecutive test images form the interpolation pairs
+    if pairs:
+        figures.write_interpolation(model, likelihood, test.x[:pairs], folder / "interpolation.png")
     figures.write_learning_curves(history, folder / "learning_curves.png")
     kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size)
     figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")

@@ -23,6 +23,7 @@ from vaelab.checks import (
     Choice,
     Float,
     Int,
+    IntChoice,
     IntList,
     Name,
     Optional,
@@ -65,6 +66,13 @@ class DataSpec:
     val_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True), "share of training images held out for validation")
     split_seed: int = _f(0, Int(0), "seed of the train/val split (fixed across train.seed)")
     subset: int | None = _f(None, Optional(Int(1)), "use only the first N training images; null = all")
+    image_size: int = _f(64, Int(28, 512), "image_folder: side of the square images fed to the model")
+    channels: int = _f(3, IntChoice((1, 3)), "image_folder: 1 (grey) or 3 (RGB)")
+    resize: str = _f("crop", Choice(("crop", "stretch")), "image_folder: centre-crop to square, or stretch")
+    test_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True),
+                              "image_folder without a test/ subfolder: share held out for testing")
+    cache_dir: str = _f("data/cache", Text(), "image_folder: where decoded images are cached")
+    augment: bool = _f(False, Bool(), "random horizontal flips and small rotations of training batches")
     binarize: str = _f("none", Choice(("none", "static", "dynamic")),
                        "sample binary pixels: once (static) or anew each time an image is seen (dynamic)")
 

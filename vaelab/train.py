@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vaelab.data import ImageData, batch_indices
+from vaelab.data.augment import augment_batch
 from vaelab.evaluate import split_terms
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
@@ -70,6 +71,8 @@ def _train_epoch(model, optimizer, data: ImageData, likelihood, weighting: KLWei
     n_batches = math.ceil(len(data.train) / batch_size)
     for step, idx in enumerate(batch_indices(len(data.train), batch_size, batch_gen, data.train.x.device)):
         x = data.train.x[idx]
+        if data.augment:
+            x = augment_batch(x, noise_gen)
         if data.dynamic_binarize:  # a fresh binary sample of each image every time it is seen
             x = torch.bernoulli(x, generator=noise_gen)
         out = model(x, generator=noise_gen)

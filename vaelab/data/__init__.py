@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from vaelab.data.image_folder import load_folder
 from vaelab.data.mnist_family import DataError, load_raw
 
-__all__ = ["DataError", "ImageData", "Split", "load_data", "seeded_split", "batch_indices"]
+__all__ = ["DataError", "ImageData", "Split", "load_data", "load_image_folder", "seeded_split", "batch_indices"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ImageData:
     class_names: tuple[str, ...]
     description: str
     dynamic_binarize: bool = False  # the training loop samples binary pixels per batch
+    augment: bool = False  # the training loop flips and rotates batches
 
 
 def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,9 +82,42 @@ def load_data(spec, device: torch.device) -> ImageData:
         val=val,
         test=test,
         dynamic_binarize=spec.binarize == "dynamic",
+        augment=spec.augment,
         shape=(1, *raw.train_images.shape[1:]),
         class_names=raw.class_names,
         description=f"{spec.dataset} from {raw.origin}",
+    )
+
+
+def _from_uint8(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Split:
+    return Split(x=x.to(device).float().div_(255.0), y=y.to(device))
+
+
+def load_image_folder(spec, device: torch.device) -> ImageData:
+    """`root/train` + `root/test` (+ optional `root/val`), or one folder split by seed."""
+    root, cache = Path(spec.root), Path(spec.cache_dir)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        x, y, names = load_folder(root / "train", spec, cache)
+        test_x, test_y, _ = load_folder(root / "test", spec, cache)
+        held_val = load_folder(root / "val", spec, cache)[:2] if (root / "val").is_dir() else None
+    else:
+        x, y, names = load_folder(root, spec, cache)
+        keep, test_idx = seeded_split(len(x), spec.test_fraction, spec.split_seed + 1)
+        test_x, test_y, x, y = x[test_idx], y[test_idx], x[keep], y[keep]
+        held_val = None
+    if spec.subset is not None:
+        x, y = x[: spec.subset], y[: spec.subset]
+    if held_val is None:
+        train_idx, val_idx = seeded_split(len(x), spec.val_fraction, spec.split_seed)
+        held_val, x, y = (x[val_idx], y[val_idx]), x[train_idx], y[train_idx]
+    return ImageData(
+        train=_from_uint8(x, y, device),
+        val=_from_uint8(*held_val, device),
+        test=_from_uint8(test_x, test_y, device),
+        shape=tuple(x.shape[1:]),
+        class_names=names,
+        description=f"image_folder {root} ({spec.channels}x{spec.image_size}x{spec.image_size})",
+        augment=spec.augment,
     )
 
 
