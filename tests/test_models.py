@@ -7,6 +7,7 @@ import torch
 
 from vaelab.likelihoods import Bernoulli
 from vaelab.models import ConfigError
+from vaelab.models.conv import stage_channels
 from vaelab.objectives import vae_terms
 from vaelab.registry import ARCHITECTURES, build_model
 from vaelab.spec import RunSpec
@@ -52,3 +53,22 @@ def test_one_optimiser_step_changes_every_weight(arch):
     optimizer.step()
     unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, before[k])]
     assert unchanged == []
+
+
+@pytest.mark.parametrize(("shape", "expected"), [
+    ((1, 28, 28), (32, 64)), ((3, 64, 64), (32, 64, 128, 256)), ((3, 96, 96), (32, 64, 128, 256)),
+    ((3, 512, 512), (32, 64, 128, 256, 512, 512)), ((1, 30, 30), (32,)),
+])
+def test_conv_depth_follows_the_image_size(shape, expected):
+    assert stage_channels(shape, None) == expected
+    assert stage_channels(shape, (8, 16)) == (8, 16)
+
+
+@pytest.mark.parametrize("arch", ["conv", "resnet"])
+@pytest.mark.parametrize("side", [64, 128])
+def test_convolutional_models_at_larger_sizes(arch, side):
+    base = RunSpec()
+    spec = dataclasses.replace(base, model=dataclasses.replace(base.model, arch=arch, z_dim=8))
+    model = build_model(spec, (3, side, side))
+    x = torch.rand(2, 3, side, side)
+    assert model(x).params.shape == x.shape

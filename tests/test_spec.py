@@ -33,7 +33,7 @@ def test_defaults_and_dotted_keys():
         ({"model": {"z_dim": "ten"}}, "base.model.z_dim", "int"),
         ({"model": {"z_dim": 0}}, "base.model.z_dim", "int in [1, 4096]"),
         ({"model": {"z_dim": True}}, "base.model.z_dim", "int"),
-        ({"model": {"arch": "transformer"}}, "base.model.arch", "one of conv, mlp"),
+        ({"model": {"arch": "transformer"}}, "base.model.arch", "one of conv, mlp, resnet"),
         ({"loss": {"likelihood": "poisson"}}, "base.loss.likelihood", "bernoulli, gaussian"),
         ({"loss": {"beta": -1}}, "base.loss.beta", ">= 0"),
         ({"loss": {"beta": ".nan"}}, "base.loss.beta", "float"),

@@ -14,6 +14,7 @@ from vaelab.likelihoods import LIKELIHOODS, Likelihood
 from vaelab.models import VAE
 from vaelab.models.conv import build_conv
 from vaelab.models.mlp import build_mlp
+from vaelab.models.resnet import build_resnet
 
 # dataset name -> (loader(data_spec, device) -> ImageData, data_spec -> image shape (C, H, W))
 DATASETS: dict[str, tuple[Callable[..., ImageData], Callable[..., tuple[int, int, int]]]] = {
@@ -25,6 +26,7 @@ DATASETS: dict[str, tuple[Callable[..., ImageData], Callable[..., tuple[int, int
 ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {
     "mlp": build_mlp,
     "conv": build_conv,
+    "resnet": build_resnet,
 }
 
 REGISTRIES = {"dataset": DATASETS, "arch": ARCHITECTURES, "likelihood": LIKELIHOODS}

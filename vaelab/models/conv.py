@@ -10,6 +10,17 @@ class ConfigError(ValueError):
     """A model does not fit the data shape."""
 
 
+def stage_channels(shape: tuple[int, int, int], channels: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The spec's channels, or (when null) one stride-2 stage per halving of the image
+    side down to a 4-7 pixel grid, at most 6 stages, widths 32, 64, ... up to 512."""
+    if channels:
+        return tuple(channels)
+    side, stages = min(shape[1:]), 0
+    while side % 2 == 0 and side // 2 >= 4 and stages < 6:
+        side, stages = side // 2, stages + 1
+    return tuple(min(32 * 2**i, 512) for i in range(max(stages, 1)))
+
+
 def _check_side(shape: tuple[int, int, int], stages: int) -> tuple[int, int]:
     _, height, width = shape
     factor = 2**stages
@@ -55,5 +66,5 @@ class ConvDecoder(nn.Module):
 
 
 def build_conv(shape: tuple[int, int, int], model_spec) -> tuple[nn.Module, nn.Module]:
-    channels = tuple(model_spec.channels)
+    channels = stage_channels(shape, model_spec.channels)
     return ConvEncoder(shape, model_spec.z_dim, channels), ConvDecoder(shape, model_spec.z_dim, channels)
