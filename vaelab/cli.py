@@ -157,34 +157,36 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_spec_args(parser: argparse.ArgumentParser, storage: bool = False) -> None:
+    """The arguments every spec-running command shares."""
+    parser.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base value, e.g. --set model.z_dim=10 (repeatable)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    if storage:
+        parser.add_argument("--storage", help="Optuna RDB URL shared by all workers (default: a journal in "
+                                              "studies/NAME/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelab", description="Tracked VAE experiments from YAML specs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one run from a spec's base")
-    train.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a spec value, e.g. --set model.z_dim=10 (repeatable)")
+    _add_spec_args(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
-    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
 
     sweep = sub.add_parser("sweep", help="run a spec's whole search (grid or optuna); rerun to resume")
-    sweep.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base value")
+    _add_spec_args(sweep, storage=True)
     sweep.add_argument("--dry-run", action="store_true", help="print the expanded runs and a rough cost, run nothing")
     sweep.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
-    sweep.add_argument("--storage", help="Optuna RDB URL shared by all workers (default: a journal in studies/NAME/)")
-    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.set_defaults(func=_cmd_sweep)
 
     worker = sub.add_parser("worker", help="join a sweep as one more worker (this or another machine)")
-    worker.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
-    worker.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base value")
-    worker.add_argument("--storage", help="Optuna RDB URL shared by all workers (default: a journal in studies/NAME/)")
-    worker.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    _add_spec_args(worker, storage=True)
     worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     worker.add_argument("--quiet", action="store_true", help="print nothing per trial")
     worker.set_defaults(func=_cmd_worker)
