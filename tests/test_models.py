@@ -45,13 +45,13 @@ def test_conv_rejects_sides_it_cannot_halve():
 def test_one_optimiser_step_changes_every_weight(arch):
     torch.manual_seed(0)
     model = build_model(run_with(arch), (1, 28, 28))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(8, 1, 28, 28)
     out = model(x)
     vae_terms(x, out.params, out.mu, out.logvar, Bernoulli(), 1.0).loss.mean().backward()
     optimizer.step()
-    unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, before[k])]
+    unchanged = [k for k, v in model.named_parameters() if torch.equal(v, before[k])]
     assert unchanged == []
 
 

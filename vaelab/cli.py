@@ -131,8 +131,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: expected a .png file in an existing folder, got {args.out}")
     checkpoint = load_checkpoint(args.checkpoint, device=args.device)
     x = load_image(args.image, image_shape(checkpoint.run_spec.data)).to(args.device)
+    label = torch.tensor([args.label], device=args.device)
+    if checkpoint.model.num_classes and not 0 <= args.label < checkpoint.model.num_classes:
+        raise UsageError(f"--label: expected 0..{checkpoint.model.num_classes - 1} for this conditional model")
     with torch.inference_mode():
-        recon = checkpoint.likelihood.mean(checkpoint.model.decode(checkpoint.model.encode(x)[0]))
+        mu = checkpoint.model.encode(x, label)[0]
+        recon = checkpoint.likelihood.mean(checkpoint.model.decode(mu, label))
     save_image(torch.cat([x, recon]).cpu(), out, nrow=2, padding=2, pad_value=1.0)
     print(f"wrote original | reconstruction of {args.image} to {out}")
     return 0
@@ -211,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("image", help="an image file of any size (cropped and resized to the model's input)")
     recon.add_argument("--out", default="reconstruction.png", help="PNG file to write")
     recon.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    recon.add_argument("--label", type=int, default=0, help="class label, for a conditional model (default 0)")
     recon.set_defaults(func=_cmd_reconstruct)
 
     ui = sub.add_parser("ui", help="MLflow UI over the tracking store")

@@ -29,7 +29,7 @@ def split_terms(
     totals = torch.zeros(5, dtype=torch.float64, device=split.x.device)
     for start in range(0, len(split), batch_size):
         x = split.x[start : start + batch_size]
-        out = model(x, generator=generator)
+        out = model(x, generator=generator, y=split.y[start : start + batch_size])
         terms = vae_terms(x, out.params, out.mu, out.logvar, likelihood, beta)
         mse = (likelihood.mean(out.params) - x).pow(2).flatten(1).mean(1)
         batch = torch.stack([terms.loss, terms.recon, terms.kl, terms.neg_elbo, mse])
@@ -40,9 +40,10 @@ def split_terms(
 
 
 @torch.inference_mode()
-def latent_means(model: VAE, x: Tensor, batch_size: int) -> Tensor:
+def latent_means(model: VAE, x: Tensor, batch_size: int, y: Tensor | None = None) -> Tensor:
     model.eval()
-    return torch.cat([model.encode(x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
+    return torch.cat([model.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size])[0]
+                      for i in range(0, len(x), batch_size)])
 
 
 def active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
@@ -59,25 +60,26 @@ def evaluate_test(
     labelled split) adds test/probe_acc."""
     generator = torch.Generator(device=split.x.device).manual_seed(seed + 1)
     metrics = {f"test/{k}": v for k, v in split_terms(model, split, likelihood, beta, batch_size, generator).items()}
-    means = latent_means(model, split.x, batch_size)
+    means = latent_means(model, split.x, batch_size, split.y)
     metrics["test/active_units"] = float(active_units(means))
-    per_dim = kl_per_dimension(model, split.x, batch_size)
+    per_dim = kl_per_dimension(model, split.x, batch_size, split.y)
     metrics.update({f"test/kl_dim/{d}": float(v) for d, v in enumerate(per_dim.tolist())})
     pixels = split.x[0].numel()
     if iw_samples > 0:
-        nll = importance_weighted_nll(model, split.x, likelihood, iw_samples, generator)
+        nll = importance_weighted_nll(model, split.x, likelihood, iw_samples, generator, y=split.y)
         metrics["test/nll_iw"] = float(nll.double().mean())
         # bits per dimension of the same estimate: nats / (pixels * ln 2)
         metrics["test/bits_per_dim"] = metrics["test/nll_iw"] / (pixels * math.log(2))
     if probe_train is not None and len(probe_train) >= 20:
-        train_means = latent_means(model, probe_train.x[:10_000], batch_size)
+        train_means = latent_means(model, probe_train.x[:10_000], batch_size, probe_train.y[:10_000])
         metrics["test/probe_acc"] = probe_accuracy(train_means, probe_train.y[:10_000], means, split.y)
     return metrics
 
 
 @torch.inference_mode()
 def importance_weighted_nll(
-    model: VAE, x: Tensor, likelihood: Likelihood, k: int, generator: torch.Generator, budget: int = 16_384
+    model: VAE, x: Tensor, likelihood: Likelihood, k: int, generator: torch.Generator, budget: int = 16_384,
+    y: Tensor | None = None,
 ) -> Tensor:
     """-log p(x) per example, estimated with k importance samples from q(z|x)
     (Burda et al. 2016, eq. 8): log (1/k) sum_i p(x, z_i) / q(z_i | x). The bound
@@ -88,7 +90,8 @@ def importance_weighted_nll(
     estimates = []
     for start in range(0, len(x), batch):
         xb = x[start : start + batch]
-        mu, logvar = model.encode(xb)
+        yb = None if y is None else y[start : start + batch]
+        mu, logvar = model.encode(xb, yb)
         std = torch.exp(0.5 * logvar)
         log_weights = []
         chunk = max(1, budget // len(xb))
@@ -98,7 +101,7 @@ def importance_weighted_nll(
             z = mu + eps * std  # (n, B, z)
             log_q = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(-1)
             log_prior = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
-            params = model.decode(z.flatten(0, 1))
+            params = model.decode(z.flatten(0, 1), None if yb is None else yb.repeat(n))
             x_rep = xb.unsqueeze(0).expand(n, *xb.shape).flatten(0, 1)
             log_lik = likelihood.log_prob(x_rep, params).view(n, len(xb))
             log_weights.append(log_lik + log_prior - log_q)
@@ -107,13 +110,14 @@ def importance_weighted_nll(
     return torch.cat(estimates)
 
 
-def kl_per_dimension(model: VAE, x: Tensor, batch_size: int) -> Tensor:
+def kl_per_dimension(model: VAE, x: Tensor, batch_size: int, y: Tensor | None = None) -> Tensor:
     """Mean KL(q(z_d|x) || N(0,1)) of each latent dimension over x, in nats."""
     with torch.inference_mode():
         model.eval()
         total = None
         for start in range(0, len(x), batch_size):
-            mu, logvar = model.encode(x[start : start + batch_size])
+            labels = None if y is None else y[start : start + batch_size]
+            mu, logvar = model.encode(x[start : start + batch_size], labels)
             kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(0)
             total = kl if total is None else total + kl
         return total / len(x)

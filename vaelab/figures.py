@@ -53,10 +53,10 @@ def write_samples(model: VAE, likelihood: Likelihood, path: Path, n: int = 64, s
 
 
 @torch.inference_mode()
-def write_reconstructions(model: VAE, likelihood: Likelihood, x: Tensor, path: Path) -> Path:
+def write_reconstructions(model: VAE, likelihood: Likelihood, x: Tensor, path: Path, y: Tensor | None = None) -> Path:
     """Originals and their reconstructions (decoder mean at the posterior mean)."""
     model.eval()
-    recon = likelihood.mean(model.decode(model.encode(x)[0]))
+    recon = likelihood.mean(model.decode(model.encode(x, y)[0], y))
     nrow = 8
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     for ax, images, title in zip(axes, (x, recon), ("original", "reconstruction"), strict=False):
@@ -67,16 +67,18 @@ def write_reconstructions(model: VAE, likelihood: Likelihood, x: Tensor, path: P
 
 
 @torch.inference_mode()
-def write_interpolation(model: VAE, likelihood: Likelihood, pairs: Tensor, path: Path, steps: int = 10) -> Path:
+def write_interpolation(model: VAE, likelihood: Likelihood, pairs: Tensor, path: Path, steps: int = 10,
+                        y: Tensor | None = None) -> Path:
     """Rows of decoded linear interpolations between the latent means of image
     pairs; `pairs` is (2 * rows, C, H, W), consecutive images forming a pair.
     The first and last column show the real images."""
     model.eval()
-    mu = model.encode(pairs)[0]
+    mu = model.encode(pairs, y)[0]
     start, end = mu[0::2], mu[1::2]
+    labels = None if y is None else y[0::2].repeat_interleave(steps)  # decode with the start image's label
     weights = torch.linspace(0, 1, steps, device=mu.device).view(1, steps, 1)
     z = start.unsqueeze(1) * (1 - weights) + end.unsqueeze(1) * weights  # (rows, steps, z)
-    decoded = likelihood.mean(model.decode(z.flatten(0, 1))).view(len(start), steps, *pairs.shape[1:])
+    decoded = likelihood.mean(model.decode(z.flatten(0, 1), labels)).view(len(start), steps, *pairs.shape[1:])
     rows = torch.cat([pairs[0::2].unsqueeze(1), decoded, pairs[1::2].unsqueeze(1)], dim=1)
     save_image(_enlarge(rows.flatten(0, 1).cpu()), path, nrow=steps + 2, padding=2, pad_value=1.0)
     return path
@@ -141,16 +143,18 @@ def write_kl_per_dimension(kl: Tensor, path: Path) -> Path:
 
 @torch.inference_mode()
 def write_traversals(model: VAE, likelihood: Likelihood, x: Tensor, kl: Tensor, path: Path,
-                     max_dims: int = 10, steps: int = 9, span: float = 3.0) -> Path:
+                     max_dims: int = 10, steps: int = 9, span: float = 3.0, y: Tensor | None = None) -> Path:
     """Decode the posterior mean of one image while moving one latent dimension
     from -span to +span (rows: dimensions with the most KL first)."""
     model.eval()
-    mu = model.encode(x[:1])[0]
+    label = None if y is None else y[:1]
+    mu = model.encode(x[:1], label)[0]
     dims = torch.argsort(kl, descending=True)[:max_dims]
     values = torch.linspace(-span, span, steps, device=mu.device)
     z = mu.repeat(len(dims) * steps, 1).view(len(dims), steps, -1).clone()
     for row, dim in enumerate(dims.tolist()):
         z[row, :, dim] = values
-    images = likelihood.mean(model.decode(z.flatten(0, 1)))
+    flat = z.flatten(0, 1)
+    images = likelihood.mean(model.decode(flat, None if label is None else label.repeat(len(flat))))
     save_image(_enlarge(images.cpu()), path, nrow=steps, padding=2, pad_value=1.0)
     return path

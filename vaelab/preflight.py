@@ -43,7 +43,7 @@ def check(model: VAE, shape: tuple[int, int, int], batch_size: int, device: torc
     hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            out = model(torch.rand(2, *shape, device=device))
+            out = model(torch.rand(2, *shape, device=device), y=torch.zeros(2, dtype=torch.long, device=device))
     except RuntimeError as err:
         raise ConfigError(f"model does not fit images of shape {shape}: {str(err).splitlines()[0]}") from None
     finally:

@@ -3,6 +3,7 @@ and likelihoods. Adding an entry here is all it takes to make a name valid."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,9 +49,29 @@ def train_size(data_spec) -> int:
     return n - int(round(n * data_spec.val_fraction))
 
 
-def build_model(run_spec, shape: tuple[int, int, int]) -> VAE:
-    encoder, decoder = ARCHITECTURES[run_spec.model.arch](shape, run_spec.model)
-    return VAE(encoder, decoder, run_spec.model.z_dim, build_likelihood(run_spec, shape))
+def num_classes(data_spec) -> int:
+    """Classes a dataset labels its images with (image folders: class subfolders, at least 1)."""
+    if data_spec.dataset != "image_folder":
+        return 10
+    root = Path(data_spec.root)
+    folder = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    if not folder.is_dir():
+        return 1
+    return max(1, sum(1 for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
+
+
+def build_model(run_spec, shape: tuple[int, int, int], n_classes: int | None = None) -> VAE:
+    """The spec's VAE; a conditional one (model.conditional) takes `n_classes` labels,
+    by default as many as its dataset has."""
+    model = run_spec.model
+    build = ARCHITECTURES[model.arch]
+    if not model.conditional:
+        encoder, decoder = build(shape, model)
+        return VAE(encoder, decoder, model.z_dim, build_likelihood(run_spec, shape))
+    k = n_classes or num_classes(run_spec.data)
+    encoder, _ = build((shape[0] + k, *shape[1:]), model)  # label planes beside the image
+    _, decoder = build(shape, dataclasses.replace(model, z_dim=model.z_dim + k))  # one-hot beside z
+    return VAE(encoder, decoder, model.z_dim, build_likelihood(run_spec, shape), num_classes=k)
 
 
 def build_likelihood(run_spec, shape: tuple[int, int, int]) -> Likelihood:

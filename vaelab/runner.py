@@ -60,18 +60,18 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
     seed = run_spec.train.seed
     test = data.test
     folder.mkdir(parents=True, exist_ok=True)
-    figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png")
+    figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png", test.y[:32])
     figures.write_samples(model, likelihood, folder / "samples.png", n=64, seed=seed)
     pairs = min(8, len(test)) // 2 * 2  # consecutive test images form the interpolation pairs
     if pairs:
-        figures.write_interpolation(model, likelihood, test.x[:pairs], folder / "interpolation.png")
+        figures.write_interpolation(model, likelihood, test.x[:pairs], folder / "interpolation.png", y=test.y[:pairs])
     figures.write_learning_curves(history, folder / "learning_curves.png")
-    kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size)
+    kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size, test.y[:2000])
     figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
-    figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png")
+    figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png", y=test.y[:1])
     n_tsne = min(run_spec.eval.tsne_points, len(test))
     if n_tsne >= 10:
-        means = latent_means(model, test.x[:n_tsne], run_spec.eval.batch_size)
+        means = latent_means(model, test.x[:n_tsne], run_spec.eval.batch_size, test.y[:n_tsne])
         figures.write_tsne(means, test.y[:n_tsne], folder / "tsne.png", data.class_names, seed=seed)
 
 
@@ -85,7 +85,7 @@ def _epoch_figures(run_spec: RunSpec, model, data: ImageData, tracked) -> EpochC
         with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:
             folder = Path(tmp)
             figures.write_reconstructions(model, model.likelihood, data.test.x[:32],
-                                          folder / f"reconstructions_e{epoch:04d}.png")
+                                          folder / f"reconstructions_e{epoch:04d}.png", data.test.y[:32])
             figures.write_samples(model, model.likelihood, folder / f"samples_e{epoch:04d}.png",
                                   seed=run_spec.train.seed)
             tracked.log_artifacts(folder, f"{FIGURES_DIR}/epochs")

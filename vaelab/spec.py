@@ -82,6 +82,7 @@ class ModelSpec:
     arch: str = _f("mlp", RegistryChoice("arch"), "encoder/decoder architecture")
     z_dim: int = _f(20, Int(1, 4096), "latent dimensions")
     hidden: tuple[int, ...] = _f((400,), IntList(Int(1, 65536)), "mlp hidden layer sizes")
+    conditional: bool = _f(False, Bool(), "condition encoder and decoder on the class label (a CVAE)")
     channels: tuple[int, ...] | None = _f(None, Optional(IntList(Int(1, 4096), max_len=6)),
                                           "conv/resnet channels per stride-2 stage; null = from the image size")
 

@@ -75,7 +75,7 @@ def _train_epoch(model, optimizer, data: ImageData, likelihood, weighting: KLWei
             x = augment_batch(x, noise_gen)
         if data.dynamic_binarize:  # a fresh binary sample of each image every time it is seen
             x = torch.bernoulli(x, generator=noise_gen)
-        out = model(x, generator=noise_gen)
+        out = model(x, generator=noise_gen, y=data.train.y[idx])
         progress = epoch - 1 + step / n_batches  # in epochs at the start of the step, for the KL schedule
         terms = vae_terms(x, out.params, out.mu, out.logvar, likelihood, weighting, progress)
         optimizer.zero_grad(set_to_none=True)

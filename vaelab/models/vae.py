@@ -18,21 +18,41 @@ class VAEOutput:
 
 
 class VAE(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, z_dim: int, likelihood: nn.Module):
+    """With num_classes > 0 it is a conditional VAE (Sohn et al. 2015): the encoder sees
+    the label as one-hot planes beside the image, the decoder as a one-hot beside z.
+    Unconditional models ignore labels."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, z_dim: int, likelihood: nn.Module,
+                 num_classes: int = 0):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = likelihood  # a submodule: a learned sigma trains and saves with the model
         self.z_dim = z_dim
+        self.num_classes = num_classes
+        # Saved with the weights, so a checkpoint rebuilds a conditional model without its data.
+        self.register_buffer("n_classes", torch.tensor(num_classes))
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _one_hot(self, y: Tensor | None, n: int, device) -> Tensor:
+        if y is None:  # e.g. samples: cycle through the classes
+            y = torch.arange(n, device=device) % self.num_classes
+        return nn.functional.one_hot(y.long(), self.num_classes).float()
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.num_classes:
+            if y is None:
+                raise ValueError("a conditional VAE needs the labels of the images it encodes")
+            planes = self._one_hot(y, len(x), x.device)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes.to(x.dtype)], dim=1)
         return self.encoder(x)
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.num_classes:
+            z = torch.cat([z, self._one_hot(y, len(z), z.device).to(z.dtype)], dim=1)
         return self.decoder(z)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
-        mu, logvar = self.encode(x)
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, y: Tensor | None = None) -> VAEOutput:
+        mu, logvar = self.encode(x, y)
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + noise * torch.exp(0.5 * logvar)
-        return VAEOutput(params=self.decode(z), mu=mu, logvar=logvar, z=z)
+        return VAEOutput(params=self.decode(z, y), mu=mu, logvar=logvar, z=z)
