@@ -98,3 +98,15 @@ def test_real_fashion_mnist(fmnist_root: Path):
     assert (len(data.train), len(data.val), len(data.test)) == (54000, 6000, 10000)
     assert data.class_names[9] == "Ankle boot"
     assert sorted(data.test.y.unique().tolist()) == list(range(10))
+
+
+def test_download_is_tried_and_its_failure_is_one_line(tmp_path: Path):
+    run = tiny_run(tmp_path / "nothing", data={"download": True})
+    try:
+        data = load_data(run.data, torch.device("cpu"))
+    except DataError as err:  # offline (as here and in CI): one line that says where to put the files
+        message = str(err)
+        assert "download failed" in message and str(tmp_path / "nothing") in message
+        assert "\n" not in message
+    else:  # a machine with network gets real MNIST
+        assert len(data.test) == 10_000
