@@ -176,3 +176,31 @@ def test_reconstruct_any_image_size(tmp_path: Path, mnist_root: Path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     bad = vaelab(tmp_path, "reconstruct", checkpoint, str(tmp_path / "broken.png"), "--out", str(out))
     assert bad.returncode == 2 and "cannot read as an image" in bad.stderr
+
+
+def test_sigterm_marks_the_run_killed(tmp_path: Path, mnist_root: Path):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    write_spec(tmp_path, mnist_root, train={"epochs": 500, "batch_size": 8, "device": "cpu", "patience": None})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "vaelab", "train", "cli_demo", "--no-progress"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the run exists and trains
+        if (tmp_path / "runs" / "mlflow.db").exists():
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("cli_demo")
+            if experiment and client.search_runs([experiment.experiment_id]):
+                break
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    [record] = MlflowClient(uri).search_runs([experiment.experiment_id])
+    assert record.info.status == "KILLED"

@@ -4,6 +4,7 @@ line on stderr and exit code 2; a failed run in exit code 1."""
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -229,8 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """`kill` (SIGTERM) ends a run like Ctrl-C does: the MLflow run is marked KILLED and a
+    sweep's trial goes back to the queue, instead of the process vanishing mid-write."""
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _interrupt_on_sigterm()
     from vaelab.checkpoint import CheckpointError
     from vaelab.data import DataError
     from vaelab.models import ConfigError
