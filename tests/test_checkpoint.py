@@ -63,3 +63,10 @@ def test_missing_parts(checkpoint_dir: Path, tmp_path: Path):
     shutil.rmtree(checkpoint_dir)
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         load_checkpoint(checkpoint_dir)
+
+
+def test_checkpoints_from_before_conditional_models_still_load(checkpoint_dir: Path):
+    state = torch.load(checkpoint_dir / "model.pt", weights_only=True)
+    del state["n_classes"]  # what vaelab wrote before model.conditional existed
+    torch.save(state, checkpoint_dir / "model.pt")
+    assert load_checkpoint(checkpoint_dir).model.num_classes == 0

@@ -74,7 +74,9 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> C
         raise CheckpointError(f"{folder / MODEL_FILE}: cannot load weights safely ({first_line})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{folder / MODEL_FILE}: not a state dict of tensors")
-    n_classes = int(state["n_classes"]) if "n_classes" in state else 0
+    # Checkpoints written before conditional models existed have no class count: unconditional.
+    state.setdefault("n_classes", torch.tensor(0))
+    n_classes = int(state["n_classes"])
     model = build_model(spec.base, image_shape(spec.base.data), n_classes or None).to(device)
     try:
         model.load_state_dict(state)
