@@ -180,6 +180,7 @@ def test_reconstruct_any_image_size(tmp_path: Path, mnist_root: Path):
 
 def test_sigterm_marks_the_run_killed(tmp_path: Path, mnist_root: Path):
     import signal
+    import sqlite3
 
     from mlflow.tracking import MlflowClient
 
@@ -188,19 +189,21 @@ def test_sigterm_marks_the_run_killed(tmp_path: Path, mnist_root: Path):
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen([sys.executable, "-m", "vaelab", "train", "cli_demo", "--no-progress"], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    db = tmp_path / "runs" / "mlflow.db"
     deadline = time.time() + 120
-    while time.time() < deadline:  # wait until the run exists and trains
-        if (tmp_path / "runs" / "mlflow.db").exists():
-            client = MlflowClient(uri)
-            experiment = client.get_experiment_by_name("cli_demo")
-            if experiment and client.search_runs([experiment.experiment_id]):
-                break
+    while time.time() < deadline:  # wait until the run exists and trains (short read-only peeks)
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as peek:
+                if peek.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]:
+                    break
+        except sqlite3.Error:
+            pass  # not created (or not migrated) yet
         time.sleep(0.5)
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
-    [record] = MlflowClient(uri).search_runs([experiment.experiment_id])
+    client = MlflowClient(f"sqlite:///{db}")
+    [record] = client.search_runs([client.get_experiment_by_name("cli_demo").experiment_id])
     assert record.info.status == "KILLED"
