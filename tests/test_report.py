@@ -129,3 +129,11 @@ def test_optuna_study_gets_best_trials_and_plots(tmp_path: Path, mnist_root: Pat
         with Image.open(out / "figures" / name) as image:
             image.verify()
     assert "by_loss_beta.png" not in text  # per-parameter curves are for grids
+
+
+def test_pareto_front_keeps_only_undominated_runs():
+    from vaelab.report_figures import pareto_front
+
+    rate = np.array([1.0, 2.0, 3.0, 2.5, 4.0])
+    distortion = np.array([10.0, 8.0, 9.0, 7.0, 6.5])  # (3, 9) is beaten by (2, 8)
+    assert pareto_front(rate, distortion).tolist() == [0, 1, 3, 4]

@@ -63,8 +63,5 @@ def check(model: VAE, shape: tuple[int, int, int], batch_size: int, device: torc
     return Preflight(n_params=n_params, activation_mb=activation_mb, device_free_mb=free)
 
 
-def describe(result: Preflight) -> str:
-    return f"{result.n_params:,} parameters, ~{result.activation_mb:.0f} MB of activations per batch"
 
-
-__all__ = ["Preflight", "check", "describe"]
+__all__ = ["Preflight", "check"]
