@@ -11,7 +11,7 @@ import torch
 from vaelab.objectives import vae_terms
 from vaelab.registry import image_shape, train_size
 from vaelab.spec import RunSpec
-from vaelab.train import init_model, resolve_device
+from vaelab.train import init_model, make_optimizer, resolve_device
 
 
 def seconds_per_epoch(run: RunSpec, steps: int = 8) -> float:
@@ -19,7 +19,7 @@ def seconds_per_epoch(run: RunSpec, steps: int = 8) -> float:
     shape = image_shape(run.data)
     model = init_model(run, shape, device)
     likelihood = model.likelihood
-    optimizer = torch.optim.Adam(model.parameters(), lr=run.train.lr)
+    optimizer = make_optimizer(model, run.train.lr)
     x = torch.rand(run.train.batch_size, *shape, device=device)
     elapsed = 0.0
     for step in range(steps + 2):  # two warm-up steps are not timed

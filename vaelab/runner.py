@@ -16,8 +16,9 @@ from vaelab.evaluate import evaluate_test, kl_per_dimension, latent_means
 from vaelab.objectives import kl_weighting
 from vaelab.registry import load_dataset
 from vaelab.spec import RunSpec, flatten
-from vaelab.tracking import Tracker, local_path
-from vaelab.train import EpochCallback, fit, init_model, resolve_device
+from vaelab.stacked import fit_stack
+from vaelab.tracking import TrackedRun, Tracker, local_path
+from vaelab.train import EpochCallback, RunResult, fit, init_model, resolve_device
 
 CHECKPOINT_DIR = "checkpoint"
 FIGURES_DIR = "figures"
@@ -94,6 +95,40 @@ def _epoch_figures(run_spec: RunSpec, model, data: ImageData, tracked) -> EpochC
     return callback
 
 
+def _tags(run_spec: RunSpec, data: ImageData, device, flight, extra_tags: dict[str, str] | None) -> dict:
+    return {
+        "vaelab.run_hash": run_spec.hash(),
+        "vaelab.data": data.description,
+        "vaelab.device": str(device),
+        "vaelab.n_params": flight.n_params,
+        "vaelab.activation_mb": round(flight.activation_mb, 1),
+        "mlflow.note.content": METRIC_NOTES,
+        **(extra_tags or {}),
+    }
+
+
+def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: RunResult,
+            tracked: TrackedRun) -> RunOutcome:
+    """Test metrics, figures and the checkpoint of a trained model, recorded in `tracked`."""
+    likelihood = model.likelihood
+    metrics = evaluate_test(model, data.test, likelihood, kl_weighting(run_spec), run_spec.eval.batch_size,
+                            run_spec.train.seed, iw_samples=run_spec.eval.iw_samples,
+                            probe_train=data.train if run_spec.eval.probe else None)
+    metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
+                    "time/train_s": sum(h["time/epoch_s"] for h in result.history)})
+    # Validation numbers of the weights that were kept (the sweep objective, and the report's "best").
+    kept = result.history[result.best_epoch - 1]
+    metrics.update({f"best/{k}": v for k, v in kept.items() if k.startswith("val/")})
+    tracked.log_metrics(metrics, step=result.epochs_run)
+    tracked.set_tags({"vaelab.stopped_early": result.stopped_early})
+    with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:
+        if run_spec.eval.figures:
+            write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec)
+        save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics)
+        tracked.log_artifacts(Path(tmp))
+    return RunOutcome(tracked.run_id, metrics, tracked.artifact_uri, result.history, result.best_epoch)
+
+
 def run(
     run_spec: RunSpec,
     experiment: str,
@@ -110,36 +145,61 @@ def run(
     data = load_dataset(run_spec.data, device)
     model = init_model(run_spec, data.shape, device)
     flight = preflight.check(model, data.shape, run_spec.train.batch_size, device)
-    likelihood = model.likelihood
-    tags = {
-        "vaelab.run_hash": run_spec.hash(),
-        "vaelab.data": data.description,
-        "vaelab.device": str(device),
-        "vaelab.n_params": flight.n_params,
-        "vaelab.activation_mb": round(flight.activation_mb, 1),
-        "mlflow.note.content": METRIC_NOTES,
-        **(extra_tags or {}),
-    }
+    tags = _tags(run_spec, data, device, flight, extra_tags)
     with tracker.start_run(experiment, name or run_name(run_spec), tags) as tracked:
         if on_start is not None:
             on_start(tracked.run_id)
         tracked.log_params(flatten(run_spec))
         snapshots = _epoch_figures(run_spec, model, data, tracked)
         result = fit(run_spec, model, data, callbacks=[tracked.log_epoch, snapshots, *(epoch_callbacks or [])],
-                     show_progress=show_progress, likelihood=likelihood)
-        metrics = evaluate_test(model, data.test, likelihood, kl_weighting(run_spec), run_spec.eval.batch_size,
-                                run_spec.train.seed, iw_samples=run_spec.eval.iw_samples,
-                                probe_train=data.train if run_spec.eval.probe else None)
-        metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
-                        "time/train_s": sum(h["time/epoch_s"] for h in result.history)})
-        # Validation numbers of the weights that were kept (the sweep objective, and the report's "best").
-        kept = result.history[result.best_epoch - 1]
-        metrics.update({f"best/{k}": v for k, v in kept.items() if k.startswith("val/")})
-        tracked.log_metrics(metrics, step=result.epochs_run)
-        tracked.set_tags({"vaelab.stopped_early": result.stopped_early})
-        with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:
-            if run_spec.eval.figures:
-                write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec)
-            save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics)
-            tracked.log_artifacts(Path(tmp))
-        return RunOutcome(tracked.run_id, metrics, tracked.artifact_uri, result.history, result.best_epoch)
+                     show_progress=show_progress, likelihood=model.likelihood)
+        return _finish(run_spec, experiment, model, data, result, tracked)
+
+
+def run_stack(
+    run_specs: list[RunSpec],
+    experiment: str,
+    tracker: Tracker,
+    show_progress: bool = True,
+    extra_tags: list[dict[str, str]] | None = None,
+    on_start: list[Callable[[str], None]] | None = None,
+    names: list[str] | None = None,
+) -> list[RunOutcome | BaseException]:
+    """Train runs that differ only in stackable keys (vaelab.stacked) as one stacked
+    model, each recorded as its own MLflow run with its own metrics, figures and
+    checkpoint. Returns, per run, its outcome or the error that failed it alone;
+    an error that stops the whole stack (Ctrl-C, bad data) ends every run and raises."""
+    k = len(run_specs)
+    device = resolve_device(run_specs[0].train.device)
+    data = load_dataset(run_specs[0].data, device)
+    models = [init_model(r, data.shape, device) for r in run_specs]
+    # The stack's activations are K batches' worth.
+    flight = preflight.check(models[0], data.shape, run_specs[0].train.batch_size * k, device)
+    extra_tags = extra_tags or [{} for _ in run_specs]
+    names = names or [run_name(r) for r in run_specs]
+    open_runs: dict[int, TrackedRun] = {}
+    outcomes: list[RunOutcome | BaseException] = []
+    try:
+        for i, r in enumerate(run_specs):
+            tags = {**_tags(r, data, device, flight, extra_tags[i]), "vaelab.stacked": k}
+            open_runs[i] = tracker.open_run(experiment, names[i], tags)
+            if on_start is not None:
+                on_start[i](open_runs[i].run_id)
+            open_runs[i].log_params(flatten(r))
+        members = fit_stack(run_specs, models, data, callbacks=[[open_runs[i].log_epoch] for i in range(k)],
+                            show_progress=show_progress)
+        for i, (r, model, member) in enumerate(zip(run_specs, models, members, strict=True)):
+            try:
+                if member.error is not None:
+                    raise member.error
+                outcomes.append(_finish(r, experiment, model, data, member.result, open_runs[i]))
+            except Exception as err:  # this run fails alone
+                outcomes.append(err)
+                tracker.end_run(open_runs.pop(i), err)
+                continue
+            tracker.end_run(open_runs.pop(i))
+    except BaseException as err:
+        for tracked in open_runs.values():
+            tracker.end_run(tracked, err)
+        raise
+    return outcomes

@@ -43,6 +43,7 @@ class GridSearch:
     direction: str = "minimize"
     storage: str | None = None
     kind: str = "grid"
+    stack: int = 1  # up to this many points that differ only in beta/seed/lr train as one stacked model
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Point:
 
 
 COMMON_KEYS = {"kind", "params", "metric", "direction", "storage"}
-GRID_KEYS = COMMON_KEYS | {"seeds"}
+GRID_KEYS = COMMON_KEYS | {"seeds", "stack"}
 OPTUNA_KEYS = COMMON_KEYS | {"n_trials", "sampler", "pruner", "seed"}
 DISTRIBUTION_KEYS = {"low", "high", "log", "step", "choices"}
 
@@ -165,7 +166,8 @@ def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
         parsed_seeds = tuple(Int(0, 2**32 - 1).parse(s, f"search.seeds[{i}]") for i, s in enumerate(seeds))
         if len(set(parsed_seeds)) != len(parsed_seeds):
             raise SpecError(f"search.seeds: repeated seed in {seeds}")
-        return GridSearch(params=_grid_params(raw.get("params")), seeds=parsed_seeds, **common)
+        stack = Int(1, 4096).parse(raw.get("stack", 1), "search.stack")
+        return GridSearch(params=_grid_params(raw.get("params")), seeds=parsed_seeds, stack=stack, **common)
     if "n_trials" not in raw:
         raise SpecError("search.n_trials: missing; an optuna search needs a number of trials")
     return OptunaSearch(

@@ -113,6 +113,8 @@ class TrainSpec:
     seed: int = _f(0, Int(0, 2**32 - 1), "seed of initialisation, batching and sampling")
     device: str = _f("auto", Choice(("auto", "cpu", "cuda")), "auto = cuda when available")
     figure_every: int = _f(0, Int(0, 100_000), "also write reconstructions and samples every N epochs; 0 = off")
+    precision: str = _f("fp32", Choice(("fp32", "bf16")),
+                        "bf16: training matmuls in bfloat16 autocast (weights, loss and evaluation stay fp32)")
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,12 @@ class RunSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def hash(self) -> str:
-        """A short, stable identity of the resolved run (used to find duplicates)."""
-        blob = json.dumps(flatten(self), sort_keys=True, default=str)
+        """A short, stable identity of the resolved run (used to find duplicates).
+        Only values that differ from the defaults count, so a field added in a later
+        version does not change the identity of runs an older version recorded."""
+        defaults = flatten(RunSpec())
+        changed = {k: v for k, v in flatten(self).items() if v != defaults[k]}
+        blob = json.dumps(changed, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

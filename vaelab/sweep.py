@@ -34,8 +34,10 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from vaelab.runner import run as run_one
+from vaelab.runner import run_stack
 from vaelab.search import GridSearch, OptunaSearch, Point, expand_grid
 from vaelab.spec import Spec, flatten, with_values
+from vaelab.stacked import stack_blocker, stack_key
 from vaelab.tracking import Tracker
 from vaelab.train import RunPruned
 
@@ -162,6 +164,7 @@ class Sweep:
         self.tracker = tracker or Tracker(tracking_uri)
         self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
         self.points = expand_grid(self.search, spec.base) if isinstance(self.search, GridSearch) else []
+        self._points_by_hash = {p.run.hash(): p for p in self.points}
         self.study = optuna.create_study(
             storage=self.storage, study_name=spec.name, load_if_exists=True,
             direction=self.search.direction, sampler=_sampler(self.search, sampler_seed_offset),
@@ -285,14 +288,44 @@ class Sweep:
         return 1
 
     # ---- work: claim and run trials -----------------------------------------------------------
+    def _claim(self, trial_id: int) -> Trial | None:
+        """Trial `trial_id` if this worker won it from WAITING, else None."""
+        if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+            return None
+        claimed = Trial(self.study, trial_id)
+        self.storage.set_trial_user_attr(trial_id, WORKER, worker_id())
+        self.storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+        return claimed
+
     def _claim_waiting(self) -> Trial | None:
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
-                claimed = Trial(self.study, trial._trial_id)
-                self.storage.set_trial_user_attr(claimed._trial_id, WORKER, worker_id())
-                self.storage.set_trial_user_attr(claimed._trial_id, HEARTBEAT, time.time())
+            claimed = self._claim(trial._trial_id)
+            if claimed is not None:
                 return claimed
         return None
+
+    def _claim_stack_mates(self, first: Trial, size: int) -> list[Trial]:
+        """`first` and up to size - 1 more waiting grid points that can train with it as one stack."""
+        point = self._points_by_hash.get(first.user_attrs.get(POINT))
+        if size <= 1 or point is None or stack_blocker(point.run):
+            return [first]
+        key, group = stack_key(point.run), [first]
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if len(group) >= size:
+                break
+            mate = self._points_by_hash.get(trial.user_attrs.get(POINT))
+            if mate is None or stack_key(mate.run) != key:
+                continue
+            claimed = self._claim(trial._trial_id)
+            if claimed is None:
+                continue
+            twin = self._older_twin(claimed)
+            if twin is not None:
+                self.storage.set_trial_user_attr(claimed._trial_id, DUPLICATE, twin)
+                self.storage.set_trial_state_values(claimed._trial_id, TrialState.FAIL)
+                continue
+            group.append(claimed)
+        return group
 
     def _older_twin(self, trial: Trial) -> int | None:
         key = trial.user_attrs.get(POINT)
@@ -342,16 +375,66 @@ class Sweep:
                 values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
         return values
 
-    def _heartbeat(self, trial: Trial, stop: threading.Event) -> None:
-        while not stop.wait(self.heartbeat_s):
+    def _heartbeat(self, trials: list[Trial], stop: threading.Event) -> None:
+        alive = list(trials)
+        while alive and not stop.wait(self.heartbeat_s):
+            for trial in list(alive):
+                try:
+                    self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
+                except Exception:
+                    alive.remove(trial)  # finished or reaped; nothing more to beat for
+
+    @contextmanager
+    def _beating(self, trials: list[Trial]):
+        stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(trials, stop), daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    def _point(self, trial: Trial) -> Point:
+        values = self._suggest(trial)
+        return Point(values=values, run=with_values(self.spec.base, values))
+
+    def _tags(self, trial: Trial, point: Point, parent: str) -> dict[str, Any]:
+        return {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
+                "vaelab.sweep_point": point.label}
+
+    def _fail(self, trial: Trial, err: BaseException) -> FrozenTrial:
+        self.storage.set_trial_user_attr(trial._trial_id, FAILURE, f"{type(err).__name__}: {err}"[:2000])
+        return self._tell(trial, state=TrialState.FAIL)
+
+    def run_stacked_trials(self, trials: list[Trial], parent: str) -> list[FrozenTrial]:
+        """Grid trials that share a stack key, trained as one stacked model, each
+        with its own MLflow child run; a run that fails fails its trial alone."""
+        points = [self._point(t) for t in trials]
+        on_start = [lambda run_id, t=t: self.storage.set_trial_user_attr(t._trial_id, MLFLOW_RUN, run_id)
+                    for t in trials]
+        with self._beating(trials):
             try:
-                self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
-            except Exception:
-                return  # the trial was finished or reaped; nothing more to beat for
+                outcomes = run_stack([p.run for p in points], self.spec.name, self.tracker, show_progress=False,
+                                     extra_tags=[self._tags(t, p, parent) for t, p in zip(trials, points, strict=True)],
+                                     names=[_child_run_name(t.number, p.values) for t, p in zip(trials, points,
+                                                                                             strict=True)],
+                                     on_start=on_start)
+            except KeyboardInterrupt:
+                for trial in trials:
+                    self._fail_and_requeue(self.storage.get_trial(trial._trial_id), "interrupted (Ctrl-C)")
+                raise
+            except Exception as err:  # the whole stack failed (bad data, out of memory): each trial says why
+                return [self._fail(t, err) for t in trials]
+        frozen = []
+        for trial, outcome in zip(trials, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                frozen.append(self._fail(trial, outcome))
+                continue
+            self.storage.set_trial_user_attr(trial._trial_id, "test_elbo", outcome.metrics["test/elbo"])
+            frozen.append(self._tell(trial, values=outcome.best(self.search.metric)))
+        return frozen
 
     def run_trial(self, trial: Trial, parent: str, on_epoch: Callable[[int, dict], None] | None = None) -> FrozenTrial:
-        values = self._suggest(trial)
-        point = Point(values=values, run=with_values(self.spec.base, values))
+        point = self._point(trial)
         metric = self.search.metric
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
@@ -362,30 +445,21 @@ class Sweep:
                 if trial.should_prune():
                     raise RunPruned(f"pruned by the {self.search.pruner} pruner at epoch {epoch}")
 
-        tags = {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
-                "vaelab.sweep_point": point.label}
-        stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(trial, stop), daemon=True)
-        beat.start()
-        try:
-            outcome = run_one(point.run, self.spec.name, self.tracker, show_progress=False, extra_tags=tags,
-                              name=_child_run_name(trial.number, values),
-                              epoch_callbacks=[report],
-                              on_start=lambda run_id: self.storage.set_trial_user_attr(trial._trial_id, MLFLOW_RUN,
-                                                                                         run_id))
-        except RunPruned:
-            stop.set()
-            return self._tell(trial, state=TrialState.PRUNED)
-        except KeyboardInterrupt:
-            stop.set()
-            # Ctrl-C: give the point back so the next `vaelab sweep` runs it again.
-            self._fail_and_requeue(self.storage.get_trial(trial._trial_id), "interrupted (Ctrl-C)")
-            raise
-        except Exception as err:  # a bad run (NaN, bad shape) fails alone; the sweep goes on
-            stop.set()
-            self.storage.set_trial_user_attr(trial._trial_id, FAILURE, f"{type(err).__name__}: {err}"[:2000])
-            return self._tell(trial, state=TrialState.FAIL)
-        stop.set()
+        with self._beating([trial]):
+            try:
+                outcome = run_one(point.run, self.spec.name, self.tracker, show_progress=False,
+                                  extra_tags=self._tags(trial, point, parent),
+                                  name=_child_run_name(trial.number, point.values), epoch_callbacks=[report],
+                                  on_start=lambda run_id: self.storage.set_trial_user_attr(trial._trial_id,
+                                                                                             MLFLOW_RUN, run_id))
+            except RunPruned:
+                return self._tell(trial, state=TrialState.PRUNED)
+            except KeyboardInterrupt:
+                # Ctrl-C: give the point back so the next `vaelab sweep` runs it again.
+                self._fail_and_requeue(self.storage.get_trial(trial._trial_id), "interrupted (Ctrl-C)")
+                raise
+            except Exception as err:  # a bad run (NaN, bad shape) fails alone; the sweep goes on
+                return self._fail(trial, err)
         self.storage.set_trial_user_attr(trial._trial_id, "test_elbo", outcome.metrics["test/elbo"])
         return self._tell(trial, values=outcome.best(metric))
 
@@ -400,15 +474,22 @@ class Sweep:
              on_epoch: Callable[[Trial, int, dict], None] | None = None, max_trials: int | None = None) -> int:
         """Run trials until none is left (or `max_trials`); returns how many this worker ran."""
         ran = 0
+        stack = getattr(self.search, "stack", 1)
         while max_trials is None or ran < max_trials:
             trial = self._next_trial()
             if trial is None:
                 break
-            epoch_hook = (lambda e, m, t=trial: on_epoch(t, e, m)) if on_epoch else None
-            frozen = self.run_trial(trial, parent, epoch_hook)
-            ran += 1
-            if on_trial is not None:
-                on_trial(frozen)
+            room = stack if max_trials is None else min(stack, max_trials - ran)
+            group = self._claim_stack_mates(trial, room)
+            if len(group) > 1:
+                finished = self.run_stacked_trials(group, parent)
+            else:
+                epoch_hook = (lambda e, m, t=trial: on_epoch(t, e, m)) if on_epoch else None
+                finished = [self.run_trial(trial, parent, epoch_hook)]
+            ran += len(finished)
+            for frozen in finished:
+                if on_trial is not None:
+                    on_trial(frozen)
         return ran
 
     def finish(self, parent: str) -> Counts:

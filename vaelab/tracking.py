@@ -142,24 +142,34 @@ class Tracker:
     def start_run(self, experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> Iterator[TrackedRun]:
         """A run that ends FINISHED, or FAILED with a `failure_reason` tag if the
         body raises (KILLED on Ctrl-C)."""
+        run = self.open_run(experiment, run_name, tags)
+        try:
+            yield run
+        except BaseException as err:
+            self.end_run(run, err)
+            raise
+        self.end_run(run)
+
+    def open_run(self, experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> TrackedRun:
+        """A RUNNING run; the caller ends it with `end_run` (stacked runs end one by one)."""
         all_tags = {"vaelab.git_commit": git_commit(), **(tags or {})}
         info = self.client.create_run(
             self.experiment_id(experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
         )
-        run = TrackedRun(self.client, info.info.run_id)
-        try:
-            yield run
-        except KeyboardInterrupt:
-            self.client.set_tag(run.run_id, FAILURE_TAG, "interrupted (KeyboardInterrupt)")
-            self.client.set_terminated(run.run_id, status="KILLED")
-            raise
-        except BaseException as err:
-            reason = f"{type(err).__name__}: {err}".strip()
-            self.client.set_tag(run.run_id, FAILURE_TAG, reason[:5000])
-            # Exceptions may say how the run ended (a pruned run is KILLED, not FAILED).
-            self.client.set_terminated(run.run_id, status=getattr(err, "run_status", "FAILED"))
-            raise
-        self.client.set_terminated(run.run_id, status="FINISHED")
+        return TrackedRun(self.client, info.info.run_id)
+
+    def end_run(self, run: TrackedRun, error: BaseException | None = None) -> None:
+        """FINISHED without an error; KILLED on Ctrl-C; otherwise the error's
+        `run_status` (a pruned run is KILLED) or FAILED, with the reason as a tag."""
+        if error is None:
+            self.client.set_terminated(run.run_id, status="FINISHED")
+            return
+        if isinstance(error, KeyboardInterrupt):
+            reason, status = "interrupted (KeyboardInterrupt)", "KILLED"
+        else:
+            reason, status = f"{type(error).__name__}: {error}".strip(), getattr(error, "run_status", "FAILED")
+        self.client.set_tag(run.run_id, FAILURE_TAG, reason[:5000])
+        self.client.set_terminated(run.run_id, status=status)
 
     def kill_run(self, run_id: str, reason: str) -> None:
         """Mark a run whose process died as KILLED (no RUNNING leftovers)."""

@@ -51,8 +51,12 @@ class VAE(nn.Module):
             z = torch.cat([z, self._one_hot(y, len(z), z.device).to(z.dtype)], dim=1)
         return self.decoder(z)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None, y: Tensor | None = None) -> VAEOutput:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, y: Tensor | None = None,
+                noise: Tensor | None = None) -> VAEOutput:
+        """`noise` (N, z_dim) replaces the standard-normal draw: stacked training
+        draws it outside a vmap, from each member's own generator."""
         mu, logvar = self.encode(x, y)
-        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        if noise is None:
+            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + noise * torch.exp(0.5 * logvar)
         return VAEOutput(params=self.decode(z, y), mu=mu, logvar=logvar, z=z)
