@@ -6,7 +6,7 @@ SPEC   ?= quickstart
 EXP    ?= beta_study
 ARGS   ?=
 
-.PHONY: help install test test-slow lint train sweep worker report ui clean
+.PHONY: help install test test-slow lint bench train sweep worker report ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,14 +19,17 @@ $(BIN)/vaelab: pyproject.toml
 	@touch $@
 
 test: install  ## ruff, then the test suite (slow tests excluded)
-	$(BIN)/ruff check vaelab tests
+	$(BIN)/ruff check vaelab tests bench
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: install  ## run only the slow tests (none yet: exit 5 "no tests" counts as success)
 	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]
 
 lint: install  ## ruff over the package and tests
-	$(BIN)/ruff check vaelab tests
+	$(BIN)/ruff check vaelab tests bench
+
+bench: install  ## vaelab vs the canonical PyTorch VAE example, side by side -> bench/RESULTS.md
+	$(BIN)/python -m bench $(ARGS)
 
 train: install  ## train one run: make train SPEC=quickstart [ARGS="--set model.z_dim=10"]
 	$(BIN)/vaelab train experiments/$(SPEC).yaml $(ARGS)

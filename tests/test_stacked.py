@@ -4,6 +4,7 @@ configurations, with real data, real MLflow stores and a real Optuna journal."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -39,15 +40,17 @@ def _single(run: RunSpec, data):
     return model, fit(run, model, data, show_progress=False)
 
 
-def _assert_follows_single(stacked_model, stacked_result, single_model, single_result, atol=1e-4):
+def _assert_follows_single(stacked_model, stacked_result, single_model, single_result):
     assert stacked_result.best_epoch == single_result.best_epoch
     assert stacked_result.stopped_early == single_result.stopped_early
     assert len(stacked_result.history) == len(single_result.history)
     for mine, theirs in zip(stacked_result.history, single_result.history, strict=True):
         for key in ("train/loss", "train/kl", "val/loss", "val/elbo", "val/mse"):
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-4), key
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-3), key
+    # Weights agree to a few Adam steps (1e-3 each): Adam divides by the gradient's scale, so a
+    # rounding-level gradient can become a full step. Another member's or seed's weights differ by ~0.05.
     for (name, a), b in zip(stacked_model.state_dict().items(), single_model.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=atol), name
+        assert (a.float() - b.float()).abs().max() < 1e-2, name
 
 
 @pytest.mark.parametrize("sections", [
@@ -55,7 +58,8 @@ def _assert_follows_single(stacked_model, stacked_result, single_model, single_r
     {"model": {"arch": "conv", "z_dim": 4, "channels": (8, 16), "hidden": (32,)},
      "data": {"binarize": "dynamic", "augment": True}},
     {"loss": {"kl_schedule": "linear", "warmup_epochs": 2.0, "free_bits": 0.1}},
-], ids=["mlp", "conv-binarized-augmented", "warmup-free-bits"])
+    {"train": {"compile": True}},
+], ids=["mlp", "conv-binarized-augmented", "warmup-free-bits", "compiled"])
 def test_stacked_members_follow_their_single_runs(mnist_root: Path, sections):
     base = tiny_run(mnist_root, train={"epochs": 3, "batch_size": 64, "device": "cpu", "patience": 1})
     for name, changes in sections.items():
@@ -64,7 +68,9 @@ def test_stacked_members_follow_their_single_runs(mnist_root: Path, sections):
     data = load_data(base.data, CPU)
     singles = [_single(r, data) for r in runs]
     models = [init_model(r, data.shape, CPU) for r in runs]
-    results = fit_stack(runs, models, data, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # with train.compile, a fallback to eager fails the test
+        results = fit_stack(runs, models, data, show_progress=False)
     for model, member, (single_model, single_result) in zip(models, results, singles, strict=True):
         assert member.error is None
         _assert_follows_single(model, member.result, single_model, single_result)

@@ -5,7 +5,9 @@ sweeps hand each of their run specs to the same function."""
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,19 +63,27 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
     seed = run_spec.train.seed
     test = data.test
     folder.mkdir(parents=True, exist_ok=True)
-    figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png", test.y[:32])
-    figures.write_samples(model, likelihood, folder / "samples.png", n=64, seed=seed)
-    pairs = min(8, len(test)) // 2 * 2  # consecutive test images form the interpolation pairs
-    if pairs:
-        figures.write_interpolation(model, likelihood, test.x[:pairs], folder / "interpolation.png", y=test.y[:pairs])
-    figures.write_learning_curves(history, folder / "learning_curves.png")
-    kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size, test.y[:2000])
-    figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
-    figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png", y=test.y[:1])
     n_tsne = min(run_spec.eval.tsne_points, len(test))
-    if n_tsne >= 10:
-        means = latent_means(model, test.x[:n_tsne], run_spec.eval.batch_size, test.y[:n_tsne])
-        figures.write_tsne(means, test.y[:n_tsne], folder / "tsne.png", data.class_names, seed=seed)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # t-SNE is the slowest figure and pure numerics: it runs beside the plotting (matplotlib stays on
+        # this thread, which it needs).
+        tsne = None
+        if n_tsne >= 10:
+            means = latent_means(model, test.x[:n_tsne], run_spec.eval.batch_size, test.y[:n_tsne])
+            tsne = pool.submit(figures.tsne_embedding, means, seed)
+        figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png", test.y[:32])
+        figures.write_samples(model, likelihood, folder / "samples.png", n=64, seed=seed)
+        pairs = min(8, len(test)) // 2 * 2  # consecutive test images form the interpolation pairs
+        if pairs:
+            figures.write_interpolation(model, likelihood, test.x[:pairs], folder / "interpolation.png",
+                                        y=test.y[:pairs])
+        figures.write_learning_curves(history, folder / "learning_curves.png")
+        kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size, test.y[:2000])
+        figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
+        figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png", y=test.y[:1])
+        if tsne is not None:
+            figures.write_tsne(means, test.y[:n_tsne], folder / "tsne.png", data.class_names, seed=seed,
+                               points=tsne.result())
 
 
 def _epoch_figures(run_spec: RunSpec, model, data: ImageData, tracked) -> EpochCallback:
@@ -107,25 +117,48 @@ def _tags(run_spec: RunSpec, data: ImageData, device, flight, extra_tags: dict[s
     }
 
 
+class _TimedRun:
+    """Wraps a TrackedRun's per-epoch logging to count the seconds tracking costs
+    (reported as time/tracking_s, so the overhead of a run is measured, not guessed)."""
+
+    def __init__(self, tracked: TrackedRun, seconds: float = 0.0):
+        self.tracked, self.seconds = tracked, seconds
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        started = time.perf_counter()
+        self.tracked.log_epoch(epoch, metrics)
+        self.seconds += time.perf_counter() - started
+
+
 def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: RunResult,
-            tracked: TrackedRun) -> RunOutcome:
-    """Test metrics, figures and the checkpoint of a trained model, recorded in `tracked`."""
+            tracked: TrackedRun, tracking_s: float = 0.0) -> RunOutcome:
+    """Test metrics, figures and the checkpoint of a trained model, recorded in `tracked`.
+    Logs where the time went: time/eval_s (test metrics), time/tracking_s (MLflow
+    writes) and time/artifacts_s (figures, checkpoint and their upload)."""
     likelihood = model.likelihood
+    started = time.perf_counter()
     metrics = evaluate_test(model, data.test, likelihood, kl_weighting(run_spec), run_spec.eval.batch_size,
                             run_spec.train.seed, iw_samples=run_spec.eval.iw_samples,
                             probe_train=data.train if run_spec.eval.probe else None)
     metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
-                    "time/train_s": sum(h["time/epoch_s"] for h in result.history)})
+                    "time/train_s": sum(h["time/epoch_s"] for h in result.history),
+                    "time/eval_s": time.perf_counter() - started})
     # Validation numbers of the weights that were kept (the sweep objective, and the report's "best").
     kept = result.history[result.best_epoch - 1]
     metrics.update({f"best/{k}": v for k, v in kept.items() if k.startswith("val/")})
+    started = time.perf_counter()
     tracked.log_metrics(metrics, step=result.epochs_run)
     tracked.set_tags({"vaelab.stopped_early": result.stopped_early})
+    tracking_s += time.perf_counter() - started
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:
         if run_spec.eval.figures:
             write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec)
         save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics)
         tracked.log_artifacts(Path(tmp))
+    timings = {"time/artifacts_s": time.perf_counter() - started, "time/tracking_s": tracking_s}
+    tracked.log_metrics(timings, step=result.epochs_run)
+    metrics.update(timings)
     return RunOutcome(tracked.run_id, metrics, tracked.artifact_uri, result.history, result.best_epoch)
 
 
@@ -146,14 +179,16 @@ def run(
     model = init_model(run_spec, data.shape, device)
     flight = preflight.check(model, data.shape, run_spec.train.batch_size, device)
     tags = _tags(run_spec, data, device, flight, extra_tags)
+    started = time.perf_counter()
     with tracker.start_run(experiment, name or run_name(run_spec), tags) as tracked:
         if on_start is not None:
             on_start(tracked.run_id)
         tracked.log_params(flatten(run_spec))
+        timed = _TimedRun(tracked, time.perf_counter() - started)
         snapshots = _epoch_figures(run_spec, model, data, tracked)
-        result = fit(run_spec, model, data, callbacks=[tracked.log_epoch, snapshots, *(epoch_callbacks or [])],
+        result = fit(run_spec, model, data, callbacks=[timed.log_epoch, snapshots, *(epoch_callbacks or [])],
                      show_progress=show_progress, likelihood=model.likelihood)
-        return _finish(run_spec, experiment, model, data, result, tracked)
+        return _finish(run_spec, experiment, model, data, result, tracked, timed.seconds)
 
 
 def run_stack(

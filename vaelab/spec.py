@@ -115,6 +115,7 @@ class TrainSpec:
     figure_every: int = _f(0, Int(0, 100_000), "also write reconstructions and samples every N epochs; 0 = off")
     precision: str = _f("fp32", Choice(("fp32", "bf16")),
                         "bf16: training matmuls in bfloat16 autocast (weights, loss and evaluation stay fp32)")
+    compile: bool = _f(False, Bool(), "torch.compile the training step (CUDA graphs on GPU); eager if it fails")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from vaelab.data.augment import augment_batch
 from vaelab.models import VAE
 from vaelab.objectives import KLWeighting, kl_per_dimension, kl_weighting
 from vaelab.spec import RunSpec, flatten
-from vaelab.train import NonFiniteLossError, RunResult
+from vaelab.step import MaybeCompiled
+from vaelab.train import NonFiniteLossError, RunResult, flush_denormals
 
 # The keys members may differ in; everything else is shared by the stack.
 STACKABLE_KEYS = ("loss.beta", "train.seed", "train.lr")
@@ -54,7 +55,8 @@ def stack_blocker(run: RunSpec) -> str | None:
 
 class StackedAdam:
     """Adam with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, no weight decay)
-    over stacked parameters, with one learning rate per member."""
+    over stacked parameters, with one learning rate per member. Used only when the
+    members' learning rates differ; equal rates take torch's fused Adam."""
 
     def __init__(self, params: list[Tensor], lrs: Tensor, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
@@ -63,7 +65,7 @@ class StackedAdam:
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = 0
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
 
@@ -79,7 +81,17 @@ class StackedAdam:
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             step_size = (self.lrs / bias1).view(-1, *([1] * (p.dim() - 1)))
-            p.addcdiv_(m * step_size, (v.sqrt() / bias2_sqrt).add_(self.eps), value=-1.0)
+            # p -= step * m / (sqrt(v) / bias2_sqrt + eps), with the division folded into the denominator.
+            denom = v.sqrt().div_(bias2_sqrt).add_(self.eps).div_(step_size)
+            p.addcdiv_(m, denom, value=-1.0)
+
+
+def stacked_optimizer(params: list[Tensor], lrs: list[float]):
+    if len(set(lrs)) == 1:
+        # One rate: Adam's update is elementwise, so stacked Adam is plain Adam, and torch's is one fused kernel.
+        fusable = all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.Adam(params, lr=lrs[0], fused=fusable or None)
+    return StackedAdam(params, torch.tensor(lrs, device=params[0].device))
 
 
 @dataclass
@@ -110,7 +122,19 @@ def _vmapped_forward(template: VAE) -> Callable:
     return forward
 
 
-def _weights_now(members: list[_Member], t: float, device) -> Tensor | None:
+def _stacked_terms(step_all: Callable, likelihood, bf16: bool) -> Callable:
+    """(params, buffers, x, noise, y) -> recon (K, N) and KL per dimension (K, N, z_dim) of every member."""
+
+    def terms(params, buffers, x, noise, y):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out, mu, logvar = step_all(params, buffers, x, noise, y)
+        recon = -likelihood.log_prob(x.flatten(0, 1), out.float().flatten(0, 1)).view(len(x), -1)
+        return recon, kl_per_dimension(mu.float(), logvar.float())
+
+    return terms
+
+
+def _kl_weights(members: list[_Member], t: float, device) -> Tensor | None:
     """Per-member KL weights as a (K, 1) tensor when every member's objective is
     recon + w * kl (no capacity target, no free bits); None otherwise."""
     if any(m.weighting.schedule == "capacity" or m.weighting.free_bits > 0 for m in members):
@@ -118,11 +142,17 @@ def _weights_now(members: list[_Member], t: float, device) -> Tensor | None:
     return torch.tensor([m.weighting.weight(t) for m in members], device=device).unsqueeze(1)
 
 
-def _objective(members: list[_Member], recon: Tensor, kl_dims: Tensor, t: float) -> Tensor:
-    weights = _weights_now(members, t, recon.device)
+def _objective_and_loss(members: list[_Member], recon: Tensor, kl_dims: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """The sum of the members' training objectives (their gradients stay apart: each
+    depends on its own slice only) and the (K, N) per-example losses."""
+    kl = kl_dims.sum(2)
+    weights = _kl_weights(members, t, recon.device)
     if weights is not None:
-        return (recon + weights * kl_dims.sum(2)).mean(1).sum()
-    return sum(m.weighting.objective(recon[i], kl_dims[i], t) for i, m in enumerate(members))
+        loss = recon + weights * kl
+        return loss.mean(1).sum(), loss.detach()
+    objective = sum(m.weighting.objective(recon[i], kl_dims[i], t) for i, m in enumerate(members))
+    loss = torch.stack([m.weighting.per_example(recon[i], kl[i], t) for i, m in enumerate(members)])
+    return objective, loss.detach()
 
 
 def _member_images(x: Tensor, data: ImageData, members: list[_Member]) -> Tensor:
@@ -156,7 +186,9 @@ def _validate(forward, params, buffers, members, likelihood, data: ImageData, ba
             recon = -likelihood.log_prob(x.expand(len(members), *x.shape).flatten(0, 1), out.flatten(0, 1))
             recon = recon.view(len(members), -1)
             kl = kl_per_dimension(mu, logvar).sum(2)
-            loss = torch.stack([m.weighting.per_example(recon[i], kl[i]) for i, m in enumerate(members)])
+            weights = _kl_weights(members, math.inf, device)
+            loss = recon + weights * kl if weights is not None else torch.stack(
+                [m.weighting.per_example(recon[i], kl[i]) for i, m in enumerate(members)])
             mse = (likelihood.mean(out) - x).pow(2).flatten(2).mean(2)
             totals += torch.stack([loss, recon, kl, recon + kl, mse], 1).sum(2).double()
     return (totals / len(data.val)).tolist()
@@ -178,16 +210,26 @@ def fit_stack(
     if blocked:
         raise ValueError(f"cannot stack: {blocked[0]}")
     device = data.train.x.device
+    flush_denormals()
     train, k = runs[0].train, len(runs)
     callbacks = callbacks or [[] for _ in runs]
-    params, buffers = stack_module_state(models)
-    names = list(params)
+    storage, buffers = stack_module_state(models)
+    # Linear weights are stored as (K, in, out): vmap's batched linear multiplies by the transpose of
+    # (K, out, in), and from this layout that transpose is contiguous, so no weight copy per step.
+    linear = {f"{name}.weight" for name, module in models[0].named_modules() if isinstance(module, torch.nn.Linear)}
+    storage = {n: p.detach().transpose(1, 2).contiguous().requires_grad_() if n in linear else p
+               for n, p in storage.items()}
+
+    def as_params() -> dict[str, Tensor]:
+        return {n: p.transpose(1, 2) if n in linear else p for n, p in storage.items()}
+
     template = copy.deepcopy(models[0]).to("meta")
     forward = _vmapped_forward(template)
-    step_all = vmap(forward)
     likelihood = models[0].likelihood  # parameter-free (stack_blocker): one instance serves all members
+    step_terms = MaybeCompiled(_stacked_terms(vmap(forward), likelihood, train.precision == "bf16"),
+                               compile=train.compile, on_cuda=device.type == "cuda")
     z_dim = models[0].z_dim
-    optimizer = StackedAdam([params[n] for n in names], torch.tensor([r.train.lr for r in runs], device=device))
+    optimizer = stacked_optimizer(list(storage.values()), [r.train.lr for r in runs])
     members = [
         _Member(run=r, weighting=kl_weighting(r), batch_gen=torch.Generator().manual_seed(r.train.seed),
                 noise_gen=torch.Generator(device=device).manual_seed(r.train.seed),
@@ -196,7 +238,6 @@ def fit_stack(
     ]
     n = len(data.train)
     n_batches = math.ceil(n / train.batch_size)
-    bf16 = train.precision == "bf16"
     for epoch in range(1, train.epochs + 1):
         with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs} ({k} stacked)", unit="batch",
                   disable=not show_progress, dynamic_ncols=True) as bar:
@@ -207,21 +248,16 @@ def fit_stack(
                 idx = orders[:, start : start + train.batch_size]
                 x = _member_images(data.train.x[idx], data, members)
                 noise = _noise([m.noise_gen for m in members], idx.shape[1], z_dim, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out, mu, logvar = step_all(params, buffers, x, noise, data.train.y[idx])
-                out, mu, logvar = out.float(), mu.float(), logvar.float()
+                recon, kl_dims = step_terms(as_params(), buffers, x, noise, data.train.y[idx])
                 progress = epoch - 1 + step / n_batches
-                recon = -likelihood.log_prob(x.flatten(0, 1), out.flatten(0, 1)).view(k, -1)
-                kl_dims = kl_per_dimension(mu, logvar)
-                optimizer.zero_grad()
-                _objective(members, recon, kl_dims, progress).backward()
+                objective, loss = _objective_and_loss(members, recon, kl_dims, progress)
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
                 optimizer.step()
-                kl = kl_dims.sum(2).detach()
-                loss = torch.stack([m.weighting.per_example(recon[i].detach(), kl[i], progress)
-                                    for i, m in enumerate(members)])
-                sums += torch.stack([loss.sum(1), recon.detach().sum(1), kl.sum(1)], 1)
+                sums += torch.stack([loss.sum(1), recon.detach().sum(1), kl_dims.detach().sum((1, 2))], 1)
                 bar.update(1)
             epoch_s = time.perf_counter() - started
+            params = as_params()
             val = _validate(forward, params, buffers, members, likelihood, data, runs[0].eval.batch_size, z_dim)
         train_means = (sums / n).tolist()
         for i, m in enumerate(members):

@@ -1,0 +1,43 @@
+"""`make bench` runs end to end (its quick mode, on real Fashion-MNIST) and writes
+a results page whose numbers are consistent; speed itself is measured, not tested."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, fashion_mnist_dir
+
+
+@pytest.mark.skipif(fashion_mnist_dir() is None, reason="needs the Fashion-MNIST IDX files (dataset-fashion-mnist)")
+def test_quick_bench_writes_results_with_every_workload(tmp_path: Path):
+    out = tmp_path / "RESULTS.md"
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--devices", "cpu", "--out", str(out),
+                           "--data", str(fashion_mnist_dir())],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    for heading in ("## One epoch", "## Sweep throughput", "## Tracking and figures overhead"):
+        assert heading in text
+    rows = [line for line in text.splitlines() if line.startswith("| cpu ")]
+    epoch_rows = [r for r in rows if "train." in r or "default" in r][:3]
+    assert len(epoch_rows) == 3
+    for row in epoch_rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        mine, base, speedup, my_loss, base_loss = map(float, cells[2:7])
+        assert speedup == pytest.approx(base / mine, rel=0.02)
+        # Same model, data and epochs: both sides reach the same test -ELBO.
+        assert my_loss == pytest.approx(base_loss, rel=0.05)
+    assert re.search(r"\| cpu +\| default +\| +4 \|", text)  # the 4-configuration stack
+
+
+def test_bench_refuses_a_missing_data_folder(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--data", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no Fashion-MNIST IDX files" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
