@@ -203,7 +203,8 @@ def test_sigterm_marks_the_run_killed(tmp_path: Path, mnist_root: Path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
+    assert "stopped by SIGTERM" in stderr and "resumes" in stderr
     client = MlflowClient(f"sqlite:///{db}")
     [record] = client.search_runs([client.get_experiment_by_name("cli_demo").experiment_id])
     assert record.info.status == "KILLED"
+    assert record.data.tags["failure_reason"] == "stopped by SIGTERM"

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import tiny_run
-from tests.test_sweep import assert_each_point_once, child_runs, make_sweep, write_spec
+from tests.test_sweep import child_runs, make_sweep, run_whole_sweep, write_spec
 from vaelab.checks import SpecError
 from vaelab.data import load_data
 from vaelab.runner import run as run_single
@@ -145,11 +145,7 @@ def test_stacked_sweep_runs_each_point_once_in_stacks(tmp_path: Path, mnist_root
     grid = {"kind": "grid", "params": {"loss.beta": [0.5, 2.0], "model.z_dim": [2, 3]}, "seeds": [0, 1],
             "stack": 3}
     path = write_spec(tmp_path, mnist_root, grid)
-    sweep = make_sweep(tmp_path, path)
-    parent = sweep.prepare()
-    assert sweep.work(parent) == 8
-    assert sweep.finish(parent).complete == 8
-    assert_each_point_once(sweep, tmp_path)
+    sweep, parent = run_whole_sweep(tmp_path, path, 8)
     children, _ = child_runs(tmp_path, "sweep_demo")
     # z_dim splits the grid into two groups of 4; stacks of at most 3 make 3 + 1 per group.
     sizes = Counter((r.data.params["model.z_dim"], r.data.tags.get("vaelab.stacked", "1")) for r in children)

@@ -4,15 +4,14 @@ spec file) and metrics.json. The folder alone rebuilds the model."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vaelab.atomic import atomic_torch_save, atomic_write
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
 from vaelab.registry import build_model, image_shape
@@ -34,24 +33,12 @@ class Checkpoint:
     metrics: dict
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Write beside the target and rename, so a crash never leaves half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(folder: Path, model: VAE, run_spec: RunSpec, name: str, metrics: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(folder / MODEL_FILE, lambda p: torch.save(state, p))
-    _atomic_write(folder / SPEC_FILE, lambda p: p.write_text(run_to_yaml(run_spec, name)))
-    _atomic_write(folder / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+    atomic_torch_save(folder / MODEL_FILE, state)
+    atomic_write(folder / SPEC_FILE, lambda p: p.write_text(run_to_yaml(run_spec, name)))
+    atomic_write(folder / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
     return folder
 
 

@@ -15,7 +15,11 @@ from typing import Any
 
 
 class SpecError(ValueError):
-    """A spec (or override) is invalid; the message names the dotted path."""
+    """A spec (or override) is invalid; the message names the dotted path.
+    Always one line: control characters (a key with a newline in it) are escaped."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)))
 
 
 def _show(value: Any) -> str:

@@ -230,29 +230,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt_on_sigterm() -> None:
-    """`kill` (SIGTERM) ends a run like Ctrl-C does: the MLflow run is marked KILLED and a
-    sweep's trial goes back to the queue, instead of the process vanishing mid-write."""
+def _install_signal_handlers() -> None:
+    """A first Ctrl-C while training lets the current epoch finish, saves the state and
+    ends the run KILLED and resumable; a second one (or Ctrl-C at any other time) stops
+    at once. `kill` (SIGTERM) stops at once too: the MLflow run is marked KILLED and a
+    sweep's trial goes back to the queue, instead of the process vanishing mid-write;
+    the state saved at the last epoch's end still resumes it."""
+    from vaelab.train import request_stop
 
-    def handler(_signum, _frame):
+    def on_sigint(_signum, _frame):
+        if request_stop():
+            print("\nvaelab: finishing this epoch, then stopping (Ctrl-C again to stop now)", file=sys.stderr)
+            return
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    def on_sigterm(_signum, _frame):
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _interrupt_on_sigterm()
+    _install_signal_handlers()
     from vaelab.checkpoint import CheckpointError
     from vaelab.data import DataError
     from vaelab.models import ConfigError
     from vaelab.report import ReportError
+    from vaelab.resume import ResumeError, RunInProgress
     from vaelab.sweep import SweepError
+    from vaelab.tracking import TrackingError, storage_problem
     from vaelab.train import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (SpecError, UsageError, DataError, CheckpointError, ConfigError, SweepError) as err:
+    except (SpecError, UsageError, DataError, CheckpointError, ConfigError, SweepError, ResumeError,
+            RunInProgress, TrackingError) as err:
         print(f"vaelab: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
@@ -261,8 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as err:
         print(f"vaelab: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vaelab: interrupted; what finished is kept, and the same command resumes", file=sys.stderr)
+    except Exception as err:
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        print(f"vaelab: error: {problem}; what was recorded before is intact", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        why = f"{err}; " if str(err) else "interrupted; "
+        print(f"vaelab: {why}what finished is kept, and the same command resumes", file=sys.stderr)
         return 130
 
 

@@ -17,6 +17,7 @@ from vaelab.data import ImageData
 from vaelab.evaluate import evaluate_test, kl_per_dimension, latent_means
 from vaelab.objectives import kl_weighting
 from vaelab.registry import load_dataset
+from vaelab.resume import TrainState, clear_state, holding, load_state, save_state, state_dir
 from vaelab.spec import RunSpec, flatten
 from vaelab.stacked import fit_stack
 from vaelab.tracking import TrackedRun, Tracker, local_path
@@ -179,16 +180,41 @@ def run(
     model = init_model(run_spec, data.shape, device)
     flight = preflight.check(model, data.shape, run_spec.train.batch_size, device)
     tags = _tags(run_spec, data, device, flight, extra_tags)
-    started = time.perf_counter()
-    with tracker.start_run(experiment, name or run_name(run_spec), tags) as tracked:
-        if on_start is not None:
-            on_start(tracked.run_id)
-        tracked.log_params(flatten(run_spec))
-        timed = _TimedRun(tracked, time.perf_counter() - started)
-        snapshots = _epoch_figures(run_spec, model, data, tracked)
-        result = fit(run_spec, model, data, callbacks=[timed.log_epoch, snapshots, *(epoch_callbacks or [])],
-                     show_progress=show_progress, likelihood=model.likelihood)
-        return _finish(run_spec, experiment, model, data, result, tracked, timed.seconds)
+    folder = state_dir(tracker.resume_root, experiment, run_spec.hash())
+    with holding(folder):
+        started = time.perf_counter()
+        prior = load_state(folder, run_spec.hash())
+        tracked = tracker.reopen_run(prior.run_id) if prior is not None else None
+        if tracked is None:  # nothing to resume (or its MLflow run is gone): a fresh run
+            prior = None
+            tracked = tracker.open_run(experiment, name or run_name(run_spec), tags)
+        try:
+            if on_start is not None:
+                on_start(tracked.run_id)
+            if prior is None:
+                tracked.log_params(flatten(run_spec))
+            else:
+                tracked.set_tags({"vaelab.resumed_from_epoch": prior.epoch})
+            timed = _TimedRun(tracked, time.perf_counter() - started)
+            snapshots = _epoch_figures(run_spec, model, data, tracked)
+
+            def save(state: TrainState) -> None:
+                state.run_id, state.run_hash = tracked.run_id, run_spec.hash()
+                save_state(folder, state)
+
+            result = fit(run_spec, model, data, callbacks=[timed.log_epoch, snapshots, *(epoch_callbacks or [])],
+                         show_progress=show_progress, likelihood=model.likelihood, resume=prior, save_state=save)
+            if result.notes:
+                tracked.set_tags({"vaelab.notes": "; ".join(result.notes)})
+            outcome = _finish(run_spec, experiment, model, data, result, tracked, timed.seconds)
+        except BaseException as err:
+            tracker.end_run(tracked, err)
+            if not isinstance(err, KeyboardInterrupt):  # interrupted runs resume; failed ones start afresh
+                clear_state(folder)
+            raise
+        tracker.end_run(tracked)
+        clear_state(folder)
+        return outcome
 
 
 def run_stack(

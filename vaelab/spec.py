@@ -116,6 +116,9 @@ class TrainSpec:
     precision: str = _f("fp32", Choice(("fp32", "bf16")),
                         "bf16: training matmuls in bfloat16 autocast (weights, loss and evaluation stay fp32)")
     compile: bool = _f(False, Bool(), "torch.compile the training step (CUDA graphs on GPU); eager if it fails")
+    checkpoint_every: int = _f(1, Int(0, 100_000), "save the resumable training state every N epochs; 0 = never")
+    nan_policy: str = _f("fail", Choice(("fail", "retry")),
+                         "on a non-finite epoch: fail the run, or roll back once to the last good epoch at lr/10")
 
 
 @dataclass(frozen=True)

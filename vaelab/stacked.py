@@ -30,7 +30,7 @@ from vaelab.models import VAE
 from vaelab.objectives import KLWeighting, kl_per_dimension, kl_weighting
 from vaelab.spec import RunSpec, flatten
 from vaelab.step import MaybeCompiled
-from vaelab.train import NonFiniteLossError, RunResult, flush_denormals
+from vaelab.train import NonFiniteLossError, RunResult, denormals_flushed
 
 # The keys members may differ in; everything else is shared by the stack.
 STACKABLE_KEYS = ("loss.beta", "train.seed", "train.lr")
@@ -210,7 +210,6 @@ def fit_stack(
     if blocked:
         raise ValueError(f"cannot stack: {blocked[0]}")
     device = data.train.x.device
-    flush_denormals()
     train, k = runs[0].train, len(runs)
     callbacks = callbacks or [[] for _ in runs]
     storage, buffers = stack_module_state(models)
@@ -238,33 +237,34 @@ def fit_stack(
     ]
     n = len(data.train)
     n_batches = math.ceil(n / train.batch_size)
-    for epoch in range(1, train.epochs + 1):
-        with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs} ({k} stacked)", unit="batch",
-                  disable=not show_progress, dynamic_ncols=True) as bar:
-            started = time.perf_counter()
-            orders = torch.stack([torch.randperm(n, generator=m.batch_gen) for m in members]).to(device)
-            sums = torch.zeros(k, 3, device=device)
-            for step, start in enumerate(range(0, n, train.batch_size)):
-                idx = orders[:, start : start + train.batch_size]
-                x = _member_images(data.train.x[idx], data, members)
-                noise = _noise([m.noise_gen for m in members], idx.shape[1], z_dim, device)
-                recon, kl_dims = step_terms(as_params(), buffers, x, noise, data.train.y[idx])
-                progress = epoch - 1 + step / n_batches
-                objective, loss = _objective_and_loss(members, recon, kl_dims, progress)
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()
-                sums += torch.stack([loss.sum(1), recon.detach().sum(1), kl_dims.detach().sum((1, 2))], 1)
-                bar.update(1)
-            epoch_s = time.perf_counter() - started
-            params = as_params()
-            val = _validate(forward, params, buffers, members, likelihood, data, runs[0].eval.batch_size, z_dim)
-        train_means = (sums / n).tolist()
-        for i, m in enumerate(members):
-            if not m.done:
-                _end_epoch(m, i, epoch, n_batches, train_means[i], val[i], epoch_s, params, buffers, callbacks[i])
-        if all(m.done for m in members):
-            break
+    with denormals_flushed():
+        for epoch in range(1, train.epochs + 1):
+            with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs} ({k} stacked)", unit="batch",
+                      disable=not show_progress, dynamic_ncols=True) as bar:
+                started = time.perf_counter()
+                orders = torch.stack([torch.randperm(n, generator=m.batch_gen) for m in members]).to(device)
+                sums = torch.zeros(k, 3, device=device)
+                for step, start in enumerate(range(0, n, train.batch_size)):
+                    idx = orders[:, start : start + train.batch_size]
+                    x = _member_images(data.train.x[idx], data, members)
+                    noise = _noise([m.noise_gen for m in members], idx.shape[1], z_dim, device)
+                    recon, kl_dims = step_terms(as_params(), buffers, x, noise, data.train.y[idx])
+                    progress = epoch - 1 + step / n_batches
+                    objective, loss = _objective_and_loss(members, recon, kl_dims, progress)
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.backward()
+                    optimizer.step()
+                    sums += torch.stack([loss.sum(1), recon.detach().sum(1), kl_dims.detach().sum((1, 2))], 1)
+                    bar.update(1)
+                epoch_s = time.perf_counter() - started
+                params = as_params()
+                val = _validate(forward, params, buffers, members, likelihood, data, runs[0].eval.batch_size, z_dim)
+            train_means = (sums / n).tolist()
+            for i, m in enumerate(members):
+                if not m.done:
+                    _end_epoch(m, i, epoch, n_batches, train_means[i], val[i], epoch_s, params, buffers, callbacks[i])
+            if all(m.done for m in members):
+                break
     for model, m in zip(models, members, strict=True):
         model.load_state_dict(m.best_state)
     return [m.outcome for m in members]

@@ -9,6 +9,7 @@ the checkpoint folder as artifacts.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -27,6 +28,34 @@ FAILURE_TAG = "failure_reason"
 for _noisy in ("alembic", "mlflow.store.db.utils"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be opened or written (a file where a folder should
+    be, no permission, a full disk); the message says where."""
+
+
+# Errors that mean "the disk said no", wherever they surface (OSError errno, SQLite messages).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                   errno.ENOTDIR, errno.EEXIST}
+_STORAGE_MESSAGES = ("database or disk is full", "readonly database", "unable to open database file",
+                     "disk i/o error", "no space left")
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """A one-line description if `err` (or what caused it) is a storage failure, else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+            where = f" ({err.filename})" if err.filename else ""
+            return f"cannot write{where}: {err.strerror or err}"
+        text = str(err).lower()
+        for message in _STORAGE_MESSAGES:
+            if message in text:
+                return f"the tracking store refused a write: {message}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def default_tracking_uri() -> str:
@@ -116,13 +145,17 @@ class Tracker:
         if root is None:
             self.client = MlflowClient(tracking_uri=self.uri)
             return
-        root.mkdir(parents=True, exist_ok=True)
-        # Opening a new SQLite store runs schema migrations; two workers doing it at
-        # once corrupt each other, so they take turns.
-        with open(root.parent / ".mlflow-init.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.client.search_experiments(max_results=1)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            # Opening a new SQLite store runs schema migrations; two workers doing it at
+            # once corrupt each other, so they take turns.
+            with open(root.parent / ".mlflow-init.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.client.search_experiments(max_results=1)
+        except Exception as err:
+            problem = storage_problem(err) or str(err).strip().splitlines()[0][:200]
+            raise TrackingError(f"tracking store {root.parent}/: {problem}") from None
 
     def experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -165,11 +198,33 @@ class Tracker:
             self.client.set_terminated(run.run_id, status="FINISHED")
             return
         if isinstance(error, KeyboardInterrupt):
-            reason, status = "interrupted (KeyboardInterrupt)", "KILLED"
+            reason, status = str(error) or "interrupted (KeyboardInterrupt)", "KILLED"
         else:
             reason, status = f"{type(error).__name__}: {error}".strip(), getattr(error, "run_status", "FAILED")
-        self.client.set_tag(run.run_id, FAILURE_TAG, reason[:5000])
-        self.client.set_terminated(run.run_id, status=status)
+        try:
+            self.client.set_tag(run.run_id, FAILURE_TAG, reason[:5000])
+            self.client.set_terminated(run.run_id, status=status)
+        except Exception as secondary:  # e.g. the disk that failed the run is still full: keep the first error
+            logging.getLogger(__name__).warning("could not mark run %s %s: %s", run.run_id, status, secondary)
+
+    @property
+    def resume_root(self) -> Path:
+        """Where runs keep their resumable training state: beside a SQLite store, else ./runs/resume."""
+        return (self.artifact_root.parent if self.artifact_root else DEFAULT_STORE_DIR) / "resume"
+
+    def reopen_run(self, run_id: str) -> TrackedRun | None:
+        """Continue a run that did not finish (killed, crashed): RUNNING again, with
+        what it already logged. None if the run is gone or finished."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return None
+        if run.info.status == "FINISHED":
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        if FAILURE_TAG in run.data.tags:
+            self.client.delete_tag(run_id, FAILURE_TAG)
+        return TrackedRun(self.client, run_id)
 
     def kill_run(self, run_id: str, reason: str) -> None:
         """Mark a run whose process died as KILLED (no RUNNING leftovers)."""

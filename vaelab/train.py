@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,7 @@ from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
 from vaelab.objectives import KLWeighting, kl_weighting
 from vaelab.registry import build_model
+from vaelab.resume import TrainState
 from vaelab.step import StepTerms
 
 # Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/loss": ...}).
@@ -31,6 +34,23 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN or inf; the message is the failure reason."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """The run stopped cleanly between epochs because the user asked (Ctrl-C)."""
+
+
+_stop = threading.Event()
+_training = threading.Event()
+
+
+def request_stop() -> bool:
+    """Ask the running fit() to stop after its current epoch (a first Ctrl-C).
+    False if no training is under way, or a stop was already asked for."""
+    if not _training.is_set() or _stop.is_set():
+        return False
+    _stop.set()
+    return True
 
 
 class RunPruned(Exception):
@@ -46,6 +66,7 @@ class RunResult:
     best_epoch: int = 0
     best_val_loss: float = math.inf
     stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)  # resumed, rolled back: said on the MLflow run
 
     @property
     def epochs_run(self) -> int:
@@ -66,12 +87,18 @@ def init_model(run_spec, shape: tuple[int, int, int], device: torch.device) -> V
     return build_model(run_spec, shape).to(device)
 
 
-def flush_denormals() -> None:
-    """Treat subnormal floats as zero on CPU. Far in the tails, the Bernoulli loss's
-    exp(-|logit|) and Adam's second moments underflow into subnormals, and on x86
-    each op that touches one is several times slower (measured: the elementwise
-    half of a step 2-4x); values below 1e-38 change no loss a VAE reports."""
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Treat subnormal floats as zero on CPU while training. Far in the tails, the
+    Bernoulli loss's exp(-|logit|) and Adam's second moments underflow into
+    subnormals, and on x86 each op that touches one is several times slower
+    (measured: the elementwise half of a step 2-4x); values below 1e-38 change no
+    loss a VAE reports. The setting is per process, so it is undone afterwards."""
     torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -113,6 +140,26 @@ def _train_epoch(model, optimizer, data: ImageData, step_terms: StepTerms, weigh
     return metrics
 
 
+def _snapshot(epoch: int, model, optimizer, batch_gen, noise_gen, result: RunResult, best_state, stale: int,
+              retried: bool) -> TrainState:
+    """A copy of everything the next epoch depends on (the live tensors keep changing)."""
+    return TrainState(
+        epoch=epoch, model=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(optimizer.state_dict()),
+        batch_gen=batch_gen.get_state(), noise_gen=noise_gen.get_state(), history=list(result.history),
+        best_epoch=result.best_epoch, best_val_loss=result.best_val_loss, best_state=best_state, stale=stale,
+        lr=optimizer.param_groups[0]["lr"], retried=retried)
+
+
+def _restore(state: TrainState, model, optimizer, batch_gen, noise_gen, result: RunResult):
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    batch_gen.set_state(state.batch_gen)
+    noise_gen.set_state(state.noise_gen)
+    result.history = list(state.history)
+    result.best_epoch, result.best_val_loss = state.best_epoch, state.best_val_loss
+    return copy.deepcopy(state.best_state), state.stale
+
+
 def fit(
     run_spec,
     model: VAE,
@@ -120,12 +167,20 @@ def fit(
     callbacks: list[EpochCallback] | None = None,
     show_progress: bool = True,
     likelihood: Likelihood | None = None,
+    resume: TrainState | None = None,
+    save_state: Callable[[TrainState], None] | None = None,
 ) -> RunResult:
-    """Train `model` in place; on return it holds the weights of the best epoch."""
+    """Train `model` in place; on return it holds the weights of the best epoch.
+
+    `resume` continues from a saved state (the epochs after it replay exactly as an
+    uninterrupted run would have them); `save_state` receives the state after every
+    train.checkpoint_every epochs. With train.nan_policy: retry, a non-finite epoch
+    rolls back once to the last good epoch and goes on at a tenth of the learning rate.
+    A request_stop() ends the run after the current epoch (its state saved) with
+    StopRequested, a KeyboardInterrupt."""
     train = run_spec.train
     likelihood = likelihood or model.likelihood
     device = data.train.x.device
-    flush_denormals()
     optimizer = make_optimizer(model, train.lr)
     step_terms = StepTerms(model, likelihood, bf16=train.precision == "bf16", compile=train.compile)
     weighting = kl_weighting(run_spec)
@@ -135,32 +190,67 @@ def fit(
     n_batches = math.ceil(len(data.train) / train.batch_size)
     result = RunResult()
     best_state = copy.deepcopy(model.state_dict())
-    stale = 0
-    for epoch in range(1, train.epochs + 1):
-        model.train()
-        with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs}", unit="batch", disable=not show_progress,
-                  leave=True, dynamic_ncols=True) as bar:
-            started = time.perf_counter()
-            metrics = _train_epoch(model, optimizer, data, step_terms, weighting, epoch, train.batch_size,
-                                   batch_gen, noise_gen, bar)
-            metrics["time/epoch_s"] = time.perf_counter() - started
-            val_gen = torch.Generator(device=device).manual_seed(val_gen_seed)
-            val = split_terms(model, data.val, likelihood, weighting, run_spec.eval.batch_size, val_gen)
-            metrics.update({f"val/{k}": v for k, v in val.items()})
-            bar.set_postfix({"train/loss": f"{metrics['train/loss']:.2f}", "val/loss": f"{metrics['val/loss']:.2f}"})
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLossError(f"non-finite {', '.join(bad)} at epoch {epoch} (try a lower train.lr)")
-        result.history.append(metrics)
-        for callback in callbacks or []:
-            callback(epoch, metrics)
-        if metrics["val/loss"] < result.best_val_loss:
-            result.best_val_loss, result.best_epoch, stale = metrics["val/loss"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if train.patience is not None and stale >= train.patience:
-                result.stopped_early = True
-                break
+    stale, retried, epoch = 0, False, 1
+    if resume is not None:
+        best_state, stale = _restore(resume, model, optimizer, batch_gen, noise_gen, result)
+        retried, epoch = resume.retried, resume.epoch + 1
+        result.notes.append(f"resumed after epoch {resume.epoch}")
+    keep_snapshots = train.nan_policy == "retry" or (save_state is not None and train.checkpoint_every > 0)
+    last_good = resume
+    if last_good is None and keep_snapshots:
+        last_good = _snapshot(0, model, optimizer, batch_gen, noise_gen, result, best_state, stale, retried)
+    _stop.clear()
+    _training.set()
+    torch.set_flush_denormal(True)  # as denormals_flushed(), without indenting the loop once more
+    try:
+        while epoch <= train.epochs:
+            model.train()
+            with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs}", unit="batch",
+                      disable=not show_progress, leave=True, dynamic_ncols=True) as bar:
+                started = time.perf_counter()
+                metrics = _train_epoch(model, optimizer, data, step_terms, weighting, epoch, train.batch_size,
+                                       batch_gen, noise_gen, bar)
+                metrics["time/epoch_s"] = time.perf_counter() - started
+                val_gen = torch.Generator(device=device).manual_seed(val_gen_seed)
+                val = split_terms(model, data.val, likelihood, weighting, run_spec.eval.batch_size, val_gen)
+                metrics.update({f"val/{k}": v for k, v in val.items()})
+                bar.set_postfix({k: f"{metrics[k]:.2f}" for k in ("train/loss", "val/loss")})
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            if bad:
+                reason = f"non-finite {', '.join(bad)} at epoch {epoch}"
+                if train.nan_policy == "retry" and not retried and last_good is not None:
+                    old_lr = optimizer.param_groups[0]["lr"]
+                    best_state, stale = _restore(last_good, model, optimizer, batch_gen, noise_gen, result)
+                    for group in optimizer.param_groups:
+                        group["lr"] = old_lr / 10
+                    retried, epoch = True, last_good.epoch + 1
+                    result.notes.append(f"{reason}: rolled back to epoch {last_good.epoch}, "
+                                        f"train.lr {old_lr:g} -> {old_lr / 10:g}")
+                    continue
+                raise NonFiniteLossError(f"{reason} (try a lower train.lr"
+                                         f"{'' if train.nan_policy == 'retry' else ', or train.nan_policy: retry'})")
+            result.history.append(metrics)
+            for callback in callbacks or []:
+                callback(epoch, metrics)
+            if metrics["val/loss"] < result.best_val_loss:
+                result.best_val_loss, result.best_epoch, stale = metrics["val/loss"], epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if train.patience is not None and stale >= train.patience:
+                    result.stopped_early = True
+                    break
+            if keep_snapshots:
+                last_good = _snapshot(epoch, model, optimizer, batch_gen, noise_gen, result, best_state, stale,
+                                      retried)
+                if save_state is not None and train.checkpoint_every and epoch % train.checkpoint_every == 0:
+                    save_state(last_good)
+            if _stop.is_set() and epoch < train.epochs:
+                _stop.clear()
+                raise StopRequested(f"stopped after epoch {epoch} on request; the same command resumes it")
+            epoch += 1
+    finally:
+        _training.clear()
+        torch.set_flush_denormal(False)
     model.load_state_dict(best_state)
     return result

@@ -1,0 +1,191 @@
+"""Hostile and broken specs, through the real CLI: each ends in one line that names
+the YAML path (or file and line), exit code 2, and nothing written to runs/ or
+studies/. Plus hypothesis-generated specs: the validator either accepts them or
+says where they are wrong, and never fails in any other way."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vaelab import cli
+from vaelab.checks import SpecError
+from vaelab.spec import parse_spec
+
+VALID = {
+    "name": "hostile",
+    "base": {
+        "data": {"dataset": "mnist", "root": "data", "download": False},
+        "model": {"arch": "mlp", "z_dim": 4, "hidden": [32]},
+        "loss": {"likelihood": "bernoulli", "beta": 1.0},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.001, "seed": 0, "device": "cpu"},
+        "eval": {"iw_samples": 0},
+    },
+    "search": {"kind": "grid", "params": {"loss.beta": [0.5, 1.0]}, "seeds": [0, 1]},
+}
+
+
+def mutated(path: str, value, delete: bool = False) -> str:
+    spec = copy.deepcopy(VALID)
+    *parents, leaf = path.split(".")
+    node = spec
+    for part in parents:
+        node = node[part]
+    if delete:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return yaml.safe_dump(spec)
+
+
+def optuna(search: dict) -> str:
+    return yaml.safe_dump({**VALID, "search": {"kind": "optuna", "n_trials": 4, **search}})
+
+
+# (case id, spec text, what the one-line error must name)
+CASES = [
+    # names that would leave runs/ or studies/, or are not names at all
+    ("name-dotdot", mutated("name", "../escape"), "name:"),
+    ("name-slash", mutated("name", "a/b"), "name:"),
+    ("name-absolute", mutated("name", "/etc/passwd"), "name:"),
+    ("name-hidden", mutated("name", ".hidden"), "name:"),
+    ("name-empty", mutated("name", ""), "name:"),
+    ("name-long", mutated("name", "x" * 500), "name:"),
+    ("name-int", mutated("name", 7), "name:"),
+    ("name-null-byte", mutated("name", "a\x00b"), "name:"),
+    ("name-missing", mutated("name", None, delete=True), "name: missing"),
+    # YAML that is not data
+    ("tag-python-object", "name: x\nbase: !!python/object:os.system {}\n", "invalid YAML"),
+    ("tag-python-apply", "name: !!python/object/apply:os.system ['true']\n", "invalid YAML"),
+    ("tag-python-name", "name: x\nbase: {train: {seed: !!python/name:os.getcwd }}\n", "invalid YAML"),
+    ("yaml-syntax", "name: x\nbase: {train: [1, 2\n", "invalid YAML"),
+    ("yaml-tabs", "name: x\nbase:\n\ttrain: {}\n", "invalid YAML"),
+    ("top-level-list", "- name: x\n", "(top level)"),
+    ("top-level-scalar", "just words\n", "(top level)"),
+    ("empty-file", "", "(top level)"),
+    ("unknown-top-key", yaml.safe_dump({**VALID, "bsae": {}}), "bsae: unknown key"),
+    ("unknown-section", mutated("base.optimizer", {"lr": 1}), "optimizer"),
+    ("unknown-key", mutated("base.model.zdim", 4), "model.zdim"),
+    ("section-not-mapping", mutated("base.train", [1, 2]), "train"),
+    # wrong types
+    ("z-dim-text", mutated("base.model.z_dim", "ten"), "model.z_dim"),
+    ("z-dim-float", mutated("base.model.z_dim", 4.5), "model.z_dim"),
+    ("z-dim-bool", mutated("base.model.z_dim", True), "model.z_dim"),
+    ("epochs-list", mutated("base.train.epochs", [3]), "train.epochs"),
+    ("lr-text", mutated("base.train.lr", "fast"), "train.lr"),
+    ("beta-dict", mutated("base.loss.beta", {"a": 1}), "loss.beta"),
+    ("hidden-text", mutated("base.model.hidden", "400"), "model.hidden"),
+    ("hidden-nested", mutated("base.model.hidden", [[400]]), "model.hidden"),
+    ("download-text", mutated("base.data.download", "sometimes"), "data.download"),
+    ("seed-float", mutated("base.train.seed", 1.5), "train.seed"),
+    # bad enum names
+    ("arch", mutated("base.model.arch", "transformer"), "model.arch"),
+    ("likelihood", mutated("base.loss.likelihood", "poisson"), "loss.likelihood"),
+    ("dataset", mutated("base.data.dataset", "imagenet"), "data.dataset"),
+    ("device", mutated("base.train.device", "tpu"), "train.device"),
+    ("schedule", mutated("base.loss.kl_schedule", "exponential"), "loss.kl_schedule"),
+    ("precision", mutated("base.train.precision", "fp8"), "train.precision"),
+    ("nan-policy", mutated("base.train.nan_policy", "ignore"), "train.nan_policy"),
+    ("search-kind", mutated("search.kind", "random"), "search.kind"),
+    ("sampler", optuna({"sampler": "annealing", "params": {"loss.beta": {"low": 0.1, "high": 2}}}),
+     "search.sampler"),
+    ("pruner", optuna({"pruner": "always", "params": {"loss.beta": {"low": 0.1, "high": 2}}}), "search.pruner"),
+    ("metric-test-leak", mutated("search.metric", "test/elbo"), "search.metric"),
+    # negative, zero and huge sizes
+    ("z-dim-zero", mutated("base.model.z_dim", 0), "model.z_dim"),
+    ("z-dim-negative", mutated("base.model.z_dim", -3), "model.z_dim"),
+    ("z-dim-huge", mutated("base.model.z_dim", 10**12), "model.z_dim"),
+    ("batch-negative", mutated("base.train.batch_size", -64), "train.batch_size"),
+    ("epochs-huge", mutated("base.train.epochs", 10**30), "train.epochs"),
+    ("lr-zero", mutated("base.train.lr", 0.0), "train.lr"),
+    ("lr-inf", mutated("base.train.lr", float("inf")), "train.lr"),
+    ("lr-nan", mutated("base.train.lr", float("nan")), "train.lr"),
+    ("beta-negative", mutated("base.loss.beta", -1.0), "loss.beta"),
+    ("hidden-zero", mutated("base.model.hidden", [0]), "model.hidden"),
+    ("hidden-empty", mutated("base.model.hidden", []), "model.hidden"),
+    ("val-fraction", mutated("base.data.val_fraction", 1.5), "data.val_fraction"),
+    ("seed-negative", mutated("base.train.seed", -1), "train.seed"),
+    ("iw-huge", mutated("base.eval.iw_samples", 10**9), "eval.iw_samples"),
+    ("stack-zero", mutated("search.stack", 0), "search.stack"),
+    # empty or broken searches
+    ("grid-empty-params", mutated("search.params", {}), "search.params"),
+    ("grid-empty-list", mutated("search.params", {"loss.beta": []}), "search.params.loss.beta"),
+    ("grid-bad-value", mutated("search.params", {"loss.beta": [1.0, "big"]}), "search.params.loss.beta[1]"),
+    ("grid-repeated", mutated("search.params", {"loss.beta": [1.0, 1.0]}), "search.params.loss.beta"),
+    ("grid-unknown-key", mutated("search.params", {"model.depth": [1, 2]}), "search.params.model.depth"),
+    ("grid-seed-key", mutated("search.params", {"train.seed": [1, 2]}), "search.params.train.seed"),
+    ("seeds-empty", mutated("search.seeds", []), "search.seeds"),
+    ("seeds-repeated", mutated("search.seeds", [1, 1]), "search.seeds"),
+    ("search-unknown-key", mutated("search.trials", 3), "search.trials"),
+    ("optuna-no-trials", yaml.safe_dump({**VALID, "search": {"kind": "optuna", "params": {"loss.beta": {
+        "low": 0.1, "high": 2}}}}), "search.n_trials"),
+    ("optuna-low-above-high", optuna({"params": {"loss.beta": {"low": 5, "high": 1}}}), "search.params.loss.beta"),
+    ("optuna-log-zero", optuna({"params": {"loss.beta": {"low": 0, "high": 1, "log": True}}}),
+     "search.params.loss.beta"),
+    ("optuna-trials-zero", optuna({"n_trials": 0, "params": {"loss.beta": {"low": 0.1, "high": 2}}}),
+     "search.n_trials"),
+]
+
+
+def test_the_corpus_is_big_enough():
+    assert len(CASES) >= 50
+    assert len({case_id for case_id, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("text", "names"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_a_bad_spec_is_one_line_exit_2_and_writes_nothing(text: str, names: str, tmp_path: Path, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "bad.yaml").write_text(text)
+    for command in ("train", "sweep"):
+        assert cli.main([command, "bad"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("vaelab: error: "), err
+        assert names in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments"]  # no runs/, no studies/
+
+
+# ---- hypothesis: random damage to a valid spec ------------------------------------------------------------
+
+JUNK = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.lists(st.one_of(st.integers(-5, 500), st.text(max_size=4)), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+
+
+def _leaf_paths(node, prefix=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaf_paths(value, (*prefix, key))
+    yield prefix
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_damaged_specs_are_accepted_or_refused_with_a_path(data):
+    spec = copy.deepcopy(VALID)
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _leaf_paths(spec) if p]
+        path = data.draw(st.sampled_from(paths))
+        node = spec
+        for part in path[:-1]:
+            node = node[part]
+        if data.draw(st.booleans()):
+            node[path[-1]] = data.draw(JUNK)
+        elif isinstance(node, dict):
+            node[data.draw(st.text(min_size=1, max_size=8))] = data.draw(JUNK)
+    try:
+        parse_spec(spec)
+    except SpecError as err:
+        message = str(err)
+        assert "\n" not in message
+        head = message.split(":", 1)[0]
+        assert head and ":" in message, message
