@@ -40,6 +40,17 @@ def _running_worker_pids(tmp_path: Path, path: Path) -> list[int]:
             if t.state == TrialState.RUNNING and WORKER in t.user_attrs]
 
 
+def _wait_for_running_workers(tmp_path: Path, path: Path, command) -> list[int]:
+    """Pids of workers holding a RUNNING trial, once there are any (workers take seconds to start)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and command.poll() is None:
+        pids = _running_worker_pids(tmp_path, path)
+        if pids:
+            return pids
+        time.sleep(0.5)
+    return []
+
+
 @pytest.mark.slow
 def test_soak_200_trials_over_4_workers_with_random_kills(tmp_path: Path, mnist_root: Path):
     seeds = list(range(20))
@@ -51,12 +62,12 @@ def test_soak_200_trials_over_4_workers_with_random_kills(tmp_path: Path, mnist_
     while rounds < 30:
         rounds += 1
         command = vaelab(tmp_path, "sweep", str(path), "--workers", "4", "--no-progress")
-        # Kill one to three running workers at random moments, then let the round finish.
-        for _ in range(rng.randint(1, 3)):
-            time.sleep(rng.uniform(2.0, 8.0))
-            pids = _running_worker_pids(tmp_path, path)
-            if command.poll() is not None or not pids:
+        # Kill three to six workers at random moments while they run trials, then let the round finish.
+        for _ in range(rng.randint(3, 6)):
+            pids = _wait_for_running_workers(tmp_path, path, command)
+            if not pids:
                 break
+            time.sleep(rng.uniform(0.0, 5.0))
             try:
                 os.kill(rng.choice(pids), signal.SIGKILL)
                 kills += 1
