@@ -24,8 +24,9 @@ def test_quick_bench_writes_results_with_every_workload(tmp_path: Path):
     for heading in ("## One epoch", "## Sweep throughput", "## Tracking and figures overhead"):
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| cpu ")]
-    epoch_rows = [r for r in rows if "train." in r or "default" in r][:3]
-    assert len(epoch_rows) == 3
+    # The epoch table comes first: default, compile, bf16, compile + bf16; then the two sweep rows.
+    epoch_rows, sweep_rows = rows[:4], rows[4:]
+    assert len(epoch_rows) == 4 and len(sweep_rows) == 2
     for row in epoch_rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         mine, base, speedup, my_loss, base_loss = map(float, cells[2:7])
