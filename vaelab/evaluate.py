@@ -17,6 +17,10 @@ from vaelab.objectives import KLWeighting, vae_terms
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
+# What split_terms reports, in order (stacked validation reports the same).
+SPLIT_TERMS = ("loss", "recon", "kl", "elbo", "mse")
+
+
 @torch.inference_mode()
 def split_terms(
     model: VAE, split: Split, likelihood: Likelihood, beta: float | KLWeighting, batch_size: int,
@@ -36,7 +40,7 @@ def split_terms(
         totals += batch.sum(1).double()
     model.train(was_training)
     means = (totals / len(split)).tolist()  # one host sync for the whole split
-    return dict(zip(("loss", "recon", "kl", "elbo", "mse"), means, strict=False))
+    return dict(zip(SPLIT_TERMS, means, strict=True))
 
 
 @torch.inference_mode()

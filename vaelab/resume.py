@@ -15,7 +15,7 @@ import fcntl
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -48,9 +48,7 @@ class TrainState:
     stale: int
     run_id: str = ""  # the MLflow run to continue
     run_hash: str = ""
-    lr: float | None = None  # the learning rate in force (nan_policy: retry may have lowered it)
-    retried: bool = False
-    extra: dict = field(default_factory=dict)
+    retried: bool = False  # nan_policy: retry has used its one rollback
 
 
 def state_dir(root: Path, experiment: str, run_hash: str) -> Path:

@@ -180,10 +180,11 @@ def run(
     model = init_model(run_spec, data.shape, device)
     flight = preflight.check(model, data.shape, run_spec.train.batch_size, device)
     tags = _tags(run_spec, data, device, flight, extra_tags)
-    folder = state_dir(tracker.resume_root, experiment, run_spec.hash())
+    run_hash = tags["vaelab.run_hash"]
+    folder = state_dir(tracker.resume_root, experiment, run_hash)
     with holding(folder):
         started = time.perf_counter()
-        prior = load_state(folder, run_spec.hash())
+        prior = load_state(folder, run_hash)
         tracked = tracker.reopen_run(prior.run_id) if prior is not None else None
         if tracked is None:  # nothing to resume (or its MLflow run is gone): a fresh run
             prior = None
@@ -199,7 +200,7 @@ def run(
             snapshots = _epoch_figures(run_spec, model, data, tracked)
 
             def save(state: TrainState) -> None:
-                state.run_id, state.run_hash = tracked.run_id, run_spec.hash()
+                state.run_id, state.run_hash = tracked.run_id, run_hash
                 save_state(folder, state)
 
             result = fit(run_spec, model, data, callbacks=[timed.log_epoch, snapshots, *(epoch_callbacks or [])],

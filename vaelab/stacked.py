@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from vaelab.data import ImageData
 from vaelab.data.augment import augment_batch
+from vaelab.evaluate import SPLIT_TERMS
 from vaelab.models import VAE
 from vaelab.objectives import KLWeighting, kl_per_dimension, kl_weighting
 from vaelab.spec import RunSpec, flatten
 from vaelab.step import MaybeCompiled
-from vaelab.train import NonFiniteLossError, RunResult, denormals_flushed
+from vaelab.train import NonFiniteLossError, RunResult, denormals_flushed, non_finite_reason, train_metrics
 
 # The keys members may differ in; everything else is shared by the stack.
 STACKABLE_KEYS = ("loss.beta", "train.seed", "train.lr")
@@ -110,7 +111,6 @@ class _Member:
     noise_gen: torch.Generator
     best_state: dict[str, Tensor]
     outcome: MemberResult = field(default_factory=MemberResult)
-    stale: int = 0
     done: bool = False
 
 
@@ -142,16 +142,21 @@ def _kl_weights(members: list[_Member], t: float, device) -> Tensor | None:
     return torch.tensor([m.weighting.weight(t) for m in members], device=device).unsqueeze(1)
 
 
+def _losses(members: list[_Member], recon: Tensor, kl: Tensor, t: float, weights: Tensor | None) -> Tensor:
+    """(K, N) per-example training losses; `weights` from _kl_weights, vectorised when there are some."""
+    if weights is not None:
+        return recon + weights * kl
+    return torch.stack([m.weighting.per_example(recon[i], kl[i], t) for i, m in enumerate(members)])
+
+
 def _objective_and_loss(members: list[_Member], recon: Tensor, kl_dims: Tensor, t: float) -> tuple[Tensor, Tensor]:
     """The sum of the members' training objectives (their gradients stay apart: each
     depends on its own slice only) and the (K, N) per-example losses."""
-    kl = kl_dims.sum(2)
     weights = _kl_weights(members, t, recon.device)
+    loss = _losses(members, recon, kl_dims.sum(2), t, weights)
     if weights is not None:
-        loss = recon + weights * kl
         return loss.mean(1).sum(), loss.detach()
     objective = sum(m.weighting.objective(recon[i], kl_dims[i], t) for i, m in enumerate(members))
-    loss = torch.stack([m.weighting.per_example(recon[i], kl[i], t) for i, m in enumerate(members)])
     return objective, loss.detach()
 
 
@@ -178,6 +183,7 @@ def _validate(forward, params, buffers, members, likelihood, data: ImageData, ba
     device = data.val.x.device
     gens = [torch.Generator(device=device).manual_seed(m.run.train.seed + 2) for m in members]
     shared_images = vmap(forward, in_dims=(0, 0, None, 0, None))
+    weights = _kl_weights(members, math.inf, device)  # validation uses the schedule's final form
     totals = torch.zeros(len(members), 5, dtype=torch.float64, device=device)
     with torch.no_grad():
         for start in range(0, len(data.val), batch_size):
@@ -186,9 +192,7 @@ def _validate(forward, params, buffers, members, likelihood, data: ImageData, ba
             recon = -likelihood.log_prob(x.expand(len(members), *x.shape).flatten(0, 1), out.flatten(0, 1))
             recon = recon.view(len(members), -1)
             kl = kl_per_dimension(mu, logvar).sum(2)
-            weights = _kl_weights(members, math.inf, device)
-            loss = recon + weights * kl if weights is not None else torch.stack(
-                [m.weighting.per_example(recon[i], kl[i]) for i, m in enumerate(members)])
+            loss = _losses(members, recon, kl, math.inf, weights)
             mse = (likelihood.mean(out) - x).pow(2).flatten(2).mean(2)
             totals += torch.stack([loss, recon, kl, recon + kl, mse], 1).sum(2).double()
     return (totals / len(data.val)).tolist()
@@ -272,24 +276,19 @@ def fit_stack(
 
 def _end_epoch(m: _Member, i: int, epoch: int, n_batches: int, train_means, val_means, epoch_s: float,
                params, buffers, callbacks) -> None:
-    loss, recon, kl = train_means
-    metrics = {"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/elbo": recon + kl}
-    last_step = epoch - 1 / n_batches
-    if m.weighting.schedule == "capacity":
-        metrics["train/capacity"] = m.weighting.capacity(last_step)
-    else:
-        metrics["train/kl_weight"] = m.weighting.weight(last_step)
-    # The stack's wall time: every member shared the whole of it.
-    metrics["time/epoch_s"] = epoch_s
-    metrics.update({f"val/{name}": v for name, v in zip(("loss", "recon", "kl", "elbo", "mse"), val_means,
-                                                         strict=True)})
+    """Member i's epoch as fit() would end it: metrics, non-finite check, callbacks, early stopping."""
+    metrics = train_metrics(m.weighting, epoch, n_batches, *train_means)
+    metrics["time/epoch_s"] = epoch_s  # the stack's wall time: every member shared the whole of it
+    metrics.update({f"val/{name}": v for name, v in zip(SPLIT_TERMS, val_means, strict=True)})
     result = m.outcome.result
-    bad = [key for key, v in metrics.items() if not math.isfinite(v)]
-    if bad:
-        m.outcome.error = NonFiniteLossError(f"non-finite {', '.join(bad)} at epoch {epoch} (try a lower train.lr)")
+    reason = non_finite_reason(metrics, epoch)
+    if reason:
+        m.outcome.error = NonFiniteLossError(f"{reason} (try a lower train.lr)")
         m.done = True
         return
-    result.history.append(metrics)
+    if result.observe(epoch, metrics, m.run.train.patience):
+        m.best_state = {**{n: p[i].detach().clone() for n, p in params.items()},
+                        **{n: b[i].clone() for n, b in buffers.items()}}
     try:
         for callback in callbacks:
             callback(epoch, metrics)
@@ -299,15 +298,4 @@ def _end_epoch(m: _Member, i: int, epoch: int, n_batches: int, train_means, val_
         m.outcome.error = err
         m.done = True
         return
-    if metrics["val/loss"] < result.best_val_loss:
-        result.best_val_loss, result.best_epoch, m.stale = metrics["val/loss"], epoch, 0
-        m.best_state = {**{n: p[i].detach().clone() for n, p in params.items()},
-                        **{n: b[i].clone() for n, b in buffers.items()}}
-    else:
-        m.stale += 1
-        patience = m.run.train.patience
-        if patience is not None and m.stale >= patience:
-            result.stopped_early = True
-            m.done = True
-    if epoch >= m.run.train.epochs:
-        m.done = True
+    m.done = result.stopped_early or epoch >= m.run.train.epochs

@@ -288,13 +288,22 @@ class Sweep:
         return 1
 
     # ---- work: claim and run trials -----------------------------------------------------------
-    def _claim(self, trial_id: int) -> Trial | None:
-        """Trial `trial_id` if this worker won it from WAITING, else None."""
-        if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-            return None
-        claimed = Trial(self.study, trial_id)
+    def _mark_mine(self, trial_id: int) -> None:
         self.storage.set_trial_user_attr(trial_id, WORKER, worker_id())
         self.storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+
+    def _claim(self, trial_id: int) -> Trial | None:
+        """Trial `trial_id` if this worker won it from WAITING and it is not the younger
+        twin of a point another trial holds (that one is failed as a duplicate); else None."""
+        if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+            return None
+        self._mark_mine(trial_id)
+        claimed = Trial(self.study, trial_id)
+        twin = self._older_twin(claimed)
+        if twin is not None:
+            self.storage.set_trial_user_attr(trial_id, DUPLICATE, twin)
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            return None
         return claimed
 
     def _claim_waiting(self) -> Trial | None:
@@ -317,14 +326,8 @@ class Sweep:
             if mate is None or stack_key(mate.run) != key:
                 continue
             claimed = self._claim(trial._trial_id)
-            if claimed is None:
-                continue
-            twin = self._older_twin(claimed)
-            if twin is not None:
-                self.storage.set_trial_user_attr(claimed._trial_id, DUPLICATE, twin)
-                self.storage.set_trial_state_values(claimed._trial_id, TrialState.FAIL)
-                continue
-            group.append(claimed)
+            if claimed is not None:
+                group.append(claimed)
         return group
 
     def _older_twin(self, trial: Trial) -> int | None:
@@ -342,17 +345,11 @@ class Sweep:
             self.reap_dead()
             trial = self._claim_waiting()
             if trial is not None:
-                twin = self._older_twin(trial)
-                if twin is None:
-                    return trial
-                self.storage.set_trial_user_attr(trial._trial_id, DUPLICATE, twin)
-                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                continue
+                return trial
             counts = self.counts()
             if not self.points and counts.done + counts.running + counts.waiting < self.total:
                 trial = self.study.ask()  # an Optuna search: the sampler proposes the next point
-                self.storage.set_trial_user_attr(trial._trial_id, WORKER, worker_id())
-                self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
+                self._mark_mine(trial._trial_id)
                 return trial
             if counts.running == 0:
                 return None

@@ -15,8 +15,6 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -170,18 +168,6 @@ class Tracker:
             if found is None:
                 raise
             return found.experiment_id
-
-    @contextmanager
-    def start_run(self, experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> Iterator[TrackedRun]:
-        """A run that ends FINISHED, or FAILED with a `failure_reason` tag if the
-        body raises (KILLED on Ctrl-C)."""
-        run = self.open_run(experiment, run_name, tags)
-        try:
-            yield run
-        except BaseException as err:
-            self.end_run(run, err)
-            raise
-        self.end_run(run)
 
     def open_run(self, experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> TrackedRun:
         """A RUNNING run; the caller ends it with `end_run` (stacked runs end one by one)."""

@@ -66,11 +66,40 @@ class RunResult:
     best_epoch: int = 0
     best_val_loss: float = math.inf
     stopped_early: bool = False
+    stale: int = 0  # epochs since val/loss last improved
     notes: list[str] = field(default_factory=list)  # resumed, rolled back: said on the MLflow run
 
     @property
     def epochs_run(self) -> int:
         return len(self.history)
+
+    def observe(self, epoch: int, metrics: dict[str, float], patience: int | None) -> bool:
+        """Record an epoch; True if its val/loss is the best so far (keep its weights).
+        Sets stopped_early once `patience` epochs have passed without improvement."""
+        self.history.append(metrics)
+        if metrics["val/loss"] < self.best_val_loss:
+            self.best_val_loss, self.best_epoch, self.stale = metrics["val/loss"], epoch, 0
+            return True
+        self.stale += 1
+        self.stopped_early = patience is not None and self.stale >= patience
+        return False
+
+
+def non_finite_reason(metrics: dict[str, float], epoch: int) -> str | None:
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    return f"non-finite {', '.join(bad)} at epoch {epoch}" if bad else None
+
+
+def train_metrics(weighting: KLWeighting, epoch: int, n_batches: int, loss: float, recon: float,
+                  kl: float) -> dict[str, float]:
+    """An epoch's train/* metrics from its mean terms, with the KL schedule's value in its last step."""
+    metrics = {"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/elbo": recon + kl}
+    last_step = epoch - 1 / n_batches
+    if weighting.schedule == "capacity":
+        metrics["train/capacity"] = weighting.capacity(last_step)
+    else:
+        metrics["train/kl_weight"] = weighting.weight(last_step)
+    return metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,6 +128,18 @@ def denormals_flushed() -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+@contextmanager
+def _training_session() -> Iterator[None]:
+    """While fit() trains: request_stop() applies to it, and subnormals are flushed."""
+    _stop.clear()
+    _training.set()
+    try:
+        with denormals_flushed():
+            yield
+    finally:
+        _training.clear()
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -130,34 +171,28 @@ def _train_epoch(model, optimizer, data: ImageData, step_terms: StepTerms, weigh
         loss = weighting.per_example(recon, kl, progress)
         sums += torch.stack([loss.sum(), recon.sum(), kl.sum()]).detach()
         bar.update(1)
-    loss, recon, kl = (sums / len(data.train)).tolist()
-    metrics = {"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/elbo": recon + kl}
-    last_step = epoch - 1 / n_batches  # the schedule's value in the epoch's last step
-    if weighting.schedule == "capacity":
-        metrics["train/capacity"] = weighting.capacity(last_step)
-    else:
-        metrics["train/kl_weight"] = weighting.weight(last_step)
-    return metrics
+    return train_metrics(weighting, epoch, n_batches, *(sums / len(data.train)).tolist())
 
 
-def _snapshot(epoch: int, model, optimizer, batch_gen, noise_gen, result: RunResult, best_state, stale: int,
+def _snapshot(epoch: int, model, optimizer, batch_gen, noise_gen, result: RunResult, best_state,
               retried: bool) -> TrainState:
     """A copy of everything the next epoch depends on (the live tensors keep changing)."""
     return TrainState(
         epoch=epoch, model=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(optimizer.state_dict()),
         batch_gen=batch_gen.get_state(), noise_gen=noise_gen.get_state(), history=list(result.history),
-        best_epoch=result.best_epoch, best_val_loss=result.best_val_loss, best_state=best_state, stale=stale,
-        lr=optimizer.param_groups[0]["lr"], retried=retried)
+        best_epoch=result.best_epoch, best_val_loss=result.best_val_loss, best_state=best_state,
+        stale=result.stale, retried=retried)
 
 
-def _restore(state: TrainState, model, optimizer, batch_gen, noise_gen, result: RunResult):
+def _restore(state: TrainState, model, optimizer, batch_gen, noise_gen, result: RunResult) -> dict:
+    """Put everything back as it was after `state.epoch`; returns the best weights so far."""
     model.load_state_dict(state.model)
-    optimizer.load_state_dict(state.optimizer)
+    optimizer.load_state_dict(state.optimizer)  # its lr too, lowered if a retry happened
     batch_gen.set_state(state.batch_gen)
     noise_gen.set_state(state.noise_gen)
     result.history = list(state.history)
-    result.best_epoch, result.best_val_loss = state.best_epoch, state.best_val_loss
-    return copy.deepcopy(state.best_state), state.stale
+    result.best_epoch, result.best_val_loss, result.stale = state.best_epoch, state.best_val_loss, state.stale
+    return copy.deepcopy(state.best_state)
 
 
 def fit(
@@ -190,19 +225,17 @@ def fit(
     n_batches = math.ceil(len(data.train) / train.batch_size)
     result = RunResult()
     best_state = copy.deepcopy(model.state_dict())
-    stale, retried, epoch = 0, False, 1
+    retried, epoch = False, 1
     if resume is not None:
-        best_state, stale = _restore(resume, model, optimizer, batch_gen, noise_gen, result)
+        best_state = _restore(resume, model, optimizer, batch_gen, noise_gen, result)
         retried, epoch = resume.retried, resume.epoch + 1
         result.notes.append(f"resumed after epoch {resume.epoch}")
-    keep_snapshots = train.nan_policy == "retry" or (save_state is not None and train.checkpoint_every > 0)
-    last_good = resume
-    if last_good is None and keep_snapshots:
-        last_good = _snapshot(0, model, optimizer, batch_gen, noise_gen, result, best_state, stale, retried)
-    _stop.clear()
-    _training.set()
-    torch.set_flush_denormal(True)  # as denormals_flushed(), without indenting the loop once more
-    try:
+    retry_on_nan = train.nan_policy == "retry"
+    saving = save_state is not None and train.checkpoint_every > 0
+    last_good = resume  # the rollback point of nan_policy: retry
+    if last_good is None and retry_on_nan:
+        last_good = _snapshot(0, model, optimizer, batch_gen, noise_gen, result, best_state, retried)
+    with _training_session():
         while epoch <= train.epochs:
             model.train()
             with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs}", unit="batch",
@@ -215,42 +248,32 @@ def fit(
                 val = split_terms(model, data.val, likelihood, weighting, run_spec.eval.batch_size, val_gen)
                 metrics.update({f"val/{k}": v for k, v in val.items()})
                 bar.set_postfix({k: f"{metrics[k]:.2f}" for k in ("train/loss", "val/loss")})
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-            if bad:
-                reason = f"non-finite {', '.join(bad)} at epoch {epoch}"
-                if train.nan_policy == "retry" and not retried and last_good is not None:
-                    old_lr = optimizer.param_groups[0]["lr"]
-                    best_state, stale = _restore(last_good, model, optimizer, batch_gen, noise_gen, result)
-                    for group in optimizer.param_groups:
-                        group["lr"] = old_lr / 10
-                    retried, epoch = True, last_good.epoch + 1
-                    result.notes.append(f"{reason}: rolled back to epoch {last_good.epoch}, "
-                                        f"train.lr {old_lr:g} -> {old_lr / 10:g}")
-                    continue
+            reason = non_finite_reason(metrics, epoch)
+            if reason and retry_on_nan and not retried:
+                old_lr = optimizer.param_groups[0]["lr"]
+                best_state = _restore(last_good, model, optimizer, batch_gen, noise_gen, result)
+                for group in optimizer.param_groups:
+                    group["lr"] = old_lr / 10
+                retried, epoch = True, last_good.epoch + 1
+                result.notes.append(f"{reason}: rolled back to epoch {last_good.epoch}, "
+                                    f"train.lr {old_lr:g} -> {old_lr / 10:g}")
+                continue
+            if reason:
                 raise NonFiniteLossError(f"{reason} (try a lower train.lr"
-                                         f"{'' if train.nan_policy == 'retry' else ', or train.nan_policy: retry'})")
-            result.history.append(metrics)
+                                         f"{'' if retry_on_nan else ', or train.nan_policy: retry'})")
+            if result.observe(epoch, metrics, train.patience):
+                best_state = copy.deepcopy(model.state_dict())
             for callback in callbacks or []:
                 callback(epoch, metrics)
-            if metrics["val/loss"] < result.best_val_loss:
-                result.best_val_loss, result.best_epoch, stale = metrics["val/loss"], epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if train.patience is not None and stale >= train.patience:
-                    result.stopped_early = True
-                    break
-            if keep_snapshots:
-                last_good = _snapshot(epoch, model, optimizer, batch_gen, noise_gen, result, best_state, stale,
-                                      retried)
-                if save_state is not None and train.checkpoint_every and epoch % train.checkpoint_every == 0:
-                    save_state(last_good)
+            if result.stopped_early:
+                break
+            save_now = saving and epoch % train.checkpoint_every == 0
+            if retry_on_nan or save_now:
+                last_good = _snapshot(epoch, model, optimizer, batch_gen, noise_gen, result, best_state, retried)
+            if save_now:
+                save_state(last_good)
             if _stop.is_set() and epoch < train.epochs:
-                _stop.clear()
                 raise StopRequested(f"stopped after epoch {epoch} on request; the same command resumes it")
             epoch += 1
-    finally:
-        _training.clear()
-        torch.set_flush_denormal(False)
     model.load_state_dict(best_state)
     return result
