@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vaelab import cli
 from vaelab.checks import SpecError
-from vaelab.spec import parse_spec
+from vaelab.spec import SECTIONS, parse_spec
 
 VALID = {
     "name": "hostile",
@@ -168,7 +168,8 @@ def _leaf_paths(node, prefix=()):
     yield prefix
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same 300 examples every time (a failure is reproducible, never flaky).
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_damaged_specs_are_accepted_or_refused_with_a_path(data):
     spec = copy.deepcopy(VALID)
@@ -187,5 +188,7 @@ def test_damaged_specs_are_accepted_or_refused_with_a_path(data):
     except SpecError as err:
         message = str(err)
         assert "\n" not in message
-        head = message.split(":", 1)[0]
-        assert head and ":" in message, message
+        # It starts with where the problem is: a top-level key of this spec (possibly one the damage
+        # added, control characters escaped as SpecError does), a run section (model.z_dim), or the top level.
+        places = {str(SpecError(str(key))) for key in spec} | set(SECTIONS) | {"(top level)"}
+        assert any(message.startswith(place) for place in places), message
