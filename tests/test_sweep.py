@@ -3,6 +3,7 @@ reachable) and real MLflow stores, with real tiny training runs."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -203,15 +205,45 @@ def test_two_local_workers_share_one_study(tmp_path: Path, mnist_root: Path):
     assert "4 complete" in output
 
 
-def postgres_url() -> str:
-    url = os.environ.get("VAELAB_TEST_POSTGRES", "")
-    if not url:
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """An empty database of its own on the test server, as a new team's would be: Optuna
+    creates its tables on first use, and workers starting together race to do it."""
+    server = os.environ.get("VAELAB_TEST_POSTGRES", "")
+    if not server:
         pytest.skip("no PostgreSQL for tests (.ci/run starts one and sets VAELAB_TEST_POSTGRES)")
-    return url
+    import psycopg
+
+    name = f"vaelab_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield server.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-def test_workers_share_a_postgresql_study(tmp_path: Path, mnist_root: Path):
-    url = postgres_url()
+def _open_together(barrier, url: str, spec_path: str) -> None:
+    from vaelab.sweep import open_storage
+
+    barrier.wait()  # all processes reach the empty database at once
+    open_storage(load_spec(Path(spec_path)), url)
+
+
+def test_workers_starting_together_on_an_empty_database_all_connect(tmp_path: Path, mnist_root: Path,
+                                                                    postgres_url: str):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(4)
+    workers = [context.Process(target=_open_together, args=(barrier, postgres_url, str(path))) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * 4
+
+
+def test_workers_share_a_postgresql_study(tmp_path: Path, mnist_root: Path, postgres_url: str):
+    url = postgres_url
     name = f"pg_{uuid.uuid4().hex[:10]}"
     path = write_spec(tmp_path, mnist_root, GRID, name=name)
     # Two separate `vaelab worker` processes, as on two machines, sharing the database and the MLflow store.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import socket
 import threading
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -68,14 +70,32 @@ def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR):
     if url:
         if url.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql", "sqlite"):
             raise SweepError(f"--storage: expected an RDB URL (postgresql://, mysql://, sqlite:///), got {url!r}")
-        try:
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        except Exception as err:
-            raise SweepError(f"--storage {url}: cannot connect ({str(err).splitlines()[0]})") from None
+        return _open_rdb(url)
     folder = study_dir(spec.name, root)
     folder.mkdir(parents=True, exist_ok=True)
     path = str(folder / "optuna.journal")
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def _open_rdb(url: str, attempts: int = 8) -> RDBStorage:
+    """Optuna creates its tables on first use; workers that start together on an empty
+    database race to create them, and the losers get a unique violation (PostgreSQL's
+    DDL takes no lock on a table that does not exist yet). The winner has committed by
+    then, so a loser that tries again finds the tables."""
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except sqlalchemy.exc.IntegrityError as err:
+            if attempt == attempts - 1:
+                raise SweepError(f"--storage {url}: cannot create Optuna's tables ({_first_line(err)})") from None
+            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+        except Exception as err:
+            raise SweepError(f"--storage {url}: cannot connect ({_first_line(err)})") from None
+    raise AssertionError("unreachable")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _sampler(search: OptunaSearch | GridSearch, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
