@@ -5,6 +5,7 @@ Real processes, real signals, real MLflow stores."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -122,6 +123,37 @@ def test_sigkill_mid_run_resumes_into_the_same_mlflow_run(tmp_path: Path, bigger
     assert int(record.data.tags["vaelab.resumed_from_epoch"]) >= saved
     assert_same_as(client, record, reference(spec, tmp_path))
     assert not list((tmp_path / "runs" / "resume").rglob("state.pt"))  # a finished run leaves no state
+
+
+def _die_after_logging(spec_path: str, store: str, epoch: int) -> None:
+    """A run whose process vanishes after epoch `epoch` is logged but before its state is saved."""
+
+    def vanish(done: int, metrics: dict) -> None:
+        if done == epoch:
+            os._exit(9)
+
+    run_spec = with_values(load_spec(Path(spec_path)).base, {"train.epochs": 6})
+    run_once(run_spec, "resume_demo", Tracker(store), show_progress=False, epoch_callbacks=[vanish])
+
+
+def test_epochs_logged_before_a_kill_are_not_logged_twice_on_resume(tmp_path: Path, mnist_root: Path):
+    spec = write_spec(tmp_path, mnist_root)
+    store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    child = multiprocessing.get_context("spawn").Process(target=_die_after_logging, args=(str(spec), store, 3))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == 9
+    client, killed = only_run(tmp_path)
+    assert max(m.step for m in client.get_metric_history(killed.info.run_id, "val/loss")) == 3
+    assert torch.load(state_file(tmp_path), weights_only=True)["epoch"] == 2  # epoch 3 runs again
+
+    run_spec = with_values(load_spec(spec).base, {"train.epochs": 6})
+    run_once(run_spec, "resume_demo", Tracker(store), show_progress=False)
+    client, record = only_run(tmp_path)
+    assert record.info.run_id == killed.info.run_id and record.info.status == "FINISHED"
+    for key in ("val/loss", "train/loss", "train/kl"):
+        steps = [m.step for m in client.get_metric_history(record.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3, 4, 5, 6], key
 
 
 def test_ctrl_c_finishes_the_epoch_then_the_run_resumes(tmp_path: Path, bigger_mnist: Path):

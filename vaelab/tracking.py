@@ -97,9 +97,12 @@ def _param_text(value: Any) -> str:
 class TrackedRun:
     """Handle on one MLflow run; all writes go through MlflowClient."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, logged_through: int = 0):
         self.client = client
         self.run_id = run_id
+        # A resumed run repeats the epochs after its last saved state; those it had
+        # already logged before it was killed are not logged a second time.
+        self.logged_through = logged_through
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -121,7 +124,8 @@ class TrackedRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.log_metrics(metrics, step=epoch)
+        if epoch > self.logged_through:
+            self.log_metrics(metrics, step=epoch)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
@@ -210,7 +214,9 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         if FAILURE_TAG in run.data.tags:
             self.client.delete_tag(run_id, FAILURE_TAG)
-        return TrackedRun(self.client, run_id)
+        per_epoch = [key for key in run.data.metrics if key.split("/", 1)[0] in ("train", "val")]
+        steps = [m.step for key in per_epoch for m in self.client.get_metric_history(run_id, key)]
+        return TrackedRun(self.client, run_id, logged_through=max(steps, default=0))
 
     def kill_run(self, run_id: str, reason: str) -> None:
         """Mark a run whose process died as KILLED (no RUNNING leftovers)."""
