@@ -242,6 +242,65 @@ def test_workers_starting_together_on_an_empty_database_all_connect(tmp_path: Pa
     assert [w.exitcode for w in workers] == [0] * 4
 
 
+def _take_lock(url: str, log: str, name: str) -> None:
+    from vaelab.sweep import database_lock
+
+    def write(line: str) -> None:
+        with open(log, "a") as out:
+            out.write(line + "\n")
+
+    write(f"{name} asks")
+    with database_lock(url, "vaelab prepare demo"):
+        write(f"{name} in")
+        if name == "first":  # hold on until the second is waiting, and a moment more
+            while "second asks" not in Path(log).read_text():
+                time.sleep(0.05)
+            time.sleep(1.0)
+        write(f"{name} out")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_database_lock_lets_one_worker_in_at_a_time(tmp_path: Path, backend: str, request):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    log = tmp_path / "order.log"
+    context = multiprocessing.get_context("spawn")
+    first = context.Process(target=_take_lock, args=(url, str(log), "first"))
+    second = context.Process(target=_take_lock, args=(url, str(log), "second"))
+    first.start()
+    while "first in" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.05)
+    second.start()
+    for process in (first, second):
+        process.join(timeout=60)
+    lines = log.read_text().splitlines()
+    assert lines[1:] == ["first in", "second asks", "first out", "second in", "second out"]
+
+
+def _prepare_together(barrier, tmp_path: Path, spec_path: Path, url: str, parents) -> None:
+    sweep = make_sweep(tmp_path, spec_path, storage=url)
+    barrier.wait()  # every worker finds the study with no parent run and no trials yet
+    parents.put(sweep.prepare())
+
+
+def test_workers_preparing_at_once_share_one_parent_run_and_one_trial_per_point(tmp_path: Path, mnist_root: Path,
+                                                                                postgres_url: str):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    make_sweep(tmp_path, path, storage=postgres_url)  # schema, study and MLflow store exist; nothing else does
+    context = multiprocessing.get_context("spawn")
+    barrier, parents = context.Barrier(3), context.Queue()
+    workers = [context.Process(target=_prepare_together, args=(barrier, tmp_path, path, postgres_url, parents))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * 3
+    assert len({parents.get(timeout=5) for _ in workers}) == 1
+    sweep = make_sweep(tmp_path, path, storage=postgres_url)
+    assert len(child_runs(tmp_path, sweep.spec.name)[1]) == 1
+    assert Counter(t.user_attrs[POINT] for t in sweep.trials()) == Counter({p.run.hash(): 1 for p in sweep.points})
+
+
 def test_workers_share_a_postgresql_study(tmp_path: Path, mnist_root: Path, postgres_url: str):
     url = postgres_url
     name = f"pg_{uuid.uuid4().hex[:10]}"

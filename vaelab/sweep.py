@@ -17,6 +17,7 @@ enqueued again; finished trials are never re-run.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import random
 import socket
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
+import sqlalchemy.pool
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -96,6 +99,40 @@ def _open_rdb(url: str, attempts: int = 8) -> RDBStorage:
 
 def _first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+@contextmanager
+def database_lock(url: str, name: str):
+    """A lock that lives in the study's database, so workers on different machines
+    take turns: a PostgreSQL advisory lock or MySQL's GET_LOCK on a connection of its
+    own (the server drops it if the worker dies), or a lock file beside a SQLite file."""
+    address = sqlalchemy.engine.make_url(url)
+    if address.get_backend_name() == "sqlite":
+        if not address.database or address.database == ":memory:":
+            yield
+            return
+        with open(f"{address.database}.vaelab-lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        return
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    engine = sqlalchemy.create_engine(address, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            if address.get_backend_name() == "postgresql":
+                key = int.from_bytes(digest, "big", signed=True)
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                connection.commit()
+                yield
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            else:  # mysql: lock names are at most 64 characters
+                key = f"vaelab-{digest.hex()}"
+                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, -1)"), {"key": key})
+                yield
+                connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": key})
+            connection.commit()
+    finally:
+        engine.dispose()
 
 
 def _sampler(search: OptunaSearch | GridSearch, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -221,12 +258,15 @@ class Sweep:
         return counts
 
     @contextmanager
-    def _local_lock(self):
-        """Serialise `prepare` between local processes (the journal's own lock guards
-        each write, not our read-then-enqueue)."""
-        if self.storage_url or self.search.storage:
-            yield  # shared RDB: twins are resolved at claim time instead
+    def _prepare_lock(self):
+        """Serialise `prepare` between workers: it reads, then creates the parent run and
+        enqueues missing points, and two workers doing that at once make two of each."""
+        url = self.storage_url or self.search.storage
+        if url:
+            with database_lock(url, f"vaelab prepare {self.spec.name}"):
+                yield
             return
+        # The journal's own lock guards each write, not our read-then-enqueue.
         folder = study_dir(self.spec.name, self.studies_root)
         with open(folder / "prepare.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -239,7 +279,7 @@ class Sweep:
     def prepare(self) -> str:
         """Create (or find) the MLflow parent run, re-queue trials of dead workers,
         enqueue grid points that have no trial yet. Safe to call again: that is resume."""
-        with self._local_lock():
+        with self._prepare_lock():
             parent = self._parent_run()
             self.reap_dead()
             if self.points:
