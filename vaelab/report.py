@@ -4,7 +4,7 @@ tables (mean ± std over seeds), a CSV, and figures. Nothing is trained or loade
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ class StudyRuns:
     runs: pd.DataFrame  # child runs (or plain runs), one row each
     parent: pd.Series | None
     swept: list[str]  # dotted keys that vary between configurations (train.seed excluded)
+    ui_base: str = UI_BASE  # where run links point: the tracking server itself, else `make ui`
 
 
 def _outcome(row: pd.Series) -> str:
@@ -127,8 +128,13 @@ def _fmt_param(value) -> str:
     return str(value) if number.is_integer() or len(str(value)) <= 6 else f"{number:.4g}"
 
 
-def _run_link(experiment_id: str, run_id: str) -> str:
-    return f"[{run_id[:8]}]({UI_BASE}/#/experiments/{experiment_id}/runs/{run_id})"
+def ui_base_for(tracking_uri: str) -> str:
+    """A tracking server serves its own UI; a local store is seen through `make ui`."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_BASE
+
+
+def _run_link(study: StudyRuns, run_id: str) -> str:
+    return f"[{run_id[:8]}]({study.ui_base}/#/experiments/{study.experiment_id}/runs/{run_id})"
 
 
 def markdown_table(study: StudyRuns, table: pd.DataFrame) -> str:
@@ -142,7 +148,7 @@ def markdown_table(study: StudyRuns, table: pd.DataFrame) -> str:
             cells[table.index.get_loc(best)] = f"**{cells[table.index.get_loc(best)]}**"
         shown[header] = cells
     shown["n"] = table["n"]
-    shown["runs"] = [" ".join(_run_link(study.experiment_id, r) for r in ids) for ids in table["run_ids"]]
+    shown["runs"] = [" ".join(_run_link(study, r) for r in ids) for ids in table["run_ids"]]
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
@@ -236,7 +242,7 @@ def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Pat
     experiment_id, frame = tracker.runs_table(spec.name)
     if frame is None or frame.empty:
         raise ReportError(f"no runs of '{spec.name}' in {tracker.uri}; run `make sweep EXP={spec.name}` first")
-    study = select_runs(spec.name, experiment_id, frame)
+    study = replace(select_runs(spec.name, experiment_id, frame), ui_base=ui_base_for(tracker.uri))
     if not (study.runs["outcome"] == "finished").any():
         raise ReportError(f"study '{spec.name}' has no finished runs yet ({len(study.runs)} runs in the store)")
     figures_dir = out_dir / "figures"
