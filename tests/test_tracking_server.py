@@ -30,11 +30,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def tracking_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(URL, artifact folder) of an MLflow server that proxies artifacts, as a team would run one."""
-    folder = tmp_path / "server"
-    folder.mkdir()
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """(URL, artifact folder) of an MLflow server that proxies artifacts, as a team would run one
+    (one for this module: it takes ~20 s to start; the tests use experiments of their own)."""
+    folder = tmp_path_factory.mktemp("server")
     url = f"http://127.0.0.1:{free_port()}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
@@ -80,6 +80,8 @@ def test_two_workers_share_a_sweep_through_an_mlflow_server(tmp_path: Path, mnis
     workers = [vaelab(worker_dir, url, "worker", str(path)) for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
+    # vaelab's own lines only: MLflow's per-run "View run" prints would run through the progress bars.
+    assert not [line for o in outputs for line in o.splitlines() if "View run" in line]
 
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("server_demo")
@@ -104,3 +106,22 @@ def test_two_workers_share_a_sweep_through_an_mlflow_server(tmp_path: Path, mnis
     # Run links open the server's own UI.
     assert text.count(f"]({url}/#/experiments/{experiment.experiment_id}/runs/") == 4
     assert (worker_dir / "studies" / "server_demo" / "figures" / "best_reconstructions.png").stat().st_size > 0
+
+
+def test_train_against_a_server_prints_the_runs_address(tmp_path: Path, mnist_root: Path,
+                                                        tracking_server: tuple[str, Path]):
+    url, _ = tracking_server
+    spec = {"name": "server_train", "base": {
+        "data": {"dataset": "mnist", "root": str(mnist_root), "download": False},
+        "model": {"z_dim": 3, "hidden": [32]},
+        "train": {"epochs": 1, "batch_size": 64, "device": "cpu"},
+        "eval": {"iw_samples": 0, "probe": False, "tsne_points": 0},
+    }}
+    path = tmp_path / "server_train.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = vaelab(tmp_path, url, "train", str(path), "--no-progress")
+    output = done.communicate(timeout=300)[0]
+    assert done.returncode == 0, output
+    [run] = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("server_train").experiment_id])
+    address = f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert [line.strip() for line in output.splitlines() if url + "/#" in line] == [address]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from vaelab import report_figures
+from vaelab.tracking import UI_BASE, ui_base_for
 
 # metric -> (column header with its unit, which way is better: "min", "max" or None)
 KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
@@ -25,7 +26,6 @@ KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
     "train/epochs_run": ("epochs", None),
     "time/train_s": ("train time (s)", None),
 }
-UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves
 
 
 class ReportError(ValueError):
@@ -126,11 +126,6 @@ def _fmt_param(value) -> str:
     except (TypeError, ValueError):
         return str(value)
     return str(value) if number.is_integer() or len(str(value)) <= 6 else f"{number:.4g}"
-
-
-def ui_base_for(tracking_uri: str) -> str:
-    """A tracking server serves its own UI; a local store is seen through `make ui`."""
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_BASE
 
 
 def _run_link(study: StudyRuns, run_id: str) -> str:

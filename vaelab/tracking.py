@@ -26,6 +26,15 @@ FAILURE_TAG = "failure_reason"
 for _noisy in ("alembic", "mlflow.store.db.utils"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# With a tracking server MLflow prints a "View run" line per run into stdout, through
+# vaelab's progress bars; vaelab prints the run's address itself (Tracker.run_url).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves a local store
+
+
+def ui_base_for(tracking_uri: str) -> str:
+    """A tracking server serves its own UI; a local store is seen through `make ui`."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_BASE
 
 
 class TrackingError(RuntimeError):
@@ -196,6 +205,11 @@ class Tracker:
             self.client.set_terminated(run.run_id, status=status)
         except Exception as secondary:  # e.g. the disk that failed the run is still full: keep the first error
             logging.getLogger(__name__).warning("could not mark run %s %s: %s", run.run_id, status, secondary)
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI (for a local store, once `make ui` serves it)."""
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        return f"{ui_base_for(self.uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
     @property
     def resume_root(self) -> Path:
