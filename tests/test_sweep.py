@@ -249,6 +249,9 @@ def _take_lock(url: str, log: str, name: str) -> None:
         with open(log, "a") as out:
             out.write(line + "\n")
 
+    if name == "second":  # both processes start at once (imports take seconds); the first goes in first
+        while "first in" not in (Path(log).read_text() if Path(log).exists() else ""):
+            time.sleep(0.05)
     write(f"{name} asks")
     with database_lock(url, "vaelab prepare demo"):
         write(f"{name} in")
@@ -267,8 +270,6 @@ def test_database_lock_lets_one_worker_in_at_a_time(tmp_path: Path, backend: str
     first = context.Process(target=_take_lock, args=(url, str(log), "first"))
     second = context.Process(target=_take_lock, args=(url, str(log), "second"))
     first.start()
-    while "first in" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.05)
     second.start()
     for process in (first, second):
         process.join(timeout=60)
