@@ -125,3 +125,13 @@ def test_train_against_a_server_prints_the_runs_address(tmp_path: Path, mnist_ro
     [run] = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("server_train").experiment_id])
     address = f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     assert [line.strip() for line in output.splitlines() if url + "/#" in line] == [address]
+
+
+def test_printed_addresses_carry_no_credentials():
+    from vaelab.tracking import Tracker, ui_base_for, without_credentials
+
+    assert without_credentials("https://bob:pw@mlflow.example.org:8443/") == "https://mlflow.example.org:8443/"
+    assert ui_base_for("https://bob:pw@mlflow.example.org:8443/") == "https://mlflow.example.org:8443"
+    assert ui_base_for("sqlite:////data/runs/mlflow.db") == "http://127.0.0.1:5000"  # `make ui`
+    # No request is made to build a Tracker for a server, so an address that answers nothing will do.
+    assert Tracker("http://bob:pw@127.0.0.1:1").shown_uri == "http://127.0.0.1:1"

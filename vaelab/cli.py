@@ -45,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     tracker = Tracker(args.tracking_uri)
     outcome = run(spec.base, spec.name, tracker, show_progress=not args.no_progress)
-    print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.uri})")
+    print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.shown_uri})")
     print(f"  {tracker.run_url(outcome.run_id)}" + ("" if tracker.uri.startswith("http") else "  (after `make ui`)"))
     for key in ("test/elbo", "test/recon", "test/kl", "test/nll_iw", "test/bits_per_dim", "test/mse",
                 "test/active_units", "test/probe_acc"):

@@ -236,7 +236,7 @@ def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Pat
     `optuna_figures(folder) -> (markdown lines)` adds the Optuna study's own plots."""
     experiment_id, frame = tracker.runs_table(spec.name)
     if frame is None or frame.empty:
-        raise ReportError(f"no runs of '{spec.name}' in {tracker.uri}; run `make sweep EXP={spec.name}` first")
+        raise ReportError(f"no runs of '{spec.name}' in {tracker.shown_uri}; run `make sweep EXP={spec.name}` first")
     study = replace(select_runs(spec.name, experiment_id, frame), ui_base=ui_base_for(tracker.uri))
     if not (study.runs["outcome"] == "finished").any():
         raise ReportError(f"study '{spec.name}' has no finished runs yet ({len(study.runs)} runs in the store)")

@@ -32,9 +32,19 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves a local store
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` with any user:password@ taken out, for what is printed or written to reports."""
+    parts = urlparse(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
 def ui_base_for(tracking_uri: str) -> str:
     """A tracking server serves its own UI; a local store is seen through `make ui`."""
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_BASE
+    if tracking_uri.startswith(("http://", "https://")):
+        return without_credentials(tracking_uri).rstrip("/")
+    return UI_BASE
 
 
 class TrackingError(RuntimeError):
@@ -205,6 +215,11 @@ class Tracker:
             self.client.set_terminated(run.run_id, status=status)
         except Exception as secondary:  # e.g. the disk that failed the run is still full: keep the first error
             logging.getLogger(__name__).warning("could not mark run %s %s: %s", run.run_id, status, secondary)
+
+    @property
+    def shown_uri(self) -> str:
+        """The store's URI as printed: without a user:password@ part."""
+        return without_credentials(self.uri)
 
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI (for a local store, once `make ui` serves it)."""
