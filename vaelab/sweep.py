@@ -43,7 +43,7 @@ from vaelab.runner import run_stack
 from vaelab.search import GridSearch, OptunaSearch, Point, expand_grid
 from vaelab.spec import Spec, flatten, with_values
 from vaelab.stacked import stack_blocker, stack_key
-from vaelab.tracking import Tracker
+from vaelab.tracking import Tracker, without_credentials
 from vaelab.train import RunPruned
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -73,7 +73,7 @@ def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR):
     if url:
         if url.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql", "sqlite"):
             raise SweepError(f"--storage: expected an RDB URL (postgresql://, mysql://, sqlite:///), "
-                             f"got {_shown(url)!r}")
+                             f"got {without_credentials(url)!r}")
         return _open_rdb(url)
     folder = study_dir(spec.name, root)
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,20 +91,12 @@ def _open_rdb(url: str, attempts: int = 8) -> RDBStorage:
             return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
         except sqlalchemy.exc.IntegrityError as err:
             if attempt == attempts - 1:
-                raise SweepError(f"--storage {_shown(url)}: cannot create Optuna's tables "
+                raise SweepError(f"--storage {without_credentials(url)}: cannot create Optuna's tables "
                                  f"({_first_line(err)})") from None
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
         except Exception as err:
-            raise SweepError(f"--storage {_shown(url)}: cannot connect ({_first_line(err)})") from None
+            raise SweepError(f"--storage {without_credentials(url)}: cannot connect ({_first_line(err)})") from None
     raise AssertionError("unreachable")
-
-
-def _shown(url: str) -> str:
-    """The URL for messages, its password masked (errors end up in terminals and CI logs)."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@", 1)[-1] if "@" in url else url
 
 
 def _first_line(err: BaseException) -> str:

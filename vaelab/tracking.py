@@ -243,8 +243,8 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         if FAILURE_TAG in run.data.tags:
             self.client.delete_tag(run_id, FAILURE_TAG)
-        per_epoch = [key for key in run.data.metrics if key.split("/", 1)[0] in ("train", "val")]
-        steps = [m.step for key in per_epoch for m in self.client.get_metric_history(run_id, key)]
+        # An epoch's metrics go in one batch, so train/loss's last step is the last epoch logged.
+        steps = [m.step for m in self.client.get_metric_history(run_id, "train/loss")]
         return TrackedRun(self.client, run_id, logged_through=max(steps, default=0))
 
     def kill_run(self, run_id: str, reason: str) -> None:
