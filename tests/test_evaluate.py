@@ -8,7 +8,7 @@ import torch
 from tests.conftest import make_idx_folder, tiny_run
 from vaelab.data import load_data
 from vaelab.evaluate import active_units, evaluate_test, importance_weighted_nll, kl_per_dimension, latent_means
-from vaelab.train import fit, init_model
+from vaelab.training import fit, init_model
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from vaelab.registry import ARCHITECTURES
 from vaelab.runner import run
 from vaelab.spec import apply_overrides, load_spec, parse_spec
 from vaelab.tracking import Tracker
-from vaelab.train import fit, init_model
+from vaelab.training import fit, init_model
 
 
 def data_spec(root: Path, tmp_path: Path, **extra):

@@ -24,7 +24,7 @@ from vaelab.resume import ResumeError, holding, load_state, save_state
 from vaelab.runner import run as run_once
 from vaelab.spec import load_spec, with_values
 from vaelab.tracking import Tracker
-from vaelab.train import NonFiniteLossError, fit, init_model
+from vaelab.training import NonFiniteLossError, fit, init_model
 
 EPOCHS = 24
 

@@ -21,9 +21,8 @@ from vaelab.runner import run as run_single
 from vaelab.runner import run_stack
 from vaelab.search import parse_search
 from vaelab.spec import RunSpec, with_values
-from vaelab.stacked import StackedAdam, fit_stack, stack_blocker
 from vaelab.tracking import Tracker
-from vaelab.train import NonFiniteLossError, fit, init_model
+from vaelab.training import NonFiniteLossError, StackedAdam, fit, fit_stack, init_model, stack_blocker
 
 CPU = torch.device("cpu")
 MEMBERS = [{"loss.beta": 1.0, "train.seed": 1, "train.lr": 1e-3},

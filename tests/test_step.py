@@ -11,8 +11,8 @@ import torch
 from tests.conftest import tiny_run
 from vaelab.data import load_data
 from vaelab.spec import with_values
-from vaelab.step import StepTerms
-from vaelab.train import fit, init_model
+from vaelab.training.step import StepTerms
+from vaelab.training import fit, init_model
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from vaelab.data import load_data
 from vaelab.evaluate import evaluate_test, split_terms
 from vaelab.likelihoods import LIKELIHOODS
 from vaelab.registry import ARCHITECTURES
-from vaelab.train import NonFiniteLossError, fit, init_model
+from vaelab.training import NonFiniteLossError, fit, init_model
 
 
 def train_once(root: Path, **sections):

@@ -11,7 +11,7 @@ import torch
 from vaelab.objectives import vae_terms
 from vaelab.registry import image_shape, train_size
 from vaelab.spec import RunSpec
-from vaelab.train import init_model, make_optimizer, resolve_device
+from vaelab.training import init_model, make_optimizer, resolve_device
 
 
 def seconds_per_epoch(run: RunSpec, steps: int = 8) -> float:

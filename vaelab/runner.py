@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,8 @@ from vaelab.objectives import kl_weighting
 from vaelab.registry import load_dataset
 from vaelab.resume import TrainState, clear_state, holding, load_state, save_state, state_dir
 from vaelab.spec import RunSpec, flatten
-from vaelab.stacked import fit_stack
 from vaelab.tracking import TrackedRun, Tracker, local_path
-from vaelab.train import EpochCallback, RunResult, fit, init_model, resolve_device
+from vaelab.training import EpochCallback, RunResult, fit_group, init_model, resolve_device
 
 CHECKPOINT_DIR = "checkpoint"
 FIGURES_DIR = "figures"
@@ -173,49 +173,14 @@ def run(
     on_start: Callable[[str], None] | None = None,
     name: str | None = None,
 ) -> RunOutcome:
-    """Train and evaluate one run, recording everything in `tracker`. Bad input
+    """Train and evaluate one run, recording everything in `tracker`; raises what
+    ended it (a failure, a pruner's decision, RunStopped after Ctrl-C). Bad input
     (data, model shape) raises before any MLflow run is created."""
-    device = resolve_device(run_spec.train.device)
-    data = load_dataset(run_spec.data, device)
-    model = init_model(run_spec, data.shape, device)
-    flight = preflight.check(model, data.shape, run_spec.train.batch_size, device)
-    tags = _tags(run_spec, data, device, flight, extra_tags)
-    run_hash = tags["vaelab.run_hash"]
-    folder = state_dir(tracker.resume_root, experiment, run_hash)
-    with holding(folder):
-        started = time.perf_counter()
-        prior = load_state(folder, run_hash)
-        tracked = tracker.reopen_run(prior.run_id) if prior is not None else None
-        if tracked is None:  # nothing to resume (or its MLflow run is gone): a fresh run
-            prior = None
-            tracked = tracker.open_run(experiment, name or run_name(run_spec), tags)
-        try:
-            if on_start is not None:
-                on_start(tracked.run_id)
-            if prior is None:
-                tracked.log_params(flatten(run_spec))
-            else:
-                tracked.set_tags({"vaelab.resumed_from_epoch": prior.epoch})
-            timed = _TimedRun(tracked, time.perf_counter() - started)
-            snapshots = _epoch_figures(run_spec, model, data, tracked)
-
-            def save(state: TrainState) -> None:
-                state.run_id, state.run_hash = tracked.run_id, run_hash
-                save_state(folder, state)
-
-            result = fit(run_spec, model, data, callbacks=[timed.log_epoch, snapshots, *(epoch_callbacks or [])],
-                         show_progress=show_progress, likelihood=model.likelihood, resume=prior, save_state=save)
-            if result.notes:
-                tracked.set_tags({"vaelab.notes": "; ".join(result.notes)})
-            outcome = _finish(run_spec, experiment, model, data, result, tracked, timed.seconds)
-        except BaseException as err:
-            tracker.end_run(tracked, err)
-            if not isinstance(err, KeyboardInterrupt):  # interrupted runs resume; failed ones start afresh
-                clear_state(folder)
-            raise
-        tracker.end_run(tracked)
-        clear_state(folder)
-        return outcome
+    (outcome,) = run_group([run_spec], experiment, tracker, show_progress, [extra_tags or {}],
+                           [list(epoch_callbacks or [])], [on_start] if on_start else None, [name] if name else None)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def run_stack(
@@ -227,41 +192,125 @@ def run_stack(
     on_start: list[Callable[[str], None]] | None = None,
     names: list[str] | None = None,
 ) -> list[RunOutcome | BaseException]:
-    """Train runs that differ only in stackable keys (vaelab.stacked) as one stacked
-    model, each recorded as its own MLflow run with its own metrics, figures and
-    checkpoint. Returns, per run, its outcome or the error that failed it alone;
-    an error that stops the whole stack (Ctrl-C, bad data) ends every run and raises."""
+    """Train runs that differ only in stackable keys (vaelab.training.stacked) as one
+    stacked model, each recorded as its own MLflow run with its own metrics, figures,
+    checkpoint and resume state. Returns, per run, its outcome or the error that ended
+    it alone (RunStopped for a run stopped by Ctrl-C, which resumes)."""
+    return run_group(run_specs, experiment, tracker, show_progress, extra_tags, None, on_start, names)
+
+
+@dataclass
+class _Opened:
+    """A member's MLflow run and resume state, opened before training."""
+
+    tracked: TrackedRun
+    timed: _TimedRun
+    folder: Path
+    run_hash: str
+    prior: TrainState | None
+
+    def save(self, state: TrainState) -> None:
+        state.run_id, state.run_hash = self.tracked.run_id, self.run_hash
+        save_state(self.folder, state)
+
+
+def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags: dict,
+          on_start: Callable[[str], None] | None) -> _Opened:
+    """The run's MLflow run: the one its resume state names (RUNNING again), else a new one."""
+    started = time.perf_counter()
+    run_hash = tags["vaelab.run_hash"]
+    folder = state_dir(tracker.resume_root, experiment, run_hash)
+    prior = load_state(folder, run_hash)
+    tracked = tracker.reopen_run(prior.run_id) if prior is not None else None
+    if tracked is None:  # nothing to resume (or its MLflow run is gone): a fresh run
+        prior = None
+        tracked = tracker.open_run(experiment, name, tags)
+    opened = _Opened(tracked, _TimedRun(tracked), folder, run_hash, prior)
+    if on_start is not None:
+        on_start(tracked.run_id)
+    if prior is None:
+        tracked.log_params(flatten(run_spec))
+    else:
+        tracked.set_tags({"vaelab.resumed_from_epoch": prior.epoch})
+    opened.timed.seconds = time.perf_counter() - started
+    return opened
+
+
+def run_group(
+    run_specs: list[RunSpec],
+    experiment: str,
+    tracker: Tracker,
+    show_progress: bool = True,
+    extra_tags: list[dict[str, str]] | None = None,
+    epoch_callbacks: list[list[EpochCallback]] | None = None,
+    on_start: list[Callable[[str], None]] | None = None,
+    names: list[str] | None = None,
+) -> list[RunOutcome | BaseException]:
+    """The one tracked path: one run, or several that share a stack key, trained by
+    vaelab.training.fit_group and each finished (test metrics, figures, checkpoint)
+    in its own MLflow run. Runs resuming from different epochs train one group after
+    another. An error that stops them all (bad data, a second Ctrl-C) ends every open
+    run and raises."""
     k = len(run_specs)
     device = resolve_device(run_specs[0].train.device)
     data = load_dataset(run_specs[0].data, device)
     models = [init_model(r, data.shape, device) for r in run_specs]
-    # The stack's activations are K batches' worth.
+    # A stack's activations are K batches' worth.
     flight = preflight.check(models[0], data.shape, run_specs[0].train.batch_size * k, device)
     extra_tags = extra_tags or [{} for _ in run_specs]
     names = names or [run_name(r) for r in run_specs]
-    open_runs: dict[int, TrackedRun] = {}
-    outcomes: list[RunOutcome | BaseException] = []
+    outcomes: dict[int, RunOutcome | BaseException] = {}
+    opened: dict[int, _Opened] = {}
+    with ExitStack() as held:
+        try:
+            for i, r in enumerate(run_specs):
+                tags = {**_tags(r, data, device, flight, extra_tags[i]), **({"vaelab.stacked": k} if k > 1 else {})}
+                held.enter_context(holding(state_dir(tracker.resume_root, experiment, tags["vaelab.run_hash"])))
+                opened[i] = _open(tracker, r, experiment, names[i], tags, on_start[i] if on_start else None)
+            by_epoch: dict[int, list[int]] = {}
+            for i, o in opened.items():
+                by_epoch.setdefault(o.prior.epoch if o.prior else 0, []).append(i)
+            for group in by_epoch.values():
+                results = fit_group(
+                    [run_specs[i] for i in group], [models[i] for i in group], data,
+                    callbacks=[[opened[i].timed.log_epoch, *_member_callbacks(run_specs[i], models[i], data,
+                                                                              opened[i].tracked, epoch_callbacks, i)]
+                               for i in group],
+                    resumes=[opened[i].prior for i in group], save_states=[opened[i].save for i in group],
+                    show_progress=show_progress)
+                for i, member in zip(group, results, strict=True):
+                    outcomes[i] = _settle(tracker, run_specs[i], experiment, models[i], data, member, opened[i])
+                    del opened[i]
+        except BaseException as err:
+            for o in opened.values():
+                tracker.end_run(o.tracked, err)
+            raise
+    return [outcomes[i] for i in range(k)]
+
+
+def _member_callbacks(run_spec: RunSpec, model, data: ImageData, tracked: TrackedRun,
+                      epoch_callbacks: list[list[EpochCallback]] | None, i: int) -> list[EpochCallback]:
+    return [_epoch_figures(run_spec, model, data, tracked), *(epoch_callbacks[i] if epoch_callbacks else [])]
+
+
+def _settle(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: ImageData, member,
+            opened: _Opened) -> RunOutcome | BaseException:
+    """End a trained member's MLflow run: finished with its test metrics, figures and
+    checkpoint, or with the error that ended it. A stopped run keeps its resume state."""
+    tracked = opened.tracked
+    if member.result.notes:
+        tracked.set_tags({"vaelab.notes": "; ".join(member.result.notes)})
+    if isinstance(member.error, KeyboardInterrupt):  # stopped on request: resumable from its saved state
+        tracker.end_run(tracked, member.error)
+        return member.error
     try:
-        for i, r in enumerate(run_specs):
-            tags = {**_tags(r, data, device, flight, extra_tags[i]), "vaelab.stacked": k}
-            open_runs[i] = tracker.open_run(experiment, names[i], tags)
-            if on_start is not None:
-                on_start[i](open_runs[i].run_id)
-            open_runs[i].log_params(flatten(r))
-        members = fit_stack(run_specs, models, data, callbacks=[[open_runs[i].log_epoch] for i in range(k)],
-                            show_progress=show_progress)
-        for i, (r, model, member) in enumerate(zip(run_specs, models, members, strict=True)):
-            try:
-                if member.error is not None:
-                    raise member.error
-                outcomes.append(_finish(r, experiment, model, data, member.result, open_runs[i]))
-            except Exception as err:  # this run fails alone
-                outcomes.append(err)
-                tracker.end_run(open_runs.pop(i), err)
-                continue
-            tracker.end_run(open_runs.pop(i))
-    except BaseException as err:
-        for tracked in open_runs.values():
-            tracker.end_run(tracked, err)
-        raise
-    return outcomes
+        if member.error is not None:
+            raise member.error
+        outcome = _finish(run_spec, experiment, model, data, member.result, tracked, opened.timed.seconds)
+    except Exception as err:  # this run fails alone
+        tracker.end_run(tracked, err)
+        clear_state(opened.folder)
+        return err
+    tracker.end_run(tracked)
+    clear_state(opened.folder)
+    return outcome

@@ -202,14 +202,14 @@ class Tracker:
 
     def end_run(self, run: TrackedRun, error: BaseException | None = None) -> None:
         """FINISHED without an error; KILLED on Ctrl-C; otherwise the error's
-        `run_status` (a pruned run is KILLED) or FAILED, with the reason as a tag."""
+        `mlflow_status` (vaelab.errors: a pruned run is KILLED) or FAILED, with the reason as a tag."""
         if error is None:
             self.client.set_terminated(run.run_id, status="FINISHED")
             return
         if isinstance(error, KeyboardInterrupt):
             reason, status = str(error) or "interrupted (KeyboardInterrupt)", "KILLED"
         else:
-            reason, status = f"{type(error).__name__}: {error}".strip(), getattr(error, "run_status", "FAILED")
+            reason, status = f"{type(error).__name__}: {error}".strip(), getattr(error, "mlflow_status", "FAILED")
         try:
             self.client.set_tag(run.run_id, FAILURE_TAG, reason[:5000])
             self.client.set_terminated(run.run_id, status=status)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from vaelab.data.augment import augment_batch
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
 from vaelab.objectives import kl_per_dimension
@@ -68,3 +69,13 @@ class StepTerms(MaybeCompiled):
             return batch_terms(model, likelihood, x, y, noise, bf16)
 
         super().__init__(terms, compile, on_cuda=next(model.parameters()).device.type == "cuda")
+
+
+def member_images(x: Tensor, data, generator: torch.Generator) -> Tensor:
+    """A training batch as its run sees it: flipped and rotated (data.augment), and a
+    fresh binary sample of each image every time it is seen (data.binarize: dynamic)."""
+    if data.augment:
+        x = augment_batch(x, generator)
+    if data.dynamic_binarize:
+        x = torch.bernoulli(x, generator=generator)
+    return x

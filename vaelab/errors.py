@@ -1,0 +1,52 @@
+"""vaelab's error hierarchy: what a failure means decides how it ends.
+
+- `UserInputError` (exit 2): the user can fix it (a spec, a path, a checkpoint, a URL);
+  nothing was recorded half-way.
+- `RunFailure` (exit 1): a run started and failed (a non-finite loss); MLflow marks it FAILED.
+- `RunStopped` (a KeyboardInterrupt, exit 130): stopped on request; MLflow marks it KILLED and
+  the same command resumes it.
+- `RunPruned`: a pruner ended the run on purpose; MLflow marks it KILLED, the sweep goes on.
+
+Every class carries `exit_code` and `mlflow_status`, so the CLI and the tracker read them
+instead of keeping lists of types.
+"""
+
+from __future__ import annotations
+
+
+class VaelabError(Exception):
+    """Base of vaelab's own errors."""
+
+    exit_code = 1
+    mlflow_status = "FAILED"
+
+
+class UserInputError(VaelabError, ValueError):
+    """Bad input: a spec, CLI argument, data set, checkpoint, storage URL or credential."""
+
+    exit_code = 2
+
+    def __init__(self, message: object = ""):
+        # Always one line: control characters (a key with a newline in it) are escaped.
+        super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)))
+
+
+class RunFailure(VaelabError, RuntimeError):
+    """A run that started could not finish."""
+
+
+class NonFiniteLossError(RunFailure):
+    """Training produced NaN or inf; the message is the failure reason."""
+
+
+class RunPruned(VaelabError):
+    """A pruner stopped the run early on purpose; recorded as KILLED, not FAILED."""
+
+    mlflow_status = "KILLED"
+
+
+class RunStopped(KeyboardInterrupt):
+    """The run stopped cleanly between epochs because the user asked (Ctrl-C); it resumes."""
+
+    exit_code = 130
+    mlflow_status = "KILLED"
