@@ -4,6 +4,9 @@ tests write, and real MLflow stores in temporary folders."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,28 @@ def tiny_run(root: Path, dataset: str = "mnist", **sections) -> RunSpec:
     for name, changes in sections.items():
         run = dataclasses.replace(run, **{name: dataclasses.replace(getattr(run, name), **changes)})
     return run
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """An empty database of its own on the test server, as a new team's would be: Optuna
+    creates its tables on first use, and workers starting together race to do it."""
+    server = os.environ.get("VAELAB_TEST_POSTGRES", "")
+    if not server:
+        pytest.skip("no PostgreSQL for tests (.ci/run starts one and sets VAELAB_TEST_POSTGRES)")
+    import psycopg
+
+    name = f"vaelab_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield server.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_mlflow():
+    """What `vaelab` sets at its entry, for code the tests call directly."""
+    from vaelab.tracking import quiet_mlflow
+
+    quiet_mlflow()

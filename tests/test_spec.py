@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from vaelab.spec import SpecError, apply_overrides, flatten, load_spec, parse_spec, run_to_yaml, to_dict
+from vaelab import spec as spec_module
+from vaelab.spec import (
+    LossSpec,
+    RunSpec,
+    SpecError,
+    apply_overrides,
+    flatten,
+    load_spec,
+    parse_spec,
+    run_to_yaml,
+    to_dict,
+)
 
 REQUIRED_KEYS = {
     "data.dataset", "data.root", "data.val_fraction", "data.subset",
@@ -123,3 +135,39 @@ def test_resolved_run_round_trips_through_yaml(tmp_path: Path):
 def test_hash_changes_with_any_value():
     base = parse_spec({"name": "x"}).base
     assert apply_overrides(parse_spec({"name": "x"}), ["train.seed=1"]).base.hash() != base.hash()
+
+
+def test_hash_changes_when_a_default_changes(monkeypatch: pytest.MonkeyPatch):
+    """A spec that omits loss.beta means beta=1.0 today; if a later version makes the
+    default 2.0, the same file is another run and must not find today's resume state
+    or sweep point."""
+    today = parse_spec({"name": "x"}).base
+    recorded = today.hash()  # what a resume state or sweep point saved today is keyed by
+    index = [f.name for f in dataclasses.fields(LossSpec)].index("beta")
+    defaults = list(LossSpec.__init__.__defaults__)
+    defaults[index] = 2.0
+    monkeypatch.setattr(LossSpec.__init__, "__defaults__", tuple(defaults))  # "the next version"
+    later = parse_spec({"name": "x"}).base
+    assert later.loss.beta == 2.0 and today.loss.beta == 1.0
+    assert later.hash() != recorded
+
+
+def test_hash_covers_defaults_and_the_schema_version(monkeypatch: pytest.MonkeyPatch):
+    run = RunSpec()
+    assert dataclasses.replace(run, loss=dataclasses.replace(run.loss, beta=2.0)).hash() != run.hash()
+    before = run.hash()
+    monkeypatch.setattr(spec_module, "RUN_HASH_VERSION", spec_module.RUN_HASH_VERSION + 1)
+    assert run.hash() != before
+
+
+def test_equal_runs_hash_equally_however_written(tmp_path: Path):
+    omitted = tmp_path / "omitted.yaml"
+    omitted.write_text("name: a\nbase:\n  model: {z_dim: 8}\n")
+    spelled = tmp_path / "spelled.yaml"  # defaults written out, a float as an int, 1e-3 as text
+    spelled.write_text("name: b\nbase:\n  model: {z_dim: 8, arch: mlp, hidden: [400]}\n"
+                       "  loss: {beta: 1, likelihood: bernoulli}\n  train: {lr: 1e-3, patience: 5}\n")
+    everything = tmp_path / "everything.yaml"
+    everything.write_text(run_to_yaml(load_spec(omitted).base, "c"))
+    hashes = {load_spec(path).base.hash() for path in (omitted, spelled, everything)}
+    assert len(hashes) == 1
+    assert apply_overrides(load_spec(omitted), ["loss.beta=1.0"]).base.hash() in hashes

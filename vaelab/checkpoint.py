@@ -12,16 +12,13 @@ from pathlib import Path
 import torch
 
 from vaelab.atomic import atomic_torch_save, atomic_write
+from vaelab.errors import CheckpointError
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
 from vaelab.registry import build_model, image_shape
 from vaelab.spec import RunSpec, SpecError, load_spec, run_to_yaml
 
-MODEL_FILE, SPEC_FILE, METRICS_FILE = "model.pt", "spec.yaml", "metrics.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete, corrupt or does not match its spec."""
+MODEL_FILE, SPEC_FILE, METRICS_FILE, RUN_FILE = "model.pt", "spec.yaml", "metrics.json", "run.json"
 
 
 @dataclass
@@ -31,14 +28,18 @@ class Checkpoint:
     name: str
     likelihood: Likelihood
     metrics: dict
+    run_id: str | None = None  # the MLflow run that wrote it (checkpoints from before 0.2 do not say)
 
 
-def save_checkpoint(folder: Path, model: VAE, run_spec: RunSpec, name: str, metrics: dict) -> Path:
+def save_checkpoint(folder: Path, model: VAE, run_spec: RunSpec, name: str, metrics: dict,
+                    run_id: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(folder / MODEL_FILE, state)
     atomic_write(folder / SPEC_FILE, lambda p: p.write_text(run_to_yaml(run_spec, name)))
     atomic_write(folder / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+    if run_id is not None:
+        atomic_write(folder / RUN_FILE, lambda p: p.write_text(json.dumps({"run_id": run_id, "experiment": name})))
     return folder
 
 
@@ -72,6 +73,8 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> C
         raise CheckpointError(f"{folder / MODEL_FILE}: weights do not match {SPEC_FILE} ({detail})") from None
     metrics_path = folder / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    run_path = folder / RUN_FILE
+    run_id = json.loads(run_path.read_text()).get("run_id") if run_path.is_file() else None
     model.eval()
     return Checkpoint(model=model, run_spec=spec.base, name=spec.name, likelihood=model.likelihood,
-                      metrics=metrics)
+                      metrics=metrics, run_id=run_id)

@@ -13,13 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
-class SpecError(ValueError):
-    """A spec (or override) is invalid; the message names the dotted path.
-    Always one line: control characters (a key with a newline in it) are escaped."""
-
-    def __init__(self, message: str):
-        super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)))
+from vaelab.errors import SpecError
 
 
 def _show(value: Any) -> str:

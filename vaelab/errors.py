@@ -31,6 +31,51 @@ class UserInputError(VaelabError, ValueError):
         super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)))
 
 
+class SpecError(UserInputError):
+    """A spec (or override) is invalid; the message names the dotted path."""
+
+
+class UsageError(UserInputError):
+    """Bad command-line input."""
+
+
+class DataError(UserInputError):
+    """Data cannot be found or read; the message says what to do."""
+
+
+class IdxError(DataError):
+    """An IDX file is missing, truncated or not IDX."""
+
+
+class ConfigError(UserInputError):
+    """A model does not fit the data shape."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint is missing, incomplete, corrupt or does not match its spec."""
+
+
+class ResumeError(UserInputError):
+    """A saved training state cannot be used (unreadable, another version, another run)."""
+
+
+class RunInProgress(UserInputError):
+    """Another process holds this run's state lock."""
+
+
+class SweepError(UserInputError):
+    """A sweep cannot start (bad storage URL, no search section, a changed spec, ...)."""
+
+
+class TrackingError(UserInputError):
+    """The tracking store cannot be opened or written (a file where a folder should
+    be, no permission, a full disk, a server that does not answer); the message says where."""
+
+
+class ReportError(UserInputError):
+    """A report cannot be made (no such experiment, no runs yet)."""
+
+
 class RunFailure(VaelabError, RuntimeError):
     """A run that started could not finish."""
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: spec checks read SCHEDULES without importing torch
+    from torch import Tensor
 
-from vaelab.likelihoods import Likelihood
+    from vaelab.likelihoods import Likelihood
 
+# The names loss.kl_schedule may take (KLWeighting below implements each).
 SCHEDULES = ("constant", "linear", "cyclical", "capacity")
 
 

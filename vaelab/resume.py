@@ -21,17 +21,10 @@ from pathlib import Path
 import torch
 
 from vaelab.atomic import atomic_torch_save
+from vaelab.errors import ResumeError, RunInProgress
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = 1
-
-
-class ResumeError(RuntimeError):
-    """A saved state cannot be used (unreadable, another version, another run)."""
-
-
-class RunInProgress(RuntimeError):
-    """Another process holds this run's state lock."""
 
 
 @dataclass

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vaelab.errors import IdxError
+
 # IDX type codes (third byte of the magic number) -> numpy dtypes (big-endian).
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class IdxError(ValueError):
-    """An IDX file is missing, truncated or not IDX."""
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vaelab.data.idx import IdxError, read_idx
+from vaelab.errors import DataError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -22,10 +23,6 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-
-
-class DataError(ValueError):
-    """Data cannot be found or read; the message says what to do."""
 
 
 @dataclass(frozen=True)

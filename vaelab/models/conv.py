@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-
-class ConfigError(ValueError):
-    """A model does not fit the data shape."""
+from vaelab.errors import ConfigError
 
 
 def stage_channels(shape: tuple[int, int, int], channels: tuple[int, ...] | None) -> tuple[int, ...]:
