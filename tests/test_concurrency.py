@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.test_sweep import BASE, assert_each_point_once, make_sweep, vaelab, write_spec
-from vaelab.sweep import DIED, POINT, WORKER
+from vaelab.sweeps.queue import DIED, POINT, WORKER
 
 
 def test_four_local_workers_run_every_point_exactly_once(tmp_path: Path, mnist_root: Path):

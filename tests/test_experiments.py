@@ -13,7 +13,7 @@ from vaelab.registry import image_shape
 from vaelab.runner import run
 from vaelab.search import expand_grid
 from vaelab.spec import apply_overrides, load_spec
-from vaelab.sweep import Sweep
+from vaelab.sweeps.coordinator import Sweep
 from vaelab.tracking import Tracker
 
 SPECS = sorted((REPO / "experiments").glob("*.yaml"))

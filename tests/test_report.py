@@ -12,8 +12,8 @@ from PIL import Image
 
 from tests.test_sweep import make_sweep, write_spec
 from vaelab.report import ReportError, write_study_report
+from vaelab.report.optuna_section import optuna_report_section
 from vaelab.spec import load_spec
-from vaelab.sweep import optuna_report_section
 from vaelab.tracking import Tracker
 
 GRID = {"kind": "grid", "params": {"loss.beta": [0.5, 4.0]}, "seeds": [0, 1, 2]}
@@ -132,7 +132,7 @@ def test_optuna_study_gets_best_trials_and_plots(tmp_path: Path, mnist_root: Pat
 
 
 def test_pareto_front_keeps_only_undominated_runs():
-    from vaelab.report_figures import pareto_front
+    from vaelab.report.figures import pareto_front
 
     rate = np.array([1.0, 2.0, 3.0, 2.5, 4.0])
     distortion = np.array([10.0, 8.0, 9.0, 7.0, 6.5])  # (3, 9) is beaten by (2, 8)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from vaelab.search import GridSearch, OptunaSearch, expand_grid
@@ -76,3 +78,18 @@ def test_bad_searches_name_their_path(search, start):
     with pytest.raises(SpecError) as err:
         spec(search)
     assert str(err.value).startswith(start), str(err.value)
+
+
+def test_search_names_are_the_samplers_and_pruners_the_sweep_builds():
+    """search.py checks the names a spec may use, sweeps/samplers.py builds them: the lists must agree."""
+    optuna = pytest.importorskip("optuna")
+    from vaelab.search import PRUNERS, SAMPLERS
+    from vaelab.sweeps import samplers
+
+    assert set(samplers.SAMPLERS) == set(SAMPLERS)
+    assert set(samplers.PRUNERS) == set(PRUNERS)
+    search = spec({"kind": "optuna", "n_trials": 2, "params": {"loss.beta": {"low": 0.5, "high": 4.0}}}).search
+    for name in SAMPLERS:
+        assert isinstance(samplers.sampler_for(replace(search, sampler=name)), optuna.samplers.BaseSampler), name
+    for name in PRUNERS:
+        assert isinstance(samplers.pruner_for(replace(search, pruner=name)), optuna.pruners.BasePruner), name

@@ -11,7 +11,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -23,7 +22,8 @@ from optuna.trial import TrialState
 from tests.conftest import REPO
 from vaelab.search import expand_grid
 from vaelab.spec import load_spec
-from vaelab.sweep import DIED, DUPLICATE, HEARTBEAT, MLFLOW_RUN, POINT, WORKER, Sweep
+from vaelab.sweeps.coordinator import Sweep
+from vaelab.sweeps.queue import DIED, DUPLICATE, HEARTBEAT, MLFLOW_RUN, POINT, WORKER
 from vaelab.tracking import Tracker
 
 BASE = {
@@ -205,25 +205,8 @@ def test_two_local_workers_share_one_study(tmp_path: Path, mnist_root: Path):
     assert "4 complete" in output
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """An empty database of its own on the test server, as a new team's would be: Optuna
-    creates its tables on first use, and workers starting together race to do it."""
-    server = os.environ.get("VAELAB_TEST_POSTGRES", "")
-    if not server:
-        pytest.skip("no PostgreSQL for tests (.ci/run starts one and sets VAELAB_TEST_POSTGRES)")
-    import psycopg
-
-    name = f"vaelab_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    yield server.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
 def _open_together(barrier, url: str, spec_path: str) -> None:
-    from vaelab.sweep import open_storage
+    from vaelab.sweeps.storage import open_storage
 
     barrier.wait()  # all processes reach the empty database at once
     open_storage(load_spec(Path(spec_path)), url)
@@ -240,41 +223,6 @@ def test_workers_starting_together_on_an_empty_database_all_connect(tmp_path: Pa
     for worker in workers:
         worker.join(timeout=120)
     assert [w.exitcode for w in workers] == [0] * 4
-
-
-def _take_lock(url: str, log: str, name: str) -> None:
-    from vaelab.sweep import database_lock
-
-    def write(line: str) -> None:
-        with open(log, "a") as out:
-            out.write(line + "\n")
-
-    if name == "second":  # both processes start at once (imports take seconds); the first goes in first
-        while "first in" not in (Path(log).read_text() if Path(log).exists() else ""):
-            time.sleep(0.05)
-    write(f"{name} asks")
-    with database_lock(url, "vaelab prepare demo"):
-        write(f"{name} in")
-        if name == "first":  # hold on until the second is waiting, and a moment more
-            while "second asks" not in Path(log).read_text():
-                time.sleep(0.05)
-            time.sleep(1.0)
-        write(f"{name} out")
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_database_lock_lets_one_worker_in_at_a_time(tmp_path: Path, backend: str, request):
-    url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    log = tmp_path / "order.log"
-    context = multiprocessing.get_context("spawn")
-    first = context.Process(target=_take_lock, args=(url, str(log), "first"))
-    second = context.Process(target=_take_lock, args=(url, str(log), "second"))
-    first.start()
-    second.start()
-    for process in (first, second):
-        process.join(timeout=60)
-    lines = log.read_text().splitlines()
-    assert lines[1:] == ["first in", "second asks", "first out", "second in", "second out"]
 
 
 def _prepare_together(barrier, tmp_path: Path, spec_path: Path, url: str, parents) -> None:

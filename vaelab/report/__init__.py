@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vaelab import report_figures
+from vaelab.errors import ReportError
+from vaelab.report import figures as report_figures
 from vaelab.tracking import UI_BASE, ui_base_for
 
 # metric -> (column header with its unit, which way is better: "min", "max" or None)
@@ -26,10 +27,6 @@ KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
     "train/epochs_run": ("epochs", None),
     "time/train_s": ("train time (s)", None),
 }
-
-
-class ReportError(ValueError):
-    """Nothing to report (unknown study, no finished runs)."""
 
 
 @dataclass

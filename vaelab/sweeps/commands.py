@@ -1,5 +1,5 @@
 """`vaelab sweep` and `vaelab worker`: progress, summaries and local worker processes
-around vaelab.sweep."""
+around vaelab.sweeps.coordinator."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
 from vaelab.search import GridSearch, OptunaSearch, expand_grid
 from vaelab.spec import Spec
+from vaelab.sweeps.queue import FAILURE, TEST_ELBO, is_replaced
 
 
 def _trial_line(trial, metric: str) -> str:
@@ -20,10 +22,10 @@ def _trial_line(trial, metric: str) -> str:
     state = trial.state.name.lower()
     if trial.value is not None:
         result = f"{metric} {trial.value:.2f}"
-        if "test_elbo" in trial.user_attrs:
-            result += f", test/elbo {trial.user_attrs['test_elbo']:.2f}"
+        if TEST_ELBO in trial.user_attrs:
+            result += f", test/elbo {trial.user_attrs[TEST_ELBO]:.2f}"
     else:
-        result = trial.user_attrs.get("failure_reason", "")
+        result = trial.user_attrs.get(FAILURE, "")
     return f"trial {trial.number:>3} {state:<8} {params}  {result}".rstrip()
 
 
@@ -35,10 +37,17 @@ def _summary(sweep, counts) -> str:
     return "\n".join(lines)
 
 
+def _say_spec_changes(sweep) -> None:
+    if sweep.spec_changes:
+        print(f"sweep '{sweep.spec.name}': the study's spec is replaced (--allow-spec-change): "
+              f"{'; '.join(sweep.spec_changes)}")
+
+
 def dry_run(spec: Spec) -> int:
     import pandas as pd
 
-    from vaelab.cost import seconds_per_epoch
+    from vaelab.cost import EvaluationCost, evaluation_cost, seconds_per_epoch
+    from vaelab.evaluation.plan import describe as describe_evaluation
 
     search = spec.search
     if isinstance(search, GridSearch):
@@ -56,34 +65,52 @@ def dry_run(spec: Spec) -> int:
         print(f"\n{search.n_trials} trials, sampler {search.sampler}, pruner {search.pruner}, "
               f"{search.direction} {search.metric}")
         runs = [spec.base] * search.n_trials
-    # Cost: time the distinct architectures once, then add up (early stopping may cut it).
-    cache: dict[tuple, float] = {}
-    total = 0.0
+    print("\nevaluation of each run (vaelab.evaluation):")
+    for line in describe_evaluation(spec.base):
+        print(f"  {line}")
+    if search.evaluate is not None:
+        print(f"  then, once the sweep is done: {search.evaluate.label()} (vaelab evaluate)")
+    # Cost: time the distinct configurations once, then add up (early stopping may cut training).
+    cache: dict[tuple, tuple[float, EvaluationCost]] = {}
+    train_s = eval_s = 0.0
     for run in runs:
-        key = (run.model, run.data.subset, run.train.batch_size, run.loss.likelihood, run.train.device)
+        key = (run.model, run.data.subset, run.train.batch_size, run.train.epochs, run.loss.likelihood,
+               run.train.device, run.eval)
         if key not in cache:
-            cache[key] = seconds_per_epoch(run)
-        total += cache[key] * run.train.epochs
-    amount = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
-    print(f"rough cost: at most {amount} of training on this machine, one worker "
-          f"({sum(r.train.epochs for r in runs)} model-epochs; evaluation and figures add a few s per run)")
+            cache[key] = (seconds_per_epoch(run), evaluation_cost(run))
+        epoch_s, cost = cache[key]
+        train_s += epoch_s * run.train.epochs
+        eval_s += cost.total
+    rates = sorted({round(c.images_per_s) for _, c in cache.values()})
+    print(f"rough cost on this machine, one worker: at most {_amount(train_s)} of training "
+          f"({sum(r.train.epochs for r in runs)} model-epochs) + about {_amount(eval_s)} of evaluation and figures")
+    per_run = ", ".join(f"{k} {v:.0f} s" for k, v in next(iter(cache.values()))[1].seconds.items())
+    print(f"  measured: training steps on random data; inference at {', '.join(map(str, rates))} images/s; "
+          f"t-SNE of random points. One run's evaluation: {per_run}")
     return 0
 
 
-def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
-    from vaelab.sweep import Sweep
+def _amount(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
-    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri)
+
+def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
+    from vaelab.sweeps.coordinator import Sweep
+
+    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, allow_spec_change=args.allow_spec_change)
     parent = sweep.prepare()
+    _say_spec_changes(sweep)
     counts = sweep.counts()
-    if counts.done >= sweep.total and counts.running == 0 and counts.waiting == 0:
+    pending = sweep.pending(counts)
+    if pending == 0:
         sweep.finish(parent)
         print(f"sweep '{spec.name}' is already complete; nothing to run.\n{_summary(sweep, counts)}")
         return 0
     if counts.done:
         print(f"resuming sweep '{spec.name}': {counts.line()}")
     metric = sweep.search.metric
-    bar = tqdm(total=sweep.total, initial=min(counts.done, sweep.total), unit="trial", desc=spec.name,
+    # The bar counts what the queue holds, so it cannot read 100% while trials still wait.
+    bar = tqdm(total=counts.done + pending, initial=counts.done, unit="trial", desc=spec.name,
                disable=args.no_progress, dynamic_ncols=True)
 
     def on_trial(trial) -> None:
@@ -105,7 +132,8 @@ def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_command(args: argparse.Namespace, threads: int) -> list[str]:
+def worker_command(args: argparse.Namespace, threads: int) -> list[str]:
+    """The `vaelab worker` command line of one local worker of this `vaelab sweep`."""
     command = [sys.executable, "-m", "vaelab", "worker", args.spec, "--quiet", "--threads", str(threads)]
     for item in args.set:
         command += ["--set", item]
@@ -113,13 +141,15 @@ def _worker_command(args: argparse.Namespace, threads: int) -> list[str]:
         command += ["--storage", args.storage]
     if args.tracking_uri:
         command += ["--tracking-uri", args.tracking_uri]
+    if args.allow_spec_change:
+        command += ["--allow-spec-change"]
     return command
 
 
-def _run_local_workers(sweep, args: argparse.Namespace, on_trial) -> None:
+def _run_local_workers(sweep, args: argparse.Namespace, on_trial: Callable) -> None:
     """Start `--workers` processes on this machine and report their trials as they finish."""
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    workers = [subprocess.Popen(_worker_command(args, threads)) for _ in range(args.workers)]
+    workers = [subprocess.Popen(worker_command(args, threads)) for _ in range(args.workers)]
     seen = {t.number for t in sweep.trials() if t.state.is_finished()}
     try:
         while True:
@@ -127,7 +157,7 @@ def _run_local_workers(sweep, args: argparse.Namespace, on_trial) -> None:
             for trial in sweep.trials():
                 if trial.state.is_finished() and trial.number not in seen:
                     seen.add(trial.number)
-                    if "worker_died" not in trial.user_attrs and "duplicate_of" not in trial.user_attrs:
+                    if not is_replaced(trial):
                         on_trial(trial)
             if not alive:
                 break
@@ -143,12 +173,15 @@ def _run_local_workers(sweep, args: argparse.Namespace, on_trial) -> None:
 def run_worker(spec: Spec, args: argparse.Namespace) -> int:
     import torch
 
-    from vaelab.sweep import Sweep
+    from vaelab.sweeps.coordinator import Sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, sampler_seed_offset=os.getpid())
+    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, sampler_seed_offset=os.getpid(),
+                  allow_spec_change=args.allow_spec_change)
     parent = sweep.prepare()
+    if not args.quiet:
+        _say_spec_changes(sweep)
     metric = sweep.search.metric
 
     def on_trial(trial) -> None:

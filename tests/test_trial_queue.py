@@ -1,0 +1,98 @@
+"""The trial queue while trials run: heartbeats that survive a flaky storage, and a
+trial reaped while it ran, with real tiny training runs on a journal storage."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy.exc
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from tests.test_sweep import BASE, write_spec
+from vaelab.spec import load_spec
+from vaelab.sweeps.coordinator import Sweep
+from vaelab.sweeps.queue import DIED, HEARTBEAT, RETRY_OF
+from vaelab.tracking import Tracker
+
+ONE_POINT = {"kind": "grid", "params": {"loss.beta": [1.0]}}
+
+
+def new_sweep(tmp_path: Path, path: Path, heartbeat_s: float, grace_s: float) -> Sweep:
+    return Sweep(load_spec(path), None, Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"),
+                 studies_root=tmp_path / "studies", heartbeat_s=heartbeat_s, grace_s=grace_s)
+
+
+@pytest.fixture
+def heartbeats(monkeypatch):
+    """Wraps the journal storage's set_trial_user_attr: heartbeats written by the heartbeat
+    thread are counted, and the first `fail` of them raise a transient database error."""
+    from optuna.storages import JournalStorage
+
+    original = JournalStorage.set_trial_user_attr
+    seen = {"fail": 0, "raised": 0, "written": 0, "finished": 0}
+
+    def set_trial_user_attr(self, trial_id, key, value):
+        if key != HEARTBEAT or threading.current_thread() is threading.main_thread():
+            return original(self, trial_id, key, value)
+        if seen["raised"] < seen["fail"]:
+            seen["raised"] += 1
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_user_attributes", {}, Exception("database is locked"))
+        try:
+            original(self, trial_id, key, value)
+        except UpdateFinishedTrialError:
+            seen["finished"] += 1
+            raise
+        seen["written"] += 1
+
+    monkeypatch.setattr(JournalStorage, "set_trial_user_attr", set_trial_user_attr)
+    return seen
+
+
+def test_heartbeat_survives_transient_storage_errors(tmp_path: Path, mnist_root: Path, heartbeats, caplog):
+    path = write_spec(tmp_path, mnist_root, ONE_POINT, train={**BASE["train"], "epochs": 2})
+    grace = 1.0
+    sweep = new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=grace)
+    parent = sweep.prepare()
+    heartbeats["fail"] = 2  # the first two heartbeats hit a locked database
+    reaped = []
+
+    def on_epoch(trial, epoch: int, metrics: dict) -> None:
+        if epoch == 1:  # the trial is alive, busy for three grace periods: another worker looks
+            time.sleep(3 * grace)
+            reaped.append(new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=grace).reap_dead())
+
+    assert sweep.work(parent, on_epoch=on_epoch) == 1
+    assert heartbeats["raised"] == 2 and heartbeats["written"] >= 10, heartbeats
+    assert reaped == [0]
+    [trial] = sweep.trials()
+    assert trial.state == TrialState.COMPLETE and DIED not in trial.user_attrs
+    warnings = [r.getMessage() for r in caplog.records if "heartbeat not recorded" in r.getMessage()]
+    assert len(warnings) == 1 and "OperationalError" in warnings[0], warnings  # said once, not per beat
+
+
+def test_trial_reaped_while_it_ran_keeps_its_record_and_says_so(tmp_path: Path, mnist_root: Path, heartbeats,
+                                                               caplog):
+    path = write_spec(tmp_path, mnist_root, ONE_POINT, train={**BASE["train"], "epochs": 2})
+    sweep = new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=30)
+    parent = sweep.prepare()
+    reaped = []
+
+    def on_epoch(trial, epoch: int, metrics: dict) -> None:
+        if epoch == 1:  # a worker with no patience at all takes this trial for dead
+            reaped.append(new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=0).reap_dead())
+            time.sleep(0.5)  # the heartbeat thread learns from the storage that the trial is finished
+
+    with caplog.at_level(logging.WARNING, logger="vaelab.sweeps"):
+        assert sweep.work(parent, on_epoch=on_epoch, max_trials=1) == 1
+    assert reaped == [1]
+    first, retry = sweep.trials()
+    assert first.state == TrialState.FAIL and "no heartbeat" in first.user_attrs[DIED]
+    assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_OF] == first.number
+    assert heartbeats["finished"] == 1  # the heartbeat stopped when the storage said the trial was finished
+    lines = [r.getMessage() for r in caplog.records if "reaped meanwhile" in r.getMessage()]
+    assert len(lines) == 1 and f"trial {first.number} " in lines[0], [r.getMessage() for r in caplog.records]

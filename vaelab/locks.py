@@ -1,0 +1,71 @@
+"""Every lock the sweep takes, in one place: a file lock (flock) for processes on one
+machine, and a lock held in the study's database for workers on several machines."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy
+import sqlalchemy.pool
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing), held for the block; the kernel
+    drops it if the process dies."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def database_lock(url: str, name: str) -> Iterator[None]:
+    """A lock that lives in the study's database, so workers on different machines
+    take turns: a PostgreSQL advisory lock or MySQL's GET_LOCK on a connection of its
+    own (the server drops it if the worker dies), or a lock file beside a SQLite file."""
+    address = sqlalchemy.engine.make_url(url)
+    if address.get_backend_name() == "sqlite":
+        if not address.database or address.database == ":memory:":
+            yield
+            return
+        with file_lock(f"{address.database}.vaelab-lock"):
+            yield
+        return
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    engine = sqlalchemy.create_engine(address, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            if address.get_backend_name() == "postgresql":
+                key = int.from_bytes(digest, "big", signed=True)
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                connection.commit()
+                yield
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            else:  # mysql: lock names are at most 64 characters
+                key = f"vaelab-{digest.hex()}"
+                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, -1)"), {"key": key})
+                yield
+                connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": key})
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def study_lock(url: str | None, folder: Path, name: str) -> Iterator[None]:
+    """The lock that serialises setting a study up: `database_lock` on an RDB storage,
+    else a file lock in the study's folder (a journal's own lock guards each write,
+    not a read-then-write)."""
+    if url:
+        with database_lock(url, name):
+            yield
+        return
+    with file_lock(folder / "prepare.lock"):
+        yield

@@ -1,0 +1,149 @@
+"""A sweep on an Optuna study. A grid is enqueued as fixed trials, one per point, each
+labelled with the hash of its resolved run; an Optuna search asks its sampler. Any
+number of workers (processes, machines) `prepare` the sweep and then `work` on it:
+they claim trials from the shared storage (vaelab.sweeps.queue) and run them
+(vaelab.sweeps.trials) as MLflow child runs under one parent run per sweep."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, Trial
+
+from vaelab.locks import study_lock
+from vaelab.search import GridSearch, expand_grid
+from vaelab.spec import Spec, flatten
+from vaelab.sweeps.fingerprint import check_spec
+from vaelab.sweeps.points import optuna_params
+from vaelab.sweeps.queue import PARENT_RUN, Counts, TrialQueue
+from vaelab.sweeps.samplers import pruner_for, sampler_for
+from vaelab.sweeps.storage import STUDIES_DIR, SweepError, open_storage, storage_url, study_dir
+from vaelab.sweeps.trials import TrialRunner
+from vaelab.tracking import Tracker
+from vaelab.training import stack_blocker, stack_key
+
+
+class Sweep:
+    """One spec's sweep over a storage; `prepare` once, then `work` in any number of processes.
+    `allow_spec_change`: `prepare` replaces the spec the study was made from instead of
+    refusing a spec that differs from it."""
+
+    def __init__(self, spec: Spec, storage_url: str | None = None, tracker: Tracker | None = None,
+                 studies_root: Path = STUDIES_DIR, heartbeat_s: float = 10.0, grace_s: float = 60.0,
+                 tracking_uri: str | None = None, sampler_seed_offset: int = 0, allow_spec_change: bool = False):
+        if spec.search is None:
+            raise SweepError(f"{spec.name}: the spec has no search section; use `vaelab train` for one run")
+        self.spec, self.search = spec, spec.search
+        self.studies_root, self.storage_url = studies_root, storage_url
+        self.allow_spec_change = allow_spec_change
+        self.storage = open_storage(spec, storage_url, studies_root)  # a bad URL fails before MLflow is touched
+        self.tracker = tracker or Tracker(tracking_uri)
+        self.points = expand_grid(self.search, spec.base) if isinstance(self.search, GridSearch) else []
+        self._points_by_hash = {p.run.hash(): p for p in self.points}
+        self.study = optuna.create_study(
+            storage=self.storage, study_name=spec.name, load_if_exists=True, direction=self.search.direction,
+            sampler=sampler_for(self.search, sampler_seed_offset), pruner=pruner_for(self.search),
+        )
+        self.queue = TrialQueue(self.study, self.storage, heartbeat_s, grace_s,
+                                on_reaped=lambda run_id, why: self.tracker.kill_run(run_id, f"worker died: {why}"))
+        self.runner = TrialRunner(spec, self.queue, self.tracker)
+        self.spec_changes: list[str] = []  # what `prepare` found changed (with allow_spec_change)
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        """Trials the spec asks for: its grid points, or an Optuna search's n_trials."""
+        return len(self.points) if self.points else self.search.n_trials
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.queue.trials()
+
+    def counts(self) -> Counts:
+        return self.queue.counts()
+
+    def pending(self, counts: Counts | None = None) -> int:
+        """Trials that still have to run, as the queue sees them: running and waiting
+        ones, plus those an Optuna search has yet to ask its sampler for."""
+        counts = counts or self.counts()
+        to_ask = 0 if self.points else max(0, self.search.n_trials - counts.done - counts.queued)
+        return counts.queued + to_ask
+
+    def reap_dead(self) -> int:
+        """Fail RUNNING trials whose worker died, close their MLflow runs, re-queue their points."""
+        return self.queue.reap_dead()
+
+    # ---- prepare: spec, parent run, dead trials, grid points --------------------------------
+    def prepare(self) -> str:
+        """Check the spec against the one the study was made from, create (or find) the
+        MLflow parent run, re-queue trials of dead workers, enqueue grid points that have
+        no trial yet. Safe to call again: that is resume. Returns the parent run id."""
+        # Serialised between workers: it reads, then creates the parent run and enqueues
+        # missing points, and two workers doing that at once make two of each.
+        folder = study_dir(self.spec.name, self.studies_root)
+        with study_lock(storage_url(self.spec, self.storage_url), folder, f"vaelab prepare {self.spec.name}"):
+            self.spec_changes = check_spec(self.study, self.spec, self.allow_spec_change)
+            parent = self._parent_run()
+            self.reap_dead()
+            if self.points:
+                self.queue.enqueue_missing({p.run.hash(): optuna_params(p.values) for p in self.points})
+        return parent
+
+    def _parent_run(self) -> str:
+        parent = self.study.user_attrs.get(PARENT_RUN)
+        if parent and self.tracker.run_exists(parent):
+            self.tracker.set_status(parent, "RUNNING")
+            return parent
+        params = {f"base.{k}": v for k, v in flatten(self.spec.base).items()}
+        params.update({"search.kind": self.search.kind, "search.total": self.total,
+                       "search.metric": self.search.metric, "search.direction": self.search.direction,
+                       "search.params": ", ".join(k for k, _ in self.search.params)})
+        parent = self.tracker.create_parent_run(self.spec.name, f"sweep-{self.spec.name}", params,
+                                                {"vaelab.sweep": self.search.kind, "optuna.study": self.spec.name})
+        self.study.set_user_attr(PARENT_RUN, parent)
+        return parent
+
+    # ---- work: claim and run trials -----------------------------------------------------------
+    def _stack_mates(self, first: Trial, room: int) -> list[Trial]:
+        """Up to `room` more waiting grid points that can train with `first` as one stack."""
+        point = self._points_by_hash.get(self.queue.point_of(first))
+        if room <= 0 or point is None or stack_blocker(point.run):
+            return []
+        key = stack_key(point.run)
+
+        def fits(point_hash: str | None) -> bool:
+            mate = self._points_by_hash.get(point_hash)
+            return mate is not None and stack_key(mate.run) == key
+
+        return self.queue.claim(limit=room, accept=fits)
+
+    def work(self, parent: str, on_trial: Callable[[FrozenTrial], None] | None = None,
+             on_epoch: Callable[[Trial, int, dict], None] | None = None, max_trials: int | None = None) -> int:
+        """Run trials until none is left (or `max_trials`); returns how many this worker ran."""
+        ran = 0
+        stack = getattr(self.search, "stack", 1)
+        budget = None if self.points else self.search.n_trials
+        while max_trials is None or ran < max_trials:
+            trial = self.queue.next_trial(budget)
+            if trial is None:
+                break
+            room = stack if max_trials is None else min(stack, max_trials - ran)
+            group = [trial, *self._stack_mates(trial, room - 1)]
+            if len(group) > 1:
+                finished = self.runner.run_stack(group, parent)
+            else:
+                epoch_hook = (lambda e, m, t=trial: on_epoch(t, e, m)) if on_epoch else None
+                finished = [self.runner.run(trial, parent, epoch_hook)]
+            ran += len(finished)
+            for frozen in finished:
+                if on_trial is not None:
+                    on_trial(frozen)
+        return ran
+
+    def finish(self, parent: str) -> Counts:
+        """Close the parent run when every trial is done; returns the counts."""
+        counts = self.counts()
+        if counts.queued == 0 and counts.done >= self.total:
+            self.tracker.set_status(parent, "FINISHED")
+        return counts

@@ -1,0 +1,95 @@
+"""The resolved spec a study was made from, kept in the study (user attributes
+vaelab.spec_hash and vaelab.spec), so that a later invocation with another spec
+(a `--set`, an edited file) cannot mix its runs into the study unnoticed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from functools import cache
+from typing import Any
+
+import optuna
+
+from vaelab.spec import RunSpec, Spec, flatten, to_dict
+from vaelab.sweeps.queue import SPEC, SPEC_HASH
+from vaelab.sweeps.storage import SweepError
+
+# Where the study is stored, not what it runs.
+IGNORED = {"search.storage"}
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples become lists), so stored and fresh records compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def spec_record(spec: Spec) -> dict[str, Any]:
+    """Dotted key -> value: the resolved base (model.z_dim, ...) and the search
+    (search.kind, search.params.loss.beta, ...)."""
+    record: dict[str, Any] = dict(flatten(spec.base))
+    search = to_dict(spec.search)
+    for key, value in search.items():
+        if key == "params":
+            record.update({f"search.params.{name}": values for name, values in value})
+        else:
+            record[f"search.{key}"] = value
+    return _plain({k: v for k, v in record.items() if k not in IGNORED})
+
+
+@cache
+def _defaults(search_type: type) -> dict[str, Any]:
+    """The default of each dotted key that has one: every base key, and the search's optional keys."""
+    defaults = dict(flatten(RunSpec()))
+    defaults.update({f"search.{f.name}": f.default for f in dataclasses.fields(search_type)
+                     if f.default is not dataclasses.MISSING})
+    return _plain(defaults)
+
+
+def spec_hash(record: dict[str, Any], search_type: type) -> str:
+    """A short identity of a record. Values equal to their defaults do not count, so a
+    field added in a later vaelab version does not change a study's identity."""
+    defaults = _defaults(search_type)
+    changed = {k: v for k, v in record.items() if k not in defaults or v != defaults[k]}
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], search_type: type) -> list[str]:
+    """`key old -> new` for each dotted key whose value differs (a key one side lacks
+    counts as its default)."""
+    defaults = _defaults(search_type)
+    missing = "(unset)"
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, defaults.get(key, missing)), new.get(key, defaults.get(key, missing))
+        if before != after:
+            lines.append(f"{key} {_show(before)} -> {_show(after)}")
+    return lines
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_spec(study: optuna.Study, spec: Spec, allow_change: bool = False) -> list[str]:
+    """Compare `spec` with the spec `study` was made from. The first time, store it.
+    If it differs, raise SweepError naming the differences, unless `allow_change`:
+    then store the new one and return the differences ([] when nothing changed)."""
+    record = spec_record(spec)
+    digest = spec_hash(record, type(spec.search))
+    stored = study.user_attrs.get(SPEC_HASH)
+    if stored == digest:
+        return []
+    changes: list[str] = []
+    if stored is not None:
+        old = json.loads(study.user_attrs.get(SPEC) or "{}")
+        changes = differences(old, record, type(spec.search)) or [f"spec hash {stored} -> {digest}"]
+        if not allow_change:
+            shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+            raise SweepError(f"study '{spec.name}' was made from another spec ({shown}): to run this spec, "
+                             f"start a new study (another `name:` in the spec), or pass --allow-spec-change "
+                             f"to replace the study's spec and add its points to this study")
+    study.set_user_attr(SPEC, json.dumps(record, sort_keys=True))
+    study.set_user_attr(SPEC_HASH, digest)
+    return changes

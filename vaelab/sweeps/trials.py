@@ -1,0 +1,103 @@
+"""Running claimed trials: each goes to the same `runner.run` that `vaelab train` uses
+(or `runner.run_stack` for a group that trains as one stacked model), as an MLflow
+child run under the sweep's parent run, and its outcome goes back to the queue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from optuna.trial import FrozenTrial, Trial
+
+from vaelab import runner
+from vaelab.errors import RunPruned
+from vaelab.search import OptunaSearch, Point
+from vaelab.spec import Spec
+from vaelab.sweeps.points import child_run_name, trial_point
+from vaelab.sweeps.queue import MLFLOW_RUN, TrialQueue
+from vaelab.tracking import Tracker
+
+INTERRUPTED = "interrupted (Ctrl-C)"
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+class TrialRunner:
+    """Runs one spec's claimed trials and tells the queue how each ended."""
+
+    def __init__(self, spec: Spec, queue: TrialQueue, tracker: Tracker):
+        self.spec, self.search = spec, spec.search
+        self.queue, self.tracker = queue, tracker
+
+    def _tags(self, trial: Trial, point: Point, parent: str) -> dict[str, Any]:
+        return {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
+                "vaelab.sweep_point": point.label}
+
+    def _on_start(self, trial: Trial) -> Callable[[str], None]:
+        return lambda run_id: self.queue.set_attr(trial, MLFLOW_RUN, run_id)
+
+    def _pruning(self, trial: Trial, on_epoch: Callable[[int, dict], None] | None) -> Callable[[int, dict], None]:
+        metric = self.search.metric
+        prunes = isinstance(self.search, OptunaSearch) and self.search.pruner != "none"
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+            if prunes:
+                trial.report(metrics[metric], epoch)
+                if trial.should_prune():
+                    raise RunPruned(f"pruned by the {self.search.pruner} pruner at epoch {epoch}")
+
+        return report
+
+    def run(self, trial: Trial, parent: str, on_epoch: Callable[[int, dict], None] | None = None) -> FrozenTrial:
+        """Train `trial`'s point; a failed run fails its trial alone and the sweep goes on."""
+        point = trial_point(trial, self.spec)
+        with self.queue.beating([trial]):
+            try:
+                outcome = runner.run(point.run, self.spec.name, self.tracker, show_progress=False,
+                                     extra_tags=self._tags(trial, point, parent),
+                                     name=child_run_name(trial.number, point.values),
+                                     epoch_callbacks=[self._pruning(trial, on_epoch)], on_start=self._on_start(trial))
+            except RunPruned:
+                return self.queue.prune(trial)
+            except KeyboardInterrupt:
+                # Ctrl-C: give the point back so the next `vaelab sweep` runs it again.
+                self.queue.give_back(trial, INTERRUPTED)
+                raise
+            except Exception as err:  # a bad run (NaN, bad shape) fails alone
+                return self.queue.fail(trial, _reason(err))
+        return self.queue.complete(trial, outcome.best(self.search.metric), outcome.metrics["test/elbo"])
+
+    def run_stack(self, trials: list[Trial], parent: str) -> list[FrozenTrial]:
+        """Grid trials that share a stack key, trained as one stacked model, each
+        with its own MLflow child run; a run that fails fails its trial alone."""
+        points = [trial_point(t, self.spec) for t in trials]
+        pairs = list(zip(trials, points, strict=True))
+        with self.queue.beating(trials):
+            try:
+                outcomes = runner.run_stack([p.run for p in points], self.spec.name, self.tracker, show_progress=False,
+                                            extra_tags=[self._tags(t, p, parent) for t, p in pairs],
+                                            names=[child_run_name(t.number, p.values) for t, p in pairs],
+                                            on_start=[self._on_start(t) for t in trials])
+            except KeyboardInterrupt:
+                for trial in trials:
+                    self.queue.give_back(trial, INTERRUPTED)
+                raise
+            except Exception as err:  # the whole stack failed (bad data, out of memory): each trial says why
+                return [self.queue.fail(t, _reason(err)) for t in trials]
+        finished, stopped = [], None
+        for trial, outcome in zip(trials, outcomes, strict=True):
+            if isinstance(outcome, KeyboardInterrupt):  # this run stopped on Ctrl-C: its point goes back
+                self.queue.give_back(trial, INTERRUPTED)
+                stopped = outcome
+            elif isinstance(outcome, BaseException):
+                finished.append(self.queue.fail(trial, _reason(outcome)))
+            else:
+                finished.append(self.queue.complete(trial, outcome.best(self.search.metric),
+                                                    outcome.metrics["test/elbo"]))
+        if stopped is not None:
+            raise stopped
+        return finished
