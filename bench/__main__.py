@@ -30,9 +30,8 @@ from bench.baseline import Baseline, torchvision_root
 from vaelab.data import ImageData, Split, load_data
 from vaelab.runner import run as tracked_run
 from vaelab.spec import RunSpec, load_spec, with_values
-from vaelab.training import fit_stack
 from vaelab.tracking import Tracker
-from vaelab.training import fit, init_model
+from vaelab.training import fit, fit_stack, init_model
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "experiments" / "examples_baseline.yaml"

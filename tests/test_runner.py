@@ -57,7 +57,7 @@ def test_run_stores_valid_figures_and_a_checkpoint(finished):
             image.verify()
             assert image.format == "PNG"
     assert {a.path for a in client.list_artifacts(outcome.run_id, "checkpoint")} == {
-        "checkpoint/model.pt", "checkpoint/spec.yaml", "checkpoint/metrics.json"}
+        "checkpoint/model.pt", "checkpoint/spec.yaml", "checkpoint/metrics.json", "checkpoint/run.json"}
 
 
 def test_checkpoint_reloads_to_the_same_test_metrics(finished):

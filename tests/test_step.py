@@ -11,8 +11,8 @@ import torch
 from tests.conftest import tiny_run
 from vaelab.data import load_data
 from vaelab.spec import with_values
-from vaelab.training.step import StepTerms
 from vaelab.training import fit, init_model
+from vaelab.training.step import StepTerms
 
 CPU = torch.device("cpu")
 

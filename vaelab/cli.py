@@ -9,13 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vaelab.checks import SpecError
+from vaelab.errors import RunFailure, SpecError, UsageError, UserInputError, VaelabError
+from vaelab.tracking import quiet_mlflow
 
 EXPERIMENTS_DIR = Path("experiments")
-
-
-class UsageError(ValueError):
-    """Bad command-line input."""
 
 
 def resolve_spec_path(name_or_path: str) -> Path:
@@ -37,8 +34,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         import yaml
 
+        from vaelab.evaluation.plan import describe
+
         print(yaml.safe_dump({"name": spec.name, "description": spec.description, "base": to_dict(spec.base)},
                              sort_keys=False), end="")
+        print("# evaluation after training (`vaelab sweep --dry-run` times it):")
+        for line in describe(spec.base):
+            print(f"#   {line}")
         return 0
     from vaelab.runner import run
     from vaelab.tracking import Tracker
@@ -69,7 +71,7 @@ def _load_sweep_spec(args: argparse.Namespace):
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from vaelab import sweep_commands
+    from vaelab.sweeps import commands as sweep_commands
 
     if args.workers < 1 or args.workers > 64:
         raise UsageError(f"--workers: expected an int in [1, 64], got {args.workers}")
@@ -80,15 +82,66 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from vaelab import sweep_commands
+    from vaelab.sweeps import commands as sweep_commands
 
     return sweep_commands.run_worker(_load_sweep_spec(args), args)
 
 
+def _evaluation_targets(args: argparse.Namespace, tracker) -> list[str]:
+    """Run ids or checkpoint folders: the target itself, or a study's top runs by a validation metric."""
+    from vaelab.search import METRICS
+
+    target = args.target
+    if Path(target).is_dir() or (args.top is None and not _names_a_spec(target)):
+        return [target]
+    from vaelab.spec import load_spec
+
+    spec = load_spec(resolve_spec_path(target))
+    by = args.by or (spec.search.metric if spec.search is not None else "val/elbo")
+    if by not in METRICS:
+        raise UsageError(f"--by: expected one of {', '.join(METRICS)}, got {by!r}")
+    maximize = spec.search is not None and spec.search.direction == "maximize" and by == spec.search.metric
+    runs = tracker.best_runs(spec.name, f"best/{by}", ascending=not maximize, n=args.top or 1)
+    if not runs:
+        raise UsageError(f"{target}: no finished runs of '{spec.name}' in {tracker.shown_uri}")
+    return runs
+
+
+def _names_a_spec(target: str) -> bool:
+    try:
+        resolve_spec_path(target)
+        return True
+    except SpecError:
+        return False
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from vaelab.evaluation.later import evaluate_finished
+    from vaelab.evaluation.stage import select
+    from vaelab.tracking import Tracker
+
+    if args.top is not None and not 1 <= args.top <= 10_000:
+        raise UsageError(f"--top: expected an int in [1, 10000], got {args.top}")
+    evaluators = select(args.metrics.split(",") if args.metrics else None)
+    tracker = Tracker(args.tracking_uri)
+    for target in _evaluation_targets(args, tracker):
+        done = evaluate_finished(target, tracker, args.set, evaluators, device=args.device,
+                                 show_progress=not args.no_progress)
+        print(f"run {done.run_id}: {', '.join(done.evaluation.ran) or 'nothing new'}")
+        for key, value in done.evaluation.metrics.items():
+            if not key.startswith(("time/", "test/kl_dim/")):
+                print(f"  {key:<28} {value:.4f}")
+        for note in done.evaluation.skipped:
+            print(f"  skipped {note}")
+        print(f"  {tracker.run_url(done.run_id)}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from vaelab.report import ReportError, write_study_report
+    from vaelab.report.optuna_section import optuna_report_section
     from vaelab.spec import load_spec
-    from vaelab.sweep import STUDIES_DIR, optuna_report_section, study_dir
+    from vaelab.sweeps.storage import STUDIES_DIR, study_dir
     from vaelab.tracking import Tracker, resolve_tracking_uri, store_exists
 
     spec = load_spec(resolve_spec_path(args.spec))
@@ -172,6 +225,9 @@ def _add_spec_args(parser: argparse.ArgumentParser, storage: bool = False) -> No
     if storage:
         parser.add_argument("--storage", help="Optuna RDB URL shared by all workers (default: a journal in "
                                               "studies/NAME/)")
+        parser.add_argument("--allow-spec-change", action="store_true",
+                            help="run this spec in a study made from another one (its stored spec is replaced "
+                                 "and the new points join the study); without it such a run is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     worker.add_argument("--quiet", action="store_true", help="print nothing per trial")
     worker.set_defaults(func=_cmd_worker)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate finished runs again (any evaluators and settings), "
+                                               "into the same MLflow runs")
+    evaluate.add_argument("target", help="an MLflow run id, a checkpoint folder, or a study (NAME or spec file)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                          help="evaluation settings, e.g. --set eval.iw_samples=5000 (default: every test image)")
+    evaluate.add_argument("--metrics", help="evaluators to run, comma-separated (default all: elbo, latents, "
+                                            "iwae, probe)")
+    evaluate.add_argument("--top", type=int, help="a study's N best finished runs")
+    evaluate.add_argument("--by", help="the validation metric that ranks a study's runs (default: its search.metric)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                                  "runs/mlflow.db)")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     report = sub.add_parser("report", help="write studies/NAME/report.md from the tracking store")
     report.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
@@ -237,10 +308,12 @@ def _install_signal_handlers() -> None:
     at once. `kill` (SIGTERM) stops at once too: the MLflow run is marked KILLED and a
     sweep's trial goes back to the queue, instead of the process vanishing mid-write;
     the state saved at the last epoch's end still resumes it."""
-    from vaelab.train import request_stop
 
     def on_sigint(_signum, _frame):
-        if request_stop():
+        # Only an imported training loop can be training: importing it here would make
+        # `keys`, `--dry-run` and spec errors pay torch's import time.
+        train = sys.modules.get("vaelab.training.session")
+        if train is not None and train.request_stop():
             print("\nvaelab: finishing this epoch, then stopping (Ctrl-C again to stop now)", file=sys.stderr)
             return
         raise KeyboardInterrupt
@@ -255,28 +328,21 @@ def _install_signal_handlers() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _install_signal_handlers()
-    from vaelab.checkpoint import CheckpointError
-    from vaelab.data import DataError
-    from vaelab.models import ConfigError
-    from vaelab.report import ReportError
-    from vaelab.resume import ResumeError, RunInProgress
-    from vaelab.sweep import SweepError
-    from vaelab.tracking import TrackingError, storage_problem
-    from vaelab.train import NonFiniteLossError
-
+    quiet_mlflow()
     try:
         return args.func(args)
-    except (SpecError, UsageError, DataError, CheckpointError, ConfigError, SweepError, ResumeError,
-            RunInProgress, TrackingError) as err:
+    except UserInputError as err:
         print(f"vaelab: error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
+        return err.exit_code
+    except RunFailure as err:
         print(f"vaelab: run failed: {err}", file=sys.stderr)
-        return 1
-    except ReportError as err:
+        return err.exit_code
+    except VaelabError as err:
         print(f"vaelab: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except Exception as err:
+        from vaelab.tracking import storage_problem  # only now: no command's fast path ends here
+
         problem = storage_problem(err)
         if problem is None:
             raise

@@ -10,10 +10,16 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import ContinuousBernoulli as _ContinuousBernoulli
 
+from vaelab import registry as _registry
+
 MIN_SIGMA = 1e-2  # a learned sigma below this lets constant pixels (background) dominate the ELBO
 
 
 class Likelihood(nn.Module):
+    # A probability mass (Bernoulli on binary pixels) rather than a density: its
+    # -log p(x) is already a code length, and bits per dimension need no bin width.
+    discrete = False
+
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -54,6 +60,8 @@ def bce_with_logits(logits: Tensor, x: Tensor) -> Tensor:
 class Bernoulli(Likelihood):
     """Pixels as Bernoulli probabilities; params are logits. On binary data a
     proper log-probability; on grey pixels the usual cross-entropy, not a density."""
+
+    discrete = True
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         return -_sum_pixels(bce_with_logits(params, x))
@@ -113,11 +121,27 @@ class Laplace(Likelihood):
         return torch.sigmoid(params)
 
 
-# name -> builder(loss_spec, image shape): the names a spec's loss.likelihood may use
-LIKELIHOODS = {
-    "bernoulli": lambda loss, shape: Bernoulli(),
-    "continuous_bernoulli": lambda loss, shape: ContinuousBernoulli(),
-    "gaussian": lambda loss, shape: Gaussian(loss.sigma),
-    "gaussian_learned": lambda loss, shape: Gaussian(loss.sigma, learned=loss.sigma_mode, shape=shape),
-    "laplace": lambda loss, shape: Laplace(loss.sigma),
-}
+# Builders(loss_spec, image shape) -> Likelihood, named by vaelab.registry's likelihood records.
+def bernoulli(loss, shape) -> Likelihood:
+    return Bernoulli()
+
+
+def continuous_bernoulli(loss, shape) -> Likelihood:
+    return ContinuousBernoulli()
+
+
+def gaussian(loss, shape) -> Likelihood:
+    return Gaussian(loss.sigma)
+
+
+def gaussian_learned(loss, shape) -> Likelihood:
+    return Gaussian(loss.sigma, learned=loss.sigma_mode, shape=shape)
+
+
+def laplace(loss, shape) -> Likelihood:
+    return Laplace(loss.sigma)
+
+
+# name -> builder(loss_spec, image shape): the names a spec's loss.likelihood may use. The
+# names are the registry's records (which spec checks read without importing torch).
+LIKELIHOODS = {name: record.build for name, record in _registry.LIKELIHOODS.items()}

@@ -12,11 +12,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from vaelab import figures, preflight
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data import ImageData
-from vaelab.evaluate import evaluate_test, kl_per_dimension, latent_means
-from vaelab.objectives import kl_weighting
+from vaelab.evaluate import kl_per_dimension, latent_means
+from vaelab.evaluation.evaluators import EvalContext
+from vaelab.evaluation.stage import evaluate
 from vaelab.registry import load_dataset
 from vaelab.resume import TrainState, clear_state, holding, load_state, save_state, state_dir
 from vaelab.spec import RunSpec, flatten
@@ -60,7 +63,12 @@ def run_name(run_spec: RunSpec) -> str:
     return f"{m.arch}-z{m.z_dim}-{loss.likelihood}-b{loss.beta:g}-s{run_spec.train.seed}"
 
 
-def write_figures(model, likelihood, data: ImageData, history, folder: Path, run_spec: RunSpec) -> None:
+FIGURE_STEPS = 7  # for the progress bar: one step per figure written
+
+
+def write_figures(model, likelihood, data: ImageData, history, folder: Path, run_spec: RunSpec,
+                  step: Callable[[], None] = lambda: None) -> None:
+    """Every figure of a finished run into `folder`; `step()` after each one (a progress bar)."""
     seed = run_spec.train.seed
     test = data.test
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,18 +81,25 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
             means = latent_means(model, test.x[:n_tsne], run_spec.eval.batch_size, test.y[:n_tsne])
             tsne = pool.submit(figures.tsne_embedding, means, seed)
         figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png", test.y[:32])
+        step()
         figures.write_samples(model, likelihood, folder / "samples.png", n=64, seed=seed)
+        step()
         pairs = min(8, len(test)) // 2 * 2  # consecutive test images form the interpolation pairs
         if pairs:
             figures.write_interpolation(model, likelihood, test.x[:pairs], folder / "interpolation.png",
                                         y=test.y[:pairs])
+        step()
         figures.write_learning_curves(history, folder / "learning_curves.png")
+        step()
         kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size, test.y[:2000])
         figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
+        step()
         figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png", y=test.y[:1])
+        step()
         if tsne is not None:
             figures.write_tsne(means, test.y[:n_tsne], folder / "tsne.png", data.class_names, seed=seed,
                                points=tsne.result())
+        step()
 
 
 def _epoch_figures(run_spec: RunSpec, model, data: ImageData, tracked) -> EpochCallback:
@@ -132,31 +147,36 @@ class _TimedRun:
 
 
 def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: RunResult,
-            tracked: TrackedRun, tracking_s: float = 0.0) -> RunOutcome:
+            tracked: TrackedRun, tracking_s: float = 0.0, show_progress: bool = False) -> RunOutcome:
     """Test metrics, figures and the checkpoint of a trained model, recorded in `tracked`.
-    Logs where the time went: time/eval_s (test metrics), time/tracking_s (MLflow
-    writes) and time/artifacts_s (figures, checkpoint and their upload)."""
+    Logs where the time went: time/eval_s (test metrics; time/eval/<name>_s each),
+    time/tracking_s (MLflow writes) and time/artifacts_s (figures, checkpoint, upload)."""
     likelihood = model.likelihood
-    started = time.perf_counter()
-    metrics = evaluate_test(model, data.test, likelihood, kl_weighting(run_spec), run_spec.eval.batch_size,
-                            run_spec.train.seed, iw_samples=run_spec.eval.iw_samples,
-                            probe_train=data.train if run_spec.eval.probe else None)
+    context = EvalContext(model, data, run_spec, result.epochs_run)
+    evaluation = evaluate(context, show_progress=show_progress)
+    metrics = dict(evaluation.metrics)
     metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
                     "time/train_s": sum(h["time/epoch_s"] for h in result.history),
-                    "time/eval_s": time.perf_counter() - started})
+                    "time/eval_s": evaluation.seconds})
     # Validation numbers of the weights that were kept (the sweep objective, and the report's "best").
     kept = result.history[result.best_epoch - 1]
     metrics.update({f"best/{k}": v for k, v in kept.items() if k.startswith("val/")})
     started = time.perf_counter()
     tracked.log_metrics(metrics, step=result.epochs_run)
-    tracked.set_tags({"vaelab.stopped_early": result.stopped_early})
+    tracked.set_tags({"vaelab.stopped_early": result.stopped_early, **evaluation.tags})
     tracking_s += time.perf_counter() - started
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp, \
+            tqdm(total=(FIGURE_STEPS if run_spec.eval.figures else 0) + 2, desc="figures and checkpoint",
+                 unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
         if run_spec.eval.figures:
-            write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec)
-        save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics)
+            write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec,
+                          step=lambda: bar.update(1))
+        save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics, run_id=tracked.run_id)
+        bar.update(1)
+        bar.set_description("uploading figures and checkpoint")
         tracked.log_artifacts(Path(tmp))
+        bar.update(1)
     timings = {"time/artifacts_s": time.perf_counter() - started, "time/tracking_s": tracking_s}
     tracked.log_metrics(timings, step=result.epochs_run)
     metrics.update(timings)
@@ -279,7 +299,8 @@ def run_group(
                     resumes=[opened[i].prior for i in group], save_states=[opened[i].save for i in group],
                     show_progress=show_progress)
                 for i, member in zip(group, results, strict=True):
-                    outcomes[i] = _settle(tracker, run_specs[i], experiment, models[i], data, member, opened[i])
+                    outcomes[i] = _settle(tracker, run_specs[i], experiment, models[i], data, member, opened[i],
+                                          show_progress)
                     del opened[i]
         except BaseException as err:
             for o in opened.values():
@@ -294,7 +315,7 @@ def _member_callbacks(run_spec: RunSpec, model, data: ImageData, tracked: Tracke
 
 
 def _settle(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: ImageData, member,
-            opened: _Opened) -> RunOutcome | BaseException:
+            opened: _Opened, show_progress: bool) -> RunOutcome | BaseException:
     """End a trained member's MLflow run: finished with its test metrics, figures and
     checkpoint, or with the error that ended it. A stopped run keeps its resume state."""
     tracked = opened.tracked
@@ -306,7 +327,8 @@ def _settle(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: I
     try:
         if member.error is not None:
             raise member.error
-        outcome = _finish(run_spec, experiment, model, data, member.result, tracked, opened.timed.seconds)
+        outcome = _finish(run_spec, experiment, model, data, member.result, tracked, opened.timed.seconds,
+                          show_progress)
     except Exception as err:  # this run fails alone
         tracker.end_run(tracked, err)
         clear_state(opened.folder)

@@ -1,5 +1,5 @@
 """The `search` section of a spec: a grid (cartesian product x seeds) or an
-Optuna search space. Parsing and grid expansion only; running them is sweep.py.
+Optuna search space. Parsing and grid expansion only; running them is vaelab.sweeps.
 
 Every value in a grid list, and every bound or choice of a distribution, is
 checked by the same check as the run field it sets, so `model.arch: [mlp, vit]`
@@ -36,6 +36,19 @@ class Distribution:
 
 
 @dataclass(frozen=True)
+class FinalEvaluation:
+    """search.evaluate: when the sweep is done, evaluate its `top` runs by `by` again
+    with these eval.* settings (vaelab evaluate), once each."""
+
+    top: int
+    by: str
+    overrides: tuple[str, ...] = ()  # "eval.iw_samples=5000", as --set takes them
+
+    def label(self) -> str:
+        return f"top {self.top} by {self.by}" + (f" with {', '.join(self.overrides)}" if self.overrides else "")
+
+
+@dataclass(frozen=True)
 class GridSearch:
     params: tuple[tuple[str, tuple[Any, ...]], ...]  # (dotted key, values) in spec order
     seeds: tuple[int, ...]
@@ -44,6 +57,7 @@ class GridSearch:
     storage: str | None = None
     kind: str = "grid"
     stack: int = 1  # up to this many points that differ only in beta/seed/lr train as one stacked model
+    evaluate: FinalEvaluation | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class OptunaSearch:
     seed: int = 0
     storage: str | None = None
     kind: str = "optuna"
+    evaluate: FinalEvaluation | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,8 @@ class Point:
         return ", ".join(f"{k}={v}" for k, v in self.values.items())
 
 
-COMMON_KEYS = {"kind", "params", "metric", "direction", "storage"}
+COMMON_KEYS = {"kind", "params", "metric", "direction", "storage", "evaluate"}
+EVALUATE_KEYS = {"top", "by", "set"}
 GRID_KEYS = COMMON_KEYS | {"seeds", "stack"}
 OPTUNA_KEYS = COMMON_KEYS | {"n_trials", "sampler", "pruner", "seed"}
 DISTRIBUTION_KEYS = {"low", "high", "log", "step", "choices"}
@@ -112,16 +128,22 @@ def _distribution(key: str, raw: Any, check) -> Distribution:
     if not isinstance(raw, Mapping):
         raise fail(path, "a mapping with low/high (and log, step) or choices", raw)
     _check_keys(raw, DISTRIBUTION_KEYS, path)
-    if "choices" in raw:
-        if set(raw) != {"choices"}:
-            raise SpecError(f"{path}: choices cannot be combined with low/high/log/step")
-        if isinstance(check, IntList):
-            raise SpecError(f"{path}: list-valued keys can be searched in grids only")
-        choices = raw["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise fail(f"{path}.choices", "a non-empty list", choices)
-        return Distribution("categorical", choices=tuple(check.parse(v, f"{path}.choices[{i}]")
-                                                         for i, v in enumerate(choices)))
+    return _categorical(path, raw, check) if "choices" in raw else _numeric(path, raw, check)
+
+
+def _categorical(path: str, raw: Mapping, check) -> Distribution:
+    if set(raw) != {"choices"}:
+        raise SpecError(f"{path}: choices cannot be combined with low/high/log/step")
+    if isinstance(check, IntList):
+        raise SpecError(f"{path}: list-valued keys can be searched in grids only")
+    choices = raw["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise fail(f"{path}.choices", "a non-empty list", choices)
+    return Distribution("categorical", choices=tuple(check.parse(v, f"{path}.choices[{i}]")
+                                                     for i, v in enumerate(choices)))
+
+
+def _numeric(path: str, raw: Mapping, check) -> Distribution:
     if not isinstance(check, (Int, Float)):
         raise SpecError(f"{path}: a non-numeric key takes `choices: [...]`")
     if "low" not in raw or "high" not in raw:
@@ -149,6 +171,28 @@ def _optuna_params(raw: Any) -> tuple[tuple[str, Distribution], ...]:
                  for key, value in raw.items())
 
 
+def _final_evaluation(raw: Any, metric: str) -> FinalEvaluation | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise fail("search.evaluate", "a mapping with top, by and set", raw)
+    _check_keys(raw, EVALUATE_KEYS, "search.evaluate")
+    settings = raw.get("set") or {}
+    if not isinstance(settings, Mapping):
+        raise fail("search.evaluate.set", "a mapping of eval.* keys to values", settings)
+    overrides = []
+    for key, value in settings.items():
+        path = f"search.evaluate.set.{key}"
+        check = field_check(key) if isinstance(key, str) and key.startswith("eval.") else None
+        if check is None:
+            raise SpecError(f"{path}: not an eval.* key (only evaluation settings change after training)")
+        check.parse(value, path)
+        overrides.append(f"{key}={'null' if value is None else value}")
+    return FinalEvaluation(top=Int(1, 10_000).parse(raw.get("top", 1), "search.evaluate.top"),
+                           by=Choice(METRICS).parse(raw.get("by", metric), "search.evaluate.by"),
+                           overrides=tuple(overrides))
+
+
 def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
     if not isinstance(raw, Mapping):
         raise fail("search", "a mapping with kind: grid or kind: optuna", raw)
@@ -159,6 +203,7 @@ def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
         "direction": Choice(("minimize", "maximize")).parse(raw.get("direction", "minimize"), "search.direction"),
         "storage": Text(2000).parse(raw["storage"], "search.storage") if raw.get("storage") else None,
     }
+    common["evaluate"] = _final_evaluation(raw.get("evaluate"), common["metric"])
     if kind == "grid":
         seeds = raw.get("seeds", [base.train.seed])
         if not isinstance(seeds, list) or not seeds:

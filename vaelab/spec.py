@@ -31,21 +31,26 @@ from vaelab.checks import (
     Text,
     fail,
 )
+from vaelab.objectives import SCHEDULES
 
 __all__ = ["SpecError", "RunSpec", "Spec", "load_spec", "parse_spec", "apply_overrides", "flatten"]
+
+# Part of every RunSpec.hash(): bump it when what a resolved run means changes, so states
+# and sweep points keyed by an older hash are not reused. 2: every value counts, defaults too.
+RUN_HASH_VERSION = 2
 
 
 @dataclass(frozen=True)
 class RegistryChoice(Check):
-    """A name that must be registered in vaelab.registry (looked up lazily, so
-    parsing a spec does not import torch)."""
+    """A name that must be registered in vaelab.registry (looked up when a spec is
+    parsed; the registry names its builders as strings, so this imports no torch)."""
 
     kind: str
 
     def names(self) -> list[str]:
-        from vaelab import registry
+        from vaelab import registry  # records only: naming them imports neither torch nor the models
 
-        return sorted(registry.REGISTRIES[self.kind])
+        return registry.names(self.kind)
 
     def describe(self) -> str:
         return "one of " + ", ".join(self.names())
@@ -94,7 +99,7 @@ class LossSpec:
     sigma: float = _f(0.1, Float(0.0, 1e3, min_open=True),
                       "gaussian std, laplace scale, or the starting std of gaussian_learned")
     sigma_mode: str = _f("shared", Choice(("shared", "per_pixel")), "gaussian_learned: one sigma, or one per pixel")
-    kl_schedule: str = _f("constant", Choice(("constant", "linear", "cyclical", "capacity")),
+    kl_schedule: str = _f("constant", Choice(SCHEDULES),
                           "how the KL weight evolves during training")
     warmup_epochs: float = _f(10.0, Float(0.0, 1e5, min_open=True), "linear: epochs to ramp the KL weight to beta")
     cycles: int = _f(4, Int(1, 1000), "cyclical: number of ramp cycles over train.epochs")
@@ -125,7 +130,11 @@ class TrainSpec:
 class EvalSpec:
     batch_size: int = _f(1000, Int(1, 1_000_000), "examples per evaluation batch")
     tsne_points: int = _f(1000, Int(0, 20_000), "test points in the t-SNE figure; 0 = no t-SNE")
-    iw_samples: int = _f(1000, Int(0, 100_000), "importance samples per test image for test/nll_iw; 0 = skip")
+    iw_samples: int = _f(100, Int(0, 100_000), "importance samples k per test image for test/nll_iw; 0 = skip")
+    iw_images: int | None = _f(1000, Optional(Int(1)),
+                               "test images in test/nll_iw (a seeded subset, the same for every run); null = all")
+    iw_capped: bool = _f(True, Bool(), "cap test/nll_iw's images so it costs no more decoder passes than training "
+                                       "did (at least 100 images); false = exactly iw_images")
     probe: bool = _f(True, Bool(), "fit a logistic-regression probe on latent means (test/probe_acc)")
     figures: bool = _f(True, Bool(), "write the PNG figures")
 
@@ -141,12 +150,12 @@ class RunSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
 
     def hash(self) -> str:
-        """A short, stable identity of the resolved run (used to find duplicates).
-        Only values that differ from the defaults count, so a field added in a later
-        version does not change the identity of runs an older version recorded."""
-        defaults = flatten(RunSpec())
-        changed = {k: v for k, v in flatten(self).items() if v != defaults[k]}
-        blob = json.dumps(changed, sort_keys=True, default=str)
+        """A short, stable identity of the resolved run: resume states, sweep points and
+        the `vaelab.run_hash` tag are keyed by it. Every resolved key and value counts,
+        defaults included, so a default that changes between versions (or a new field)
+        gives a new identity instead of reusing a state saved for another configuration;
+        RUN_HASH_VERSION changes it when the way a run is resolved changes."""
+        blob = json.dumps({"version": RUN_HASH_VERSION, "run": flatten(self)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -19,17 +19,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from vaelab.errors import TrackingError
+
 DEFAULT_STORE_DIR = Path("runs")
 FAILURE_TAG = "failure_reason"
 
-# Alembic and MLflow announce every schema migration when a new SQLite store is created.
-for _noisy in ("alembic", "mlflow.store.db.utils"):
-    logging.getLogger(_noisy).setLevel(logging.WARNING)
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# With a tracking server MLflow prints a "View run" line per run into stdout, through
-# vaelab's progress bars; vaelab prints the run's address itself (Tracker.run_url).
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves a local store
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own output, set once at the command's entry (before mlflow is imported):
+    no schema-migration announcements for a new SQLite store, no artifact upload bars,
+    and no "View run" line per run through vaelab's progress bars (vaelab prints the
+    run's address itself: Tracker.run_url). A user's own settings win."""
+    for noisy in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def without_credentials(uri: str) -> str:
@@ -45,11 +51,6 @@ def ui_base_for(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return without_credentials(tracking_uri).rstrip("/")
     return UI_BASE
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be opened or written (a file where a folder should
-    be, no permission, a full disk); the message says where."""
 
 
 # Errors that mean "the disk said no", wherever they surface (OSError errno, SQLite messages).
@@ -73,6 +74,15 @@ def storage_problem(err: BaseException) -> str | None:
                 return f"the tracking store refused a write: {message}"
         err = err.__cause__ or err.__context__
     return None
+
+
+def is_not_found(err: BaseException) -> bool:
+    """True if MLflow said the thing asked for does not exist. Anything else (a server
+    that does not answer, a locked database) is not "gone" and must not be read as such."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    return isinstance(err, MlflowException) and err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
 def default_tracking_uri() -> str:
@@ -236,8 +246,10 @@ class Tracker:
         what it already logged. None if the run is gone or finished."""
         try:
             run = self.client.get_run(run_id)
-        except Exception:
-            return None
+        except Exception as err:
+            if is_not_found(err):
+                return None
+            raise
         if run.info.status == "FINISHED":
             return None
         self.client.update_run(run_id, status="RUNNING")
@@ -247,14 +259,43 @@ class Tracker:
         steps = [m.step for m in self.client.get_metric_history(run_id, "train/loss")]
         return TrackedRun(self.client, run_id, logged_through=max(steps, default=0))
 
+    def finished_run(self, run_id: str):
+        """A FINISHED run (MLflow's Run: info, data.metrics, data.tags), for evaluating it
+        later; TrackingError if there is no such run or it did not finish."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as err:
+            if is_not_found(err):
+                raise TrackingError(f"{run_id}: no such MLflow run in {self.shown_uri}") from None
+            raise
+        if run.info.status != "FINISHED":
+            raise TrackingError(f"{run_id}: the run is {run.info.status}; only FINISHED runs are evaluated")
+        return run
+
+    def attach(self, run_id: str) -> TrackedRun:
+        """A handle that writes into an existing run as it is (a finished run's later evaluation)."""
+        return TrackedRun(self.client, run_id)
+
+    def best_runs(self, experiment: str, metric: str, ascending: bool, n: int, parent: str | None = None) -> list[str]:
+        """Ids of the n FINISHED runs of `experiment` (children of `parent`, if given) with the best `metric`."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        order = "ASC" if ascending else "DESC"
+        where = "attributes.status = 'FINISHED'" + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else "")
+        runs = self.client.search_runs([found.experiment_id], filter_string=where,
+                                       order_by=[f"metrics.`{metric}` {order}"], max_results=50_000)
+        return [r.info.run_id for r in runs if metric in r.data.metrics][:n]
+
     def kill_run(self, run_id: str, reason: str) -> None:
         """Mark a run whose process died as KILLED (no RUNNING leftovers)."""
         try:
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_tag(run_id, FAILURE_TAG, reason)
                 self.client.set_terminated(run_id, status="KILLED")
-        except Exception:  # the run may live in another store; nothing to clean here
-            pass
+        except Exception as err:  # the run may live in another store; nothing to clean here
+            if not is_not_found(err):
+                raise
 
     def create_parent_run(self, experiment: str, run_name: str, params: dict[str, Any],
                           tags: dict[str, Any]) -> str:
@@ -268,8 +309,10 @@ class Tracker:
         try:
             self.client.get_run(run_id)
             return True
-        except Exception:
-            return False
+        except Exception as err:
+            if is_not_found(err):
+                return False
+            raise
 
     def set_status(self, run_id: str, status: str) -> None:
         if status == "RUNNING":

@@ -105,6 +105,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
     if pending == 0:
         sweep.finish(parent)
         print(f"sweep '{spec.name}' is already complete; nothing to run.\n{_summary(sweep, counts)}")
+        _final_evaluation(sweep, parent, show_progress=not args.no_progress)
         return 0
     if counts.done:
         print(f"resuming sweep '{spec.name}': {counts.line()}")
@@ -129,7 +130,25 @@ def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
         bar.close()
     counts = sweep.finish(parent)
     print(_summary(sweep, counts))
+    _final_evaluation(sweep, parent, show_progress=not args.no_progress)
     return 0
+
+
+def _final_evaluation(sweep, parent: str, show_progress: bool, quiet: bool = False) -> None:
+    """search.evaluate, once the sweep is done (vaelab.sweeps.final)."""
+    from vaelab.sweeps.final import final_evaluation
+
+    if sweep.search.evaluate is None:
+        return
+
+    def said(done) -> None:
+        if not quiet:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in done.evaluation.metrics.items()
+                              if k.startswith("test/nll_iw") or k.startswith("test/bits"))
+            print(f"evaluated run {done.run_id} ({sweep.search.evaluate.label()}): {shown or 'nothing new'}",
+                  flush=True)
+
+    final_evaluation(sweep, parent, show_progress=show_progress, on_run=said)
 
 
 def worker_command(args: argparse.Namespace, threads: int) -> list[str]:
@@ -191,4 +210,5 @@ def run_worker(spec: Spec, args: argparse.Namespace) -> int:
     ran = sweep.work(parent, on_trial=on_trial)
     if not args.quiet:
         print(f"worker {os.getpid()} ran {ran} trials; {sweep.counts().line()}")
+    _final_evaluation(sweep, parent, show_progress=False, quiet=args.quiet)
     return 0

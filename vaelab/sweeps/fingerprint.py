@@ -18,6 +18,8 @@ from vaelab.sweeps.storage import SweepError
 
 # Where the study is stored, not what it runs.
 IGNORED = {"search.storage"}
+# What is done with finished runs, not how they are trained: may change in a study.
+LATER = "search.evaluate"
 
 
 def _plain(value: Any) -> Any:
@@ -35,7 +37,7 @@ def spec_record(spec: Spec) -> dict[str, Any]:
             record.update({f"search.params.{name}": values for name, values in value})
         else:
             record[f"search.{key}"] = value
-    return _plain({k: v for k, v in record.items() if k not in IGNORED})
+    return _plain({k: v for k, v in record.items() if k not in IGNORED and not k.startswith(LATER)})
 
 
 @cache

@@ -15,6 +15,7 @@ import torch
 from vaelab.errors import NonFiniteLossError, RunStopped
 from vaelab.objectives import KLWeighting, kl_weighting
 from vaelab.resume import TrainState
+from vaelab.spec import RunSpec
 from vaelab.training.result import RunResult, non_finite_reason
 
 # Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/loss": ...}).
@@ -35,7 +36,7 @@ class Stepper(Protocol):
 
 @dataclass
 class Member:
-    run: object  # vaelab.spec.RunSpec
+    run: RunSpec
     device: torch.device
     callbacks: list[EpochCallback] = field(default_factory=list)
     save_state: Callable[[TrainState], None] | None = None
@@ -119,10 +120,10 @@ class Member:
         if self.result.stopped_early:
             self.done = True
             return
-        save_now = self.save_state is not None and train.checkpoint_every > 0 and epoch % train.checkpoint_every == 0
-        if self.retry_on_nan or save_now:
+        save_now = train.checkpoint_every > 0 and epoch % train.checkpoint_every == 0
+        if self.retry_on_nan or (save_now and self.save_state is not None):
             self.last_good = self.snapshot(epoch, stepper, i)
-        if save_now:
+        if save_now and self.save_state is not None and self.last_good is not None:
             self.save_state(self.last_good)
         self.done = epoch >= train.epochs
 
@@ -144,6 +145,7 @@ class Member:
 
     def _rolled_back(self, reason: str) -> TrainState:
         """The last good state at a tenth of its learning rate, with the one retry used up."""
+        assert self.last_good is not None  # end_epoch asks for a rollback only when there is one
         state = copy.copy(self.last_good)
         state.optimizer = copy.deepcopy(state.optimizer)
         old_lr = state.optimizer["param_groups"][0]["lr"]

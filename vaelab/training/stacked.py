@@ -130,7 +130,7 @@ def _objective_and_loss(members: list[Member], recon: Tensor, kl_dims: Tensor, t
     loss = _losses(members, recon, kl_dims.sum(2), t, weights)
     if weights is not None:
         return loss.mean(1).sum(), loss.detach()
-    objective = sum(m.weighting.objective(recon[i], kl_dims[i], t) for i, m in enumerate(members))
+    objective = torch.stack([m.weighting.objective(recon[i], kl_dims[i], t) for i, m in enumerate(members)]).sum()
     return objective, loss.detach()
 
 
@@ -158,6 +158,7 @@ class StackedStepper:
                                                        train.precision == "bf16"),
                                         compile=train.compile, on_cuda=data.train.x.device.type == "cuda")
         self.param_groups = make_optimizer(models[0], train.lr).state_dict()["param_groups"]
+        self.optimizer: torch.optim.Adam | StackedAdam
         self._make_optimizer(members, optimizer_states)
 
     # ---- the optimiser, in and out of a single run's format ----------------------------------------
@@ -177,12 +178,12 @@ class StackedStepper:
                     self.optimizer.state[p] = {"step": step, "exp_avg": self._stack(name, moments, j, "exp_avg"),
                                                "exp_avg_sq": self._stack(name, moments, j, "exp_avg_sq")}
             return
-        self.optimizer = StackedAdam(params, torch.tensor(self.lrs, device=params[0].device),
-                                     steps=torch.tensor(steps))
+        stacked = StackedAdam(params, torch.tensor(self.lrs, device=params[0].device), steps=torch.tensor(steps))
         for j, name in enumerate(self.storage):
             if any(moments):
-                self.optimizer.exp_avg[j] = self._stack(name, moments, j, "exp_avg")
-                self.optimizer.exp_avg_sq[j] = self._stack(name, moments, j, "exp_avg_sq")
+                stacked.exp_avg[j] = self._stack(name, moments, j, "exp_avg")
+                stacked.exp_avg_sq[j] = self._stack(name, moments, j, "exp_avg_sq")
+        self.optimizer = stacked
 
     def _stack(self, name: str, moments: list[dict], j: int, key: str) -> Tensor:
         """One moment of parameter j for every member, in the stack's layout (zeros for a fresh member)."""

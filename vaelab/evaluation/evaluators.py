@@ -1,0 +1,174 @@
+"""The test-metric families as evaluators: each has a name, says when it does not
+apply to a run's data, states its estimator settings (which travel with its
+metrics), its cost in image passes (for progress and `--dry-run`), and computes
+its `test/...` metrics. All numbers in nats per image unless named otherwise."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vaelab.data import ImageData
+from vaelab.evaluate import (
+    active_units,
+    bits_per_dim,
+    importance_weighted_nll,
+    kl_per_dimension,
+    latent_means,
+    probe_accuracy,
+    split_terms,
+)
+from vaelab.models import VAE
+from vaelab.objectives import kl_weighting
+from vaelab.spec import RunSpec
+
+# The IWAE subset is drawn from this seed, not from train.seed, so every run of a study
+# is scored on the same test images.
+IW_SUBSET_SEED = 0
+# Below this many images the IWAE estimate says little; the training-cost cap stops here.
+IW_MIN_IMAGES = 100
+# A training step costs about three forward passes (forward, and backward at twice that).
+PASSES_PER_TRAINING_IMAGE = 3
+PROBE_TRAIN_IMAGES = 10_000
+
+
+@dataclass
+class EvalContext:
+    """What evaluators read: the trained model, its data, its run and how long it trained."""
+
+    model: VAE
+    data: ImageData
+    run: RunSpec
+    epochs_run: int
+
+    @property
+    def seed(self) -> int:
+        return self.run.train.seed + 1  # the test evaluation's noise (train.seed orders batches, + 2 is validation)
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device=self.data.test.x.device).manual_seed(self.seed)
+
+
+Progress = Callable[[int], None]  # told of each batch of images done
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    name: str
+    summary: str
+    skip_reason: Callable[[EvalContext], str | None]
+    settings: Callable[[EvalContext], dict[str, Any]]
+    passes: Callable[[EvalContext, dict[str, Any]], int]  # image passes through encoder/decoder, for ETA and cost
+    compute: Callable[[EvalContext, dict[str, Any], Progress], dict[str, float]]
+    per_image: Callable[[dict[str, Any]], int] = lambda settings: 1  # passes per image its progress reports
+
+
+def _always(_ctx: EvalContext) -> str | None:
+    return None
+
+
+# ---- elbo: the negative ELBO and its parts over the whole test split --------------------------------
+def _elbo_settings(ctx: EvalContext) -> dict[str, Any]:
+    return {"images": len(ctx.data.test), "samples": 1, "seed": ctx.seed}
+
+
+def _elbo(ctx: EvalContext, _settings: dict, progress: Progress) -> dict[str, float]:
+    terms = split_terms(ctx.model, ctx.data.test, ctx.model.likelihood, kl_weighting(ctx.run),
+                        ctx.run.eval.batch_size, ctx.generator())
+    progress(len(ctx.data.test))
+    return {f"test/{k}": v for k, v in terms.items()}
+
+
+# ---- latents: active units and KL per dimension -----------------------------------------------------
+def _latents(ctx: EvalContext, _settings: dict, progress: Progress) -> dict[str, float]:
+    test, batch = ctx.data.test, ctx.run.eval.batch_size
+    means = latent_means(ctx.model, test.x, batch, test.y)
+    metrics = {"test/active_units": float(active_units(means))}
+    per_dim = kl_per_dimension(ctx.model, test.x, batch, test.y)
+    metrics.update({f"test/kl_dim/{d}": float(v) for d, v in enumerate(per_dim.tolist())})
+    progress(len(test))
+    return metrics
+
+
+# ---- iwae: the importance-weighted NLL (Burda et al. 2016) ------------------------------------------
+def iw_images(ctx: EvalContext) -> int:
+    """How many test images the IWAE estimate uses: eval.iw_images (null: all), capped
+    by eval.iw_capped so that it costs no more passes than training did."""
+    spec, n_test = ctx.run.eval, len(ctx.data.test)
+    n = min(n_test, spec.iw_images or n_test)
+    if spec.iw_capped and spec.iw_samples:
+        trained = PASSES_PER_TRAINING_IMAGE * ctx.epochs_run * len(ctx.data.train)
+        n = min(n, max(IW_MIN_IMAGES, trained // spec.iw_samples))
+    return max(1, n)
+
+
+def _iwae_skip(ctx: EvalContext) -> str | None:
+    return "eval.iw_samples is 0" if ctx.run.eval.iw_samples == 0 else None
+
+
+def _iwae_settings(ctx: EvalContext) -> dict[str, Any]:
+    n = iw_images(ctx)
+    return {"k": ctx.run.eval.iw_samples, "images": n, "of": len(ctx.data.test),
+            "subset_seed": IW_SUBSET_SEED if n < len(ctx.data.test) else None, "seed": ctx.seed,
+            "bits": "probability of each 8-bit bin" if not ctx.model.likelihood.discrete else "probability mass"}
+
+
+def iw_subset(n_test: int, n: int) -> torch.Tensor:
+    """The same n test images for every run: a seeded choice, in test order."""
+    if n >= n_test:
+        return torch.arange(n_test)
+    return torch.randperm(n_test, generator=torch.Generator().manual_seed(IW_SUBSET_SEED))[:n].sort().values
+
+
+def _iwae(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, float]:
+    test = ctx.data.test
+    idx = iw_subset(len(test), settings["images"]).to(test.x.device)
+    nll = importance_weighted_nll(ctx.model, test.x[idx], ctx.model.likelihood, settings["k"], ctx.generator(),
+                                  y=test.y[idx], on_batch=progress).double()
+    mean = float(nll.mean())
+    se = float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else 0.0
+    pixels = test.x[0].numel()
+    return {"test/nll_iw": mean, "test/nll_iw_se": se,
+            "test/bits_per_dim": bits_per_dim(mean, pixels, ctx.model.likelihood.discrete)}
+
+
+# ---- probe: how linearly the classes can be read off the latent means --------------------------------
+def _probe_skip(ctx: EvalContext) -> str | None:
+    if not ctx.run.eval.probe:
+        return "eval.probe is false"
+    train, test = ctx.data.train, ctx.data.test
+    if len(train) < 20:
+        return f"{len(train)} training images (the probe needs 20)"
+    if len(torch.unique(train.y[:PROBE_TRAIN_IMAGES])) < 2 or len(torch.unique(test.y)) < 2:
+        return "the data has fewer than 2 classes (no labels to probe)"
+    return None
+
+
+def _probe_settings(ctx: EvalContext) -> dict[str, Any]:
+    return {"train_images": min(PROBE_TRAIN_IMAGES, len(ctx.data.train)), "test_images": len(ctx.data.test),
+            "classifier": "logistic regression on standardised latent means"}
+
+
+def _probe(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, float]:
+    train, test, batch = ctx.data.train, ctx.data.test, ctx.run.eval.batch_size
+    n = settings["train_images"]
+    train_means = latent_means(ctx.model, train.x[:n], batch, train.y[:n])
+    test_means = latent_means(ctx.model, test.x, batch, test.y)
+    progress(n + len(test))
+    return {"test/probe_acc": probe_accuracy(train_means, train.y[:n], test_means, test.y)}
+
+
+EVALUATORS: dict[str, Evaluator] = {e.name: e for e in (
+    Evaluator("elbo", "test/elbo, recon, kl, loss, mse over the whole test split", _always, _elbo_settings,
+              lambda ctx, s: s["images"], _elbo),
+    Evaluator("latents", "test/active_units (Burda et al. 2016) and test/kl_dim/<d>", _always,
+              lambda ctx: {"images": len(ctx.data.test)}, lambda ctx, s: s["images"], _latents),
+    Evaluator("iwae", "test/nll_iw (importance-weighted NLL), its standard error, test/bits_per_dim", _iwae_skip,
+              _iwae_settings, lambda ctx, s: s["k"] * s["images"], _iwae, per_image=lambda s: s["k"]),
+    Evaluator("probe", "test/probe_acc (logistic regression on latent means)", _probe_skip, _probe_settings,
+              lambda ctx, s: s["train_images"] + s["test_images"], _probe),
+)}

@@ -1,0 +1,101 @@
+"""Evaluation as a stage: the chosen evaluators run one after another, each with a
+progress bar (rate and ETA) and its seconds logged as time/eval/<name>_s; one that
+does not apply to the data is skipped with a note instead of failing the run; each
+metric family's estimator settings go with it as a tag (vaelab.eval.<name>)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from vaelab.errors import UserInputError
+from vaelab.evaluation.evaluators import EVALUATORS, EvalContext, Evaluator
+
+SKIPPED_TAG = "vaelab.eval.skipped"
+# The metrics whose value depends on estimator settings a later `vaelab evaluate` may change.
+SETTINGS_DEPENDENT = {"iwae": ("test/nll_iw", "test/nll_iw_se", "test/bits_per_dim")}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # vaelab.eval.<name>: its settings; the skipped ones
+    skipped: list[str] = field(default_factory=list)  # "probe: the data has fewer than 2 classes ..."
+    ran: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(v for k, v in self.metrics.items() if k.startswith("time/eval/"))
+
+
+def select(names: list[str] | None) -> list[Evaluator]:
+    """The evaluators named (all, in their fixed order, when None); an unknown name is a UserInputError."""
+    if names is None:
+        return list(EVALUATORS.values())
+    unknown = [n for n in names if n not in EVALUATORS]
+    if unknown:
+        raise UserInputError(f"--metrics: unknown evaluator {unknown[0]!r}; known: {', '.join(EVALUATORS)}")
+    return [EVALUATORS[n] for n in EVALUATORS if n in names]
+
+
+def settings_text(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def suffix_for(evaluator: Evaluator, settings: dict) -> str:
+    """The name suffix that marks metrics computed with other settings than the run's
+    own evaluation (e.g. test/nll_iw_k5000, or _k5000_n1000 on a subset)."""
+    if evaluator.name != "iwae":
+        return ""
+    subset = f"_n{settings['images']}" if settings["images"] < settings["of"] else ""
+    return f"_k{settings['k']}{subset}"
+
+
+def plan(ctx: EvalContext, evaluators: list[Evaluator]) -> list[tuple[Evaluator, dict | None, str | None]]:
+    """(evaluator, its settings or None, why it is skipped or None) for each evaluator."""
+    rows = []
+    for evaluator in evaluators:
+        reason = evaluator.skip_reason(ctx)
+        rows.append((evaluator, None if reason else evaluator.settings(ctx), reason))
+    return rows
+
+
+def evaluate(ctx: EvalContext, evaluators: list[Evaluator] | None = None, show_progress: bool = True,
+             marked: bool = False, done_tags: dict[str, str] | None = None) -> Evaluation:
+    """Run `evaluators` (default all) on `ctx`. `marked`: name settings-dependent metrics
+    by their settings (a later evaluation of a finished run); `done_tags`: the run's
+    tags, so an evaluation with the same settings as one it has is not repeated."""
+    out = Evaluation()
+    for evaluator, settings, reason in plan(ctx, evaluators or list(EVALUATORS.values())):
+        if reason is not None or settings is None:
+            out.skipped.append(f"{evaluator.name}: {reason}")
+            continue
+        suffix = suffix_for(evaluator, settings) if marked else ""
+        tag, text = f"vaelab.eval.{evaluator.name}{suffix}", settings_text(settings)
+        if done_tags is not None and done_tags.get(tag) == text:
+            out.skipped.append(f"{evaluator.name}: already evaluated with these settings")
+            continue
+        out.metrics.update(_run_one(ctx, evaluator, settings, suffix, show_progress))
+        out.tags[tag] = text
+        out.ran.append(evaluator.name)
+    if out.skipped:
+        out.tags[SKIPPED_TAG] = "; ".join(out.skipped)
+    return out
+
+
+def _run_one(ctx: EvalContext, evaluator: Evaluator, settings: dict, suffix: str,
+             show_progress: bool) -> dict[str, float]:
+    per_image = evaluator.per_image(settings)
+    label = f"eval {evaluator.name}" + (f" (k={settings['k']}, {settings['images']} images)"
+                                        if evaluator.name == "iwae" else "")
+    with tqdm(total=evaluator.passes(ctx, settings), desc=label, unit="pass", unit_scale=True,
+              disable=not show_progress, dynamic_ncols=True, leave=True) as bar:
+        started = time.perf_counter()
+        metrics = evaluator.compute(ctx, settings, lambda n: bar.update(n * per_image))
+        seconds = time.perf_counter() - started
+    renamed = {(k + suffix if k in SETTINGS_DEPENDENT.get(evaluator.name, ()) else k): v for k, v in metrics.items()}
+    renamed[f"time/eval/{evaluator.name}{suffix}_s"] = seconds
+    return renamed
