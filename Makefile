@@ -18,15 +18,17 @@ $(BIN)/vaelab: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
-test: install  ## ruff, then the test suite (slow tests excluded)
+test: install  ## ruff and mypy, then the test suite (slow tests excluded)
 	$(BIN)/ruff check vaelab tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills)
 	$(BIN)/python -m pytest -m slow -q -s
 
-lint: install  ## ruff over the package and tests
+lint: install  ## ruff over the package and tests, mypy over the package
 	$(BIN)/ruff check vaelab tests bench
+	$(BIN)/mypy
 
 bench: install  ## vaelab vs the canonical PyTorch VAE example, side by side -> bench/RESULTS.md
 	$(BIN)/python -m bench $(ARGS)

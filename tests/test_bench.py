@@ -21,12 +21,14 @@ def test_quick_bench_writes_results_with_every_workload(tmp_path: Path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
-    for heading in ("## One epoch", "## Sweep throughput", "## Tracking and figures overhead"):
+    for heading in ("## One epoch", "## Sweep throughput", "## IWAE evaluation throughput",
+                    "## Tracking and figures overhead"):
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| cpu ")]
-    # The epoch table comes first: default, compile, bf16, compile + bf16; then the two sweep rows.
-    epoch_rows, sweep_rows = rows[:4], rows[4:]
+    # The epoch table comes first: default, compile, bf16, compile + bf16; then the two sweep rows, then IWAE.
+    epoch_rows, sweep_rows, iwae_rows = rows[:4], rows[4:6], rows[6:]
     assert len(epoch_rows) == 4 and len(sweep_rows) == 2
+    assert [row.split("|")[2].strip() for row in iwae_rows] == ["mlp (bernoulli)", "conv (gaussian)"]
     for row in epoch_rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         mine, base, speedup, my_loss, base_loss = map(float, cells[2:7])

@@ -7,7 +7,9 @@ import torch
 
 from tests.conftest import make_idx_folder, tiny_run
 from vaelab.data import load_data
-from vaelab.evaluate import active_units, evaluate_test, importance_weighted_nll, kl_per_dimension, latent_means
+from vaelab.evaluate import active_units, importance_weighted_nll, kl_per_dimension, latent_means
+from vaelab.evaluation.stage import quiet_test_metrics
+from vaelab.spec import with_values
 from vaelab.training import fit, init_model
 
 
@@ -28,7 +30,7 @@ def test_iwae_is_below_the_elbo_and_tightens_with_k(trained):
     for k in (1, 10, 100, 1000):
         generator = torch.Generator().manual_seed(0)
         estimates[k] = importance_weighted_nll(model, x, model.likelihood, k, generator, budget=4096).mean().item()
-    metrics = evaluate_test(model, data.test, model.likelihood, 1.0, 500, seed=0)
+    metrics = quiet_test_metrics(model, data, run)
     # k = 1 is a one-sample ELBO: it agrees with test/elbo up to sampling noise.
     assert estimates[1] == pytest.approx(metrics["test/elbo"], rel=0.01)
     assert estimates[1000] < estimates[100] < estimates[10] < metrics["test/elbo"]
@@ -71,8 +73,7 @@ def test_dimensions_forced_to_the_prior_are_inactive(trained):
 
 def test_test_metrics_include_iw_bits_probe_and_kl_per_dim(trained):
     run, data, model = trained
-    metrics = evaluate_test(model, data.test, model.likelihood, 1.0, 500, seed=0, iw_samples=50,
-                            probe_train=data.train)
+    metrics = quiet_test_metrics(model, data, with_values(run, {"eval.iw_samples": 50, "eval.iw_images": None}))
     assert metrics["test/nll_iw"] < metrics["test/elbo"]
     assert metrics["test/bits_per_dim"] == pytest.approx(metrics["test/nll_iw"] / (784 * 0.6931471805599453))
     kl_dims = [metrics[f"test/kl_dim/{d}"] for d in range(6)]

@@ -52,4 +52,6 @@ def test_study_lock_takes_a_file_lock_in_the_study_folder_without_a_url(tmp_path
     with study_lock(None, tmp_path, "vaelab prepare demo"):
         assert (tmp_path / "prepare.lock").exists()
     with study_lock(f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path, "vaelab prepare demo"):
-        assert (tmp_path / "optuna.db.vaelab-lock").exists()
+        assert (tmp_path / "optuna.db.prepare.vaelab-lock").exists()
+    with study_lock(None, tmp_path, "vaelab final-evaluation demo"):  # another purpose, another lock
+        assert (tmp_path / "final-evaluation.lock").exists()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.test_sweep import make_sweep, write_spec
-from vaelab.report import ReportError, write_study_report
+from vaelab.report import ReportError, build_report, select_runs, write_study_report
 from vaelab.report.optuna_section import optuna_report_section
 from vaelab.spec import load_spec
 from vaelab.tracking import Tracker
@@ -137,3 +139,32 @@ def test_pareto_front_keeps_only_undominated_runs():
     rate = np.array([1.0, 2.0, 3.0, 2.5, 4.0])
     distortion = np.array([10.0, 8.0, 9.0, 7.0, 6.5])  # (3, 9) is beaten by (2, 8)
     assert pareto_front(rate, distortion).tolist() == [0, 1, 3, 4]
+
+
+def _frame(tags: list[str]) -> pd.DataFrame:
+    rows = []
+    for i, tag in enumerate(tags):
+        rows.append({"run_id": f"{i:032d}", "status": "FINISHED", "run_name": f"r{i}", "start_time": 0,
+                     "end_time": 1000, "artifact_uri": "", "params.loss.beta": str(1 + i // 2),
+                     "params.train.seed": str(i % 2), "metrics.test/elbo": 250.0 - i,
+                     "metrics.test/nll_iw": 240.0 - i, "metrics.test/nll_iw_se": 1.5,
+                     "tags.vaelab.eval.iwae": tag})
+    return pd.DataFrame(rows)
+
+
+def test_the_report_marks_and_does_not_rank_numbers_made_with_different_settings(tmp_path: Path):
+    small = json.dumps({"k": 100, "images": 1000, "of": 10000})
+    full = json.dumps({"k": 100, "images": 10000, "of": 10000})
+    study = select_runs("demo", "1", _frame([small, small, full, full]))
+    text = build_report(study, tmp_path).read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert "(k=100, 1000 of 10000 images)" in table[2] and "(k=100, 10000 of 10000 images)" in table[3]
+    nll_column = [row.split("|")[3] for row in table[2:]]
+    assert "NLL, IWAE" in table[0].split("|")[3]
+    assert not any("**" in cell for cell in nll_column)  # not ranked
+    assert "test NLL s.e. over images (nats)" in table[0]
+
+    same = select_runs("demo", "1", _frame([small] * 4))
+    text = build_report(same, tmp_path).read_text()
+    assert "test NLL (IWAE, Burda et al. 2016): k=100, 1000 of 10000 images" in text
+    assert "(k=100" not in "\n".join(line for line in text.splitlines() if line.startswith("|"))

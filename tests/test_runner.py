@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import tiny_run
 from vaelab.checkpoint import load_checkpoint
 from vaelab.data import load_data
-from vaelab.evaluate import evaluate_test
+from vaelab.evaluation.stage import quiet_test_metrics
 from vaelab.runner import run
 from vaelab.spec import flatten
 from vaelab.tracking import FAILURE_TAG, Tracker, local_path
@@ -66,8 +66,7 @@ def test_checkpoint_reloads_to_the_same_test_metrics(finished):
     assert checkpoint.run_spec == spec
     assert checkpoint.name == "unit"
     data = load_data(spec.data, torch.device("cpu"))
-    again = evaluate_test(checkpoint.model, data.test, checkpoint.likelihood, spec.loss.beta,
-                          spec.eval.batch_size, spec.train.seed)
+    again = quiet_test_metrics(checkpoint.model, data, spec, epochs_run=outcome.epochs_run)
     for key, value in again.items():
         assert value == pytest.approx(outcome.metrics[key], rel=1e-5), key
     assert checkpoint.metrics["test/elbo"] == pytest.approx(outcome.metrics["test/elbo"])

@@ -9,9 +9,11 @@ import torch
 from tests.conftest import make_idx_folder, tiny_run
 from vaelab.checkpoint import load_checkpoint, save_checkpoint
 from vaelab.data import load_data
-from vaelab.evaluate import evaluate_test, split_terms
+from vaelab.evaluate import split_terms
+from vaelab.evaluation.stage import quiet_test_metrics
 from vaelab.likelihoods import LIKELIHOODS
 from vaelab.registry import ARCHITECTURES
+from vaelab.spec import with_values
 from vaelab.training import NonFiniteLossError, fit, init_model
 
 
@@ -80,11 +82,11 @@ def test_every_architecture_and_likelihood_trains_one_epoch(arch, likelihood, mn
     model = init_model(run, data.shape, torch.device("cpu"))
     result = fit(run, model, data, show_progress=False)
     assert math.isfinite(result.history[0]["val/elbo"])
-    metrics = evaluate_test(model, data.test, model.likelihood, run.loss.beta, 500, seed=0, iw_samples=4)
+    metrics = quiet_test_metrics(model, data, with_values(run, {"eval.iw_samples": 4}))
     assert math.isfinite(metrics["test/nll_iw"]) and metrics["test/nll_iw"] <= metrics["test/elbo"] + 5
     # The checkpoint carries everything the likelihood learned.
     loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt", model, run, "matrix", metrics))
-    again = evaluate_test(loaded.model, data.test, loaded.likelihood, run.loss.beta, 500, seed=0)
+    again = quiet_test_metrics(loaded.model, data, run)
     assert again["test/elbo"] == pytest.approx(metrics["test/elbo"], rel=1e-6)
 
 

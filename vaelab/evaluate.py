@@ -56,30 +56,6 @@ def active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int
     return int((means.double().var(dim=0) > threshold).sum().item())
 
 
-def evaluate_test(
-    model: VAE, split: Split, likelihood: Likelihood, beta: float | KLWeighting, batch_size: int, seed: int,
-    iw_samples: int = 0, probe_train: Split | None = None,
-) -> dict[str, float]:
-    """All `test/...` metrics; seeded so the same model gives the same numbers.
-    `iw_samples` > 0 adds test/nll_iw and test/bits_per_dim; `probe_train` (a
-    labelled split) adds test/probe_acc."""
-    generator = torch.Generator(device=split.x.device).manual_seed(seed + 1)
-    metrics = {f"test/{k}": v for k, v in split_terms(model, split, likelihood, beta, batch_size, generator).items()}
-    means = latent_means(model, split.x, batch_size, split.y)
-    metrics["test/active_units"] = float(active_units(means))
-    per_dim = kl_per_dimension(model, split.x, batch_size, split.y)
-    metrics.update({f"test/kl_dim/{d}": float(v) for d, v in enumerate(per_dim.tolist())})
-    pixels = split.x[0].numel()
-    if iw_samples > 0:
-        nll = importance_weighted_nll(model, split.x, likelihood, iw_samples, generator, y=split.y)
-        metrics["test/nll_iw"] = float(nll.double().mean())
-        metrics["test/bits_per_dim"] = bits_per_dim(metrics["test/nll_iw"], pixels, likelihood.discrete)
-    if probe_train is not None and len(probe_train) >= 20:
-        train_means = latent_means(model, probe_train.x[:10_000], batch_size, probe_train.y[:10_000])
-        metrics["test/probe_acc"] = probe_accuracy(train_means, probe_train.y[:10_000], means, split.y)
-    return metrics
-
-
 @torch.inference_mode()
 def importance_weighted_nll(
     model: VAE, x: Tensor, likelihood: Likelihood, k: int, generator: torch.Generator, budget: int = 16_384,
@@ -131,12 +107,11 @@ def kl_per_dimension(model: VAE, x: Tensor, batch_size: int, y: Tensor | None = 
     """Mean KL(q(z_d|x) || N(0,1)) of each latent dimension over x, in nats."""
     with torch.inference_mode():
         model.eval()
-        total = None
+        total = torch.zeros(model.z_dim, device=x.device)
         for start in range(0, len(x), batch_size):
             labels = None if y is None else y[start : start + batch_size]
             mu, logvar = model.encode(x[start : start + batch_size], labels)
-            kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(0)
-            total = kl if total is None else total + kl
+            total += 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(0)
         return total / len(x)
 
 

@@ -35,7 +35,7 @@ def database_lock(url: str, name: str) -> Iterator[None]:
         if not address.database or address.database == ":memory:":
             yield
             return
-        with file_lock(f"{address.database}.vaelab-lock"):
+        with file_lock(f"{address.database}.{_slug(name)}.vaelab-lock"):
             yield
         return
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
@@ -49,10 +49,10 @@ def database_lock(url: str, name: str) -> Iterator[None]:
                 yield
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
             else:  # mysql: lock names are at most 64 characters
-                key = f"vaelab-{digest.hex()}"
-                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, -1)"), {"key": key})
+                lock_name = f"vaelab-{digest.hex()}"
+                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, -1)"), {"key": lock_name})
                 yield
-                connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": key})
+                connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": lock_name})
             connection.commit()
     finally:
         engine.dispose()
@@ -67,5 +67,12 @@ def study_lock(url: str | None, folder: Path, name: str) -> Iterator[None]:
         with database_lock(url, name):
             yield
         return
-    with file_lock(folder / "prepare.lock"):
+    with file_lock(folder / f"{_slug(name)}.lock"):
         yield
+
+
+def _slug(name: str) -> str:
+    """A lock's file name from its purpose: "vaelab prepare demo" -> "prepare" (one per
+    purpose, so a long final evaluation does not hold up a new worker's prepare)."""
+    words = name.split()
+    return "-".join(words[1:-1]) if len(words) > 2 else "lock"

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from vaelab import figures, preflight
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data import ImageData
+from vaelab.errors import RunStopped
 from vaelab.evaluate import kl_per_dimension, latent_means
 from vaelab.evaluation.evaluators import EvalContext
 from vaelab.evaluation.stage import evaluate
@@ -24,7 +25,8 @@ from vaelab.registry import load_dataset
 from vaelab.resume import TrainState, clear_state, holding, load_state, save_state, state_dir
 from vaelab.spec import RunSpec, flatten
 from vaelab.tracking import TrackedRun, Tracker, local_path
-from vaelab.training import EpochCallback, RunResult, fit_group, init_model, resolve_device
+from vaelab.training import EpochCallback, MemberResult, RunResult, fit_group, init_model, resolve_device
+from vaelab.training.session import forget_stop, stop_requested
 
 CHECKPOINT_DIR = "checkpoint"
 FIGURES_DIR = "figures"
@@ -246,12 +248,16 @@ def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags:
         prior = None
         tracked = tracker.open_run(experiment, name, tags)
     opened = _Opened(tracked, _TimedRun(tracked), folder, run_hash, prior)
-    if on_start is not None:
-        on_start(tracked.run_id)
-    if prior is None:
-        tracked.log_params(flatten(run_spec))
-    else:
-        tracked.set_tags({"vaelab.resumed_from_epoch": prior.epoch})
+    try:
+        if on_start is not None:
+            on_start(tracked.run_id)
+        if prior is None:
+            tracked.log_params(flatten(run_spec))
+        else:  # the tags of whoever resumes it (a re-queued trial has another number)
+            tracked.set_tags({**tags, "vaelab.resumed_from_epoch": prior.epoch})
+    except BaseException as err:  # no run is left RUNNING behind
+        tracker.end_run(tracked, err)
+        raise
     opened.timed.seconds = time.perf_counter() - started
     return opened
 
@@ -272,6 +278,7 @@ def run_group(
     another. An error that stops them all (bad data, a second Ctrl-C) ends every open
     run and raises."""
     k = len(run_specs)
+    forget_stop()
     device = resolve_device(run_specs[0].train.device)
     data = load_dataset(run_specs[0].data, device)
     models = [init_model(r, data.shape, device) for r in run_specs]
@@ -291,13 +298,7 @@ def run_group(
             for i, o in opened.items():
                 by_epoch.setdefault(o.prior.epoch if o.prior else 0, []).append(i)
             for group in by_epoch.values():
-                results = fit_group(
-                    [run_specs[i] for i in group], [models[i] for i in group], data,
-                    callbacks=[[opened[i].timed.log_epoch, *_member_callbacks(run_specs[i], models[i], data,
-                                                                              opened[i].tracked, epoch_callbacks, i)]
-                               for i in group],
-                    resumes=[opened[i].prior for i in group], save_states=[opened[i].save for i in group],
-                    show_progress=show_progress)
+                results = _fit(group, run_specs, models, data, opened, epoch_callbacks, show_progress)
                 for i, member in zip(group, results, strict=True):
                     outcomes[i] = _settle(tracker, run_specs[i], experiment, models[i], data, member, opened[i],
                                           show_progress)
@@ -307,6 +308,26 @@ def run_group(
                 tracker.end_run(o.tracked, err)
             raise
     return [outcomes[i] for i in range(k)]
+
+
+def _fit(group: list[int], run_specs: list[RunSpec], models: list, data: ImageData, opened: dict[int, _Opened],
+         epoch_callbacks: list[list[EpochCallback]] | None, show_progress: bool) -> list[MemberResult]:
+    """Train one group of members that resume from the same epoch. An error of the group's
+    own (out of memory, a compiler crash) fails its members, not runs already settled; a
+    stop asked for while an earlier group trained stops this one before it starts."""
+    if stop_requested():
+        return [MemberResult(RunResult(), RunStopped("stopped before training on request; the same command "
+                                                     "resumes it")) for _ in group]
+    try:
+        return fit_group(
+            [run_specs[i] for i in group], [models[i] for i in group], data,
+            callbacks=[[opened[i].timed.log_epoch, *_member_callbacks(run_specs[i], models[i], data,
+                                                                      opened[i].tracked, epoch_callbacks, i)]
+                       for i in group],
+            resumes=[opened[i].prior for i in group], save_states=[opened[i].save for i in group],
+            show_progress=show_progress)
+    except Exception as err:
+        return [MemberResult(RunResult(), err) for _ in group]
 
 
 def _member_callbacks(run_spec: RunSpec, model, data: ImageData, tracked: TrackedRun,

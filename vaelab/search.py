@@ -198,12 +198,13 @@ def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
         raise fail("search", "a mapping with kind: grid or kind: optuna", raw)
     kind = Choice(KINDS).parse(raw.get("kind"), "search.kind")
     _check_keys(raw, GRID_KEYS if kind == "grid" else OPTUNA_KEYS, "search")
-    common = {
-        "metric": Choice(METRICS).parse(raw.get("metric", "val/loss"), "search.metric"),
+    metric = Choice(METRICS).parse(raw.get("metric", "val/loss"), "search.metric")
+    common: dict[str, Any] = {
+        "metric": metric,
         "direction": Choice(("minimize", "maximize")).parse(raw.get("direction", "minimize"), "search.direction"),
         "storage": Text(2000).parse(raw["storage"], "search.storage") if raw.get("storage") else None,
+        "evaluate": _final_evaluation(raw.get("evaluate"), metric),
     }
-    common["evaluate"] = _final_evaluation(raw.get("evaluate"), common["metric"])
     if kind == "grid":
         seeds = raw.get("seeds", [base.train.seed])
         if not isinstance(seeds, list) or not seeds:

@@ -63,7 +63,9 @@ _STORAGE_MESSAGES = ("database or disk is full", "readonly database", "unable to
 def storage_problem(err: BaseException) -> str | None:
     """A one-line description if `err` (or what caused it) is a storage failure, else None."""
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        err = current
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
             where = f" ({err.filename})" if err.filename else ""
@@ -72,7 +74,7 @@ def storage_problem(err: BaseException) -> str | None:
         for message in _STORAGE_MESSAGES:
             if message in text:
                 return f"the tracking store refused a write: {message}"
-        err = err.__cause__ or err.__context__
+        current = err.__cause__ or err.__context__
     return None
 
 
@@ -324,8 +326,12 @@ class Tracker:
         """Copy one artifact of a run (local store or server) into `dest`; None if absent."""
         try:
             return Path(self.client.download_artifacts(run_id, path, str(dest)))
-        except Exception:
+        except OSError:  # a local store without that file
             return None
+        except Exception as err:
+            if is_not_found(err):
+                return None
+            raise
 
     def runs_table(self, experiment: str):
         """Every run of an experiment as a pandas DataFrame (columns run_id, status,

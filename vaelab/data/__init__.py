@@ -114,7 +114,7 @@ def load_image_folder(spec, device: torch.device) -> ImageData:
         train=_from_uint8(x, y, device),
         val=_from_uint8(*held_val, device),
         test=_from_uint8(test_x, test_y, device),
-        shape=tuple(x.shape[1:]),
+        shape=(int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
         class_names=names,
         description=f"image_folder {root} ({spec.channels}x{spec.image_size}x{spec.image_size})",
         augment=spec.augment,

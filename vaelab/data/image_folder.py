@@ -46,13 +46,13 @@ def list_images(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
 
 def _decode(path: Path, channels: int, size: int, resize: str) -> np.ndarray | None:
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("L" if channels == 1 else "RGB")
             if resize == "crop":  # centre square, then scale: no distortion
                 side = min(image.size)
                 left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
                 image = image.crop((left, top, left + side, top + side))
-            image = image.resize((size, size), Image.BILINEAR)
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         print(f"vaelab: warning: skipping unreadable image {path} ({type(err).__name__})", file=sys.stderr)

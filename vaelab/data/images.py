@@ -16,14 +16,15 @@ def load_image(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """(1, C, H, W) float tensor in [0, 1]."""
     channels, height, width = shape
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("L" if channels == 1 else "RGB")
             # Centre crop to the target aspect ratio, then resize (no distortion).
             src_w, src_h = image.size
             scale = min(src_w / width, src_h / height)
             crop_w, crop_h = round(width * scale), round(height * scale)
             left, top = (src_w - crop_w) // 2, (src_h - crop_h) // 2
-            image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BILINEAR)
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DataError(f"{path}: no such image file") from None

@@ -60,6 +60,14 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _file(folder: Path, stem: str) -> Path:
+    """The IDX file `stem` (plain or .gz) of a folder already known to hold it."""
+    found = _find_file(folder, stem)
+    if found is None:
+        raise DataError(f"{folder}: {stem} (or {stem}.gz) is missing")
+    return found
+
+
 def candidate_dirs(source: Source, root: Path) -> list[Path]:
     return [
         root,
@@ -92,7 +100,7 @@ def _download(source: Source, root: Path) -> None:
 def _read_folder(folder: Path, stamp: tuple[float, ...]) -> dict[str, np.ndarray]:
     """Decoded arrays of a folder; cached per process (sweeps train many runs on
     one dataset), keyed by the files' mtimes so a changed file is read again."""
-    return {key: read_idx(_find_file(folder, stem)) for key, stem in FILES.items()}
+    return {key: read_idx(_file(folder, stem)) for key, stem in FILES.items()}
 
 
 def load_raw(dataset: str, root: str | Path, download: bool = True) -> RawSplits:
@@ -114,7 +122,7 @@ def load_raw(dataset: str, root: str | Path, download: bool = True) -> RawSplits
             f"(searched {', '.join(str(d) for d in dirs)}){download_error}"
         )
     try:
-        stamp = tuple(_find_file(folder, stem).stat().st_mtime for stem in FILES.values())
+        stamp = tuple(_file(folder, stem).stat().st_mtime for stem in FILES.values())
         arrays = _read_folder(folder, stamp)
     except IdxError as err:
         raise DataError(str(err)) from None

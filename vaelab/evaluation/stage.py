@@ -69,13 +69,15 @@ def evaluate(ctx: EvalContext, evaluators: list[Evaluator] | None = None, show_p
     by their settings (a later evaluation of a finished run); `done_tags`: the run's
     tags, so an evaluation with the same settings as one it has is not repeated."""
     out = Evaluation()
-    for evaluator, settings, reason in plan(ctx, evaluators or list(EVALUATORS.values())):
+    chosen = list(EVALUATORS.values()) if evaluators is None else evaluators
+    for evaluator, settings, reason in plan(ctx, chosen):
         if reason is not None or settings is None:
             out.skipped.append(f"{evaluator.name}: {reason}")
             continue
         suffix = suffix_for(evaluator, settings) if marked else ""
         tag, text = f"vaelab.eval.{evaluator.name}{suffix}", settings_text(settings)
-        if done_tags is not None and done_tags.get(tag) == text:
+        own = f"vaelab.eval.{evaluator.name}"  # the run's own evaluation may have used these very settings
+        if done_tags is not None and text in (done_tags.get(tag), done_tags.get(own)):
             out.skipped.append(f"{evaluator.name}: already evaluated with these settings")
             continue
         out.metrics.update(_run_one(ctx, evaluator, settings, suffix, show_progress))
@@ -99,3 +101,10 @@ def _run_one(ctx: EvalContext, evaluator: Evaluator, settings: dict, suffix: str
     renamed = {(k + suffix if k in SETTINGS_DEPENDENT.get(evaluator.name, ()) else k): v for k, v in metrics.items()}
     renamed[f"time/eval/{evaluator.name}{suffix}_s"] = seconds
     return renamed
+
+
+def quiet_test_metrics(model, data, run, epochs_run: int = 1) -> dict[str, float]:
+    """Every applicable `test/...` metric of `model` under `run`'s eval settings, quietly
+    (what a run logs, without its timings): for checks and notebooks."""
+    out = evaluate(EvalContext(model, data, run, epochs_run), show_progress=False)
+    return {k: v for k, v in out.metrics.items() if k.startswith("test/")}

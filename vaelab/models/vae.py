@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vaelab.likelihoods import Likelihood
+
 
 @dataclass
 class VAEOutput:
@@ -22,12 +24,12 @@ class VAE(nn.Module):
     the label as one-hot planes beside the image, the decoder as a one-hot beside z.
     Unconditional models ignore labels."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, z_dim: int, likelihood: nn.Module,
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, z_dim: int, likelihood: Likelihood,
                  num_classes: int = 0):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.likelihood = likelihood  # a submodule: a learned sigma trains and saves with the model
+        self.likelihood: Likelihood = likelihood  # a submodule: a learned sigma trains and saves with the model
         self.z_dim = z_dim
         self.num_classes = num_classes
         # Saved with the weights, so a checkpoint rebuilds a conditional model without its data.

@@ -4,6 +4,7 @@ tables (mean ± std over seeds), a CSV, and figures. Nothing is trained or loade
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
     "test/kl": ("test KL (nats)", None),
     "test/mse": ("test MSE (per pixel)", "min"),
     "test/nll_iw": ("test NLL, IWAE (nats)", "min"),
+    "test/nll_iw_se": ("test NLL s.e. over images (nats)", None),
     "test/bits_per_dim": ("test bits/dim", "min"),
     "test/active_units": ("active units", "max"),
     "test/probe_acc": ("probe accuracy", "max"),
@@ -96,12 +98,38 @@ def aggregate(study: StudyRuns) -> pd.DataFrame:
             row[f"{metric} mean"] = column.mean()
             row[f"{metric} std"] = column.std(ddof=1) if len(column) > 1 else np.nan
         row["run_ids"] = list(part["run_id"])
+        row["iwae settings"] = sorted({_iwae_label(tag) for tag in part.get(IWAE_TAG, pd.Series(dtype=str))
+                                       if isinstance(tag, str)})
         rows.append(row)
     table = pd.DataFrame(rows)
     if study.swept:  # rows in the order of the swept values, numerically where they are numbers
         keys = pd.DataFrame({k: _sortable(table[k]) for k in study.swept})
         table = table.loc[keys.sort_values(study.swept).index].reset_index(drop=True)
     return table
+
+
+IWAE_TAG = "tags.vaelab.eval.iwae"
+# The columns whose numbers depend on the IWAE estimator's settings (k, images).
+IWAE_METRICS = ("test/nll_iw", "test/nll_iw_se", "test/bits_per_dim")
+
+
+def _iwae_label(tag: str) -> str:
+    """`k=100, 1000 of 10000 images` from a run's vaelab.eval.iwae tag."""
+    try:
+        settings = json.loads(tag)
+        return f"k={settings['k']}, {settings['images']} of {settings['of']} images"
+    except (ValueError, KeyError, TypeError):
+        return "unknown settings"
+
+
+def _iwae_marks(table: pd.DataFrame) -> list[str] | None:
+    """Per row, the IWAE settings to write beside its numbers, when rows differ in them; else None."""
+    if "iwae settings" not in table:
+        return None
+    labels = [tuple(x) for x in table["iwae settings"]]
+    if len(set(labels)) <= 1 and all(len(x) <= 1 for x in labels):
+        return None
+    return [" | ".join(x) if len(x) == 1 else ("mixed: " + "; ".join(x) if x else "") for x in labels]
 
 
 def _sortable(values: pd.Series) -> pd.Series:
@@ -135,9 +163,12 @@ def markdown_table(study: StudyRuns, table: pd.DataFrame) -> str:
     for metric in metrics:
         header, better = KNOWN_METRICS.get(metric, (metric, None))
         cells = [_fmt(m, s, metric) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"], strict=True)]
-        if better and len(table) > 1:
+        marks = _iwae_marks(table) if metric in IWAE_METRICS else None
+        if better and len(table) > 1 and marks is None:  # numbers made with different settings are not ranked
             best = table[f"{metric} mean"].idxmin() if better == "min" else table[f"{metric} mean"].idxmax()
             cells[table.index.get_loc(best)] = f"**{cells[table.index.get_loc(best)]}**"
+        if marks is not None:
+            cells = [f"{cell} ({mark})" if mark else cell for cell, mark in zip(cells, marks, strict=True)]
         shown[header] = cells
     shown["n"] = table["n"]
     shown["runs"] = [" ".join(_run_link(study, r) for r in ids) for ids in table["run_ids"]]
@@ -162,6 +193,13 @@ def _header(study: StudyRuns, description: str) -> list[str]:
         "- units: nats per image; **test −ELBO** is the negative ELBO (recon + KL at beta = 1), lower is better;"
         " mean ± std over seeds, n runs per row; **bold** = best in its column",
     ]
+    settings = sorted({_iwae_label(t) for t in runs.get(IWAE_TAG, pd.Series(dtype=str)).dropna()})
+    if len(settings) == 1:
+        lines.append(f"- test NLL (IWAE, Burda et al. 2016): {settings[0]}; `_k<k>` columns are later "
+                     "`vaelab evaluate` runs with the settings their name says")
+    elif settings:
+        lines.append("- test NLL (IWAE): runs used different settings, written beside each number; such numbers "
+                     "are not ranked against each other")
     return lines
 
 
@@ -197,7 +235,7 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.glob("by_*.png"):  # a parameter may no longer be swept
         stale.unlink()
-    table.drop(columns=["run_ids"]).to_csv(out_dir / "table.csv", index=False)
+    table.drop(columns=["run_ids", "iwae settings"], errors="ignore").to_csv(out_dir / "table.csv", index=False)
     lines = _header(study, description) + _missing_note(study)
     lines += ["", "## Results", *_likelihood_note(study), "", markdown_table(study, table), "",
               "Raw numbers: [table.csv](table.csv)."]

@@ -35,7 +35,7 @@ def _short(key: str) -> str:
 def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[Path]:
     """One figure per swept parameter: mean ± std over seeds of each test metric,
     a line per combination of the other swept parameters, seeds as dots."""
-    paths = []
+    paths: list[Path] = []
     panels = [(m, label) for m, label in PANELS if f"metrics.{m}" in runs]
     if not panels or runs.empty:
         return paths

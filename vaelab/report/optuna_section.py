@@ -4,9 +4,14 @@ history and the parameter importances (Optuna's matplotlib plots). Reads only.""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from vaelab.search import OptunaSearch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 from vaelab.spec import Spec
 from vaelab.sweeps.storage import STUDIES_DIR, open_storage, study_dir
 
@@ -35,12 +40,14 @@ def optuna_report_section(spec: Spec, storage_url: str | None, folder: Path,
     if not complete:
         return lines + ["No complete trials yet."]
     reverse = spec.search.direction == "maximize"
-    best = sorted(complete, key=lambda t: t.value, reverse=reverse)[:5]
+    value = {t.number: float(t.value) for t in complete if t.value is not None}  # complete trials have one
+    best = sorted(complete, key=lambda t: value[t.number], reverse=reverse)[:5]
 
-    rows = [{"trial": t.number, spec.search.metric: round(t.value, 4), **t.params} for t in best]
+    rows = [{"trial": t.number, spec.search.metric: round(value[t.number], 4), **t.params} for t in best]
     lines += [f"Best trials by {spec.search.metric} ({spec.search.direction}):", "",
               pd.DataFrame(rows).to_markdown(index=False), ""]
-    plots = [("optuna_history.png", optuna_plots.plot_optimization_history)]
+    plots: list[tuple[str, Callable[..., Any]]] = [
+        ("optuna_history.png", optuna_plots.plot_optimization_history)]
     if len(complete) >= 2 and len(spec.search.params) >= 2:
         plots.append(("optuna_importances.png", optuna_plots.plot_param_importances))
     for name, plot in plots:
@@ -51,7 +58,7 @@ def optuna_report_section(spec: Spec, storage_url: str | None, folder: Path,
             except (ValueError, RuntimeError) as err:
                 lines.append(f"({name}: {err})")
                 continue
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure = cast("Figure", axes.figure if hasattr(axes, "figure") else axes.flat[0].figure)
         figure.set_size_inches(7, 4.5)
         figure.tight_layout()
         figure.savefig(folder / name, dpi=100)

@@ -107,13 +107,13 @@ class Sweep:
     # ---- work: claim and run trials -----------------------------------------------------------
     def _stack_mates(self, first: Trial, room: int) -> list[Trial]:
         """Up to `room` more waiting grid points that can train with `first` as one stack."""
-        point = self._points_by_hash.get(self.queue.point_of(first))
+        point = self._points_by_hash.get(self.queue.point_of(first) or "")
         if room <= 0 or point is None or stack_blocker(point.run):
             return []
         key = stack_key(point.run)
 
         def fits(point_hash: str | None) -> bool:
-            mate = self._points_by_hash.get(point_hash)
+            mate = self._points_by_hash.get(point_hash or "")
             return mate is not None and stack_key(mate.run) == key
 
         return self.queue.claim(limit=room, accept=fits)

@@ -6,6 +6,7 @@ leaves the rest to the next invocation and repeats nothing."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from vaelab.evaluation.later import EvaluatedRun, evaluate_finished
@@ -14,6 +15,7 @@ from vaelab.locks import study_lock
 from vaelab.sweeps.storage import storage_url, study_dir
 
 DONE_PREFIX = "vaelab.final_eval."
+log = logging.getLogger(__name__)
 
 
 def final_evaluation(sweep, parent: str, show_progress: bool = False,
@@ -25,7 +27,7 @@ def final_evaluation(sweep, parent: str, show_progress: bool = False,
         return []
     folder = study_dir(sweep.spec.name, sweep.studies_root)
     done: list[EvaluatedRun] = []
-    with study_lock(storage_url(sweep.spec, sweep.storage_url), folder, f"vaelab final evaluation {sweep.spec.name}"):
+    with study_lock(storage_url(sweep.spec, sweep.storage_url), folder, f"vaelab final-evaluation {sweep.spec.name}"):
         maximize = sweep.search.direction == "maximize" and final.by == sweep.search.metric
         top = sweep.tracker.best_runs(sweep.spec.name, f"best/{final.by}", ascending=not maximize, n=final.top,
                                       parent=parent)
@@ -34,8 +36,12 @@ def final_evaluation(sweep, parent: str, show_progress: bool = False,
         for run_id in top:
             if attrs.get(DONE_PREFIX + run_id) == label:
                 continue
-            evaluated = evaluate_finished(run_id, sweep.tracker, list(final.overrides), select(None),
-                                          show_progress=show_progress)
+            try:
+                evaluated = evaluate_finished(run_id, sweep.tracker, list(final.overrides), select(None),
+                                              show_progress=show_progress)
+            except Exception as err:  # this run cannot be evaluated (no checkpoint, ...): the others still are
+                log.warning("final evaluation of run %s failed: %s: %s", run_id, type(err).__name__, err)
+                continue
             sweep.study.set_user_attr(DONE_PREFIX + run_id, label)
             done.append(evaluated)
             if on_run is not None:

@@ -178,11 +178,15 @@ class TrialQueue:
             log.warning("trial %d: could not re-queue it (%s: %s); trying again later",
                         trial.number, type(err).__name__, err)
             return 0
-        if MLFLOW_RUN in trial.user_attrs and self.on_reaped is not None:
-            self.on_reaped(trial.user_attrs[MLFLOW_RUN], reason)
         attrs = {k: v for k, v in trial.user_attrs.items() if k == POINT}
         self.study.enqueue_trial(dict(trial.params) or trial.system_attrs.get("fixed_params", {}),
                                  user_attrs={**attrs, RETRY_OF: trial.number})
+        if MLFLOW_RUN in trial.user_attrs and self.on_reaped is not None:
+            try:  # the point is queued again already: closing its old MLflow run is housekeeping
+                self.on_reaped(trial.user_attrs[MLFLOW_RUN], reason)
+            except Exception as err:
+                log.warning("trial %d: could not mark its MLflow run %s KILLED (%s: %s)", trial.number,
+                            trial.user_attrs[MLFLOW_RUN], type(err).__name__, err)
         return 1
 
     def give_back(self, trial: Trial, reason: str) -> None:

@@ -36,7 +36,10 @@ class TrialRunner:
                 "vaelab.sweep_point": point.label}
 
     def _on_start(self, trial: Trial) -> Callable[[str], None]:
-        return lambda run_id: self.queue.set_attr(trial, MLFLOW_RUN, run_id)
+        def record(run_id: str) -> None:
+            self.queue.set_attr(trial, MLFLOW_RUN, run_id)
+
+        return record
 
     def _pruning(self, trial: Trial, on_epoch: Callable[[int, dict], None] | None) -> Callable[[int, dict], None]:
         metric = self.search.metric

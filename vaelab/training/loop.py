@@ -106,6 +106,8 @@ def fit_group(
                 m = Member(m.run, device, callbacks=m.callbacks, save_state=m.save_state, resume=m.rollback,
                            notes=m.result.notes, announce_resume=False)
                 _train([m], [models[i]], data, show_progress)
+            if m.rollback is not None:  # a stop came in the epoch that asked for the rollback
+                m.stop(m.rollback.epoch)
             members[i] = m
     for model, m in zip(models, members, strict=True):
         if m.best_state:

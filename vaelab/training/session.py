@@ -26,6 +26,11 @@ def stop_requested() -> bool:
     return _stop.is_set()
 
 
+def forget_stop() -> None:
+    """A new command starts: a stop asked of an earlier one (in this process) does not apply."""
+    _stop.clear()
+
+
 @contextmanager
 def denormals_flushed() -> Iterator[None]:
     """Treat subnormal floats as zero on CPU while training. Far in the tails, the
