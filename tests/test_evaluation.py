@@ -98,7 +98,7 @@ def _flat_folder(root: Path, n: int) -> None:
             Image.fromarray(image).save(root / split / f"img{i:03d}.png")
 
 
-def test_a_flat_image_folder_trains_and_evaluates_without_the_probe(tmp_path: Path, tracking_uri: str):
+def test_a_flat_image_folder_trains_and_evaluates_without_the_probe(tmp_path: Path, tracking_uri: str, capsys):
     _flat_folder(tmp_path / "pictures", 48)
     runspec = tiny_run(tmp_path / "pictures", dataset="image_folder",
                        eval={"batch_size": 500, "tsne_points": 0, "iw_samples": 5, "figures": False})
@@ -112,6 +112,12 @@ def test_a_flat_image_folder_trains_and_evaluates_without_the_probe(tmp_path: Pa
         assert key in record.data.metrics, key
     assert "test/probe_acc" not in record.data.metrics
     assert "probe: the data has fewer than 2 classes" in record.data.tags["vaelab.eval.skipped"]
+    # Asked for by name, an evaluator the data cannot support is an error, and nothing is written.
+    assert main(["evaluate", outcome.run_id, "--metrics", "probe", "--tracking-uri", tracking_uri,
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--metrics probe: does not apply" in err[0], err
+    assert MlflowClient(tracking_uri).get_run(outcome.run_id).data.metrics == record.data.metrics
 
 
 @pytest.fixture

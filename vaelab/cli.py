@@ -4,6 +4,8 @@ line on stderr and exit code 2; a failed run in exit code 1."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,16 @@ from vaelab.errors import RunFailure, SpecError, UsageError, UserInputError, Vae
 from vaelab.tracking import quiet_mlflow
 
 EXPERIMENTS_DIR = Path("experiments")
+
+
+def invoked_as() -> str:
+    """This program as the user can type it from here (for hints): `vaelab` when that is
+    on PATH, else the path it was started by (`.venv/bin/vaelab`), else `python -m vaelab`."""
+    program = Path(sys.argv[0])
+    if program.name == "vaelab":
+        found = shutil.which("vaelab")
+        return "vaelab" if found and Path(found).resolve() == program.resolve() else os.path.relpath(program)
+    return f"{os.path.relpath(sys.executable)} -m vaelab"
 
 
 def resolve_spec_path(name_or_path: str) -> Path:
@@ -57,7 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
           " lower is better)")
     if outcome.checkpoint_dir is not None:
         print(f"checkpoint: {outcome.checkpoint_dir}")
-        print(f"  vaelab sample {outcome.checkpoint_dir} --n 64 --out samples.png")
+        print(f"  {invoked_as()} sample {outcome.checkpoint_dir} --n 64 --out samples.png")
     return 0
 
 
@@ -126,7 +138,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tracker = Tracker(args.tracking_uri)
     for target in _evaluation_targets(args, tracker):
         done = evaluate_finished(target, tracker, args.set, evaluators, device=args.device,
-                                 show_progress=not args.no_progress)
+                                 show_progress=not args.no_progress, explicit=bool(args.metrics))
         print(f"run {done.run_id}: {', '.join(done.evaluation.ran) or 'nothing new'}")
         for key, value in done.evaluation.metrics.items():
             if not key.startswith(("time/", "test/kl_dim/")):
@@ -349,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaelab: error: {problem}; what was recorded before is intact", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        why = f"{err}; " if str(err) else "interrupted; "
-        print(f"vaelab: {why}what finished is kept, and the same command resumes", file=sys.stderr)
+        if "resume" in str(err):  # the stop says how it resumes already: say it once
+            print(f"vaelab: {err}; what finished is kept", file=sys.stderr)
+        else:
+            why = f"{err}; " if str(err) else "interrupted; "
+            print(f"vaelab: {why}what finished is kept, and the same command resumes", file=sys.stderr)
         return 130
 
 

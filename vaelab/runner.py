@@ -4,6 +4,7 @@ sweeps hand each of their run specs to the same function."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -294,6 +295,10 @@ def run_group(
                 tags = {**_tags(r, data, device, flight, extra_tags[i]), **({"vaelab.stacked": k} if k > 1 else {})}
                 held.enter_context(holding(state_dir(tracker.resume_root, experiment, tags["vaelab.run_hash"])))
                 opened[i] = _open(tracker, r, experiment, names[i], tags, on_start[i] if on_start else None)
+                prior = opened[i].prior
+                if show_progress and prior is not None:
+                    tqdm.write(f"resuming run {opened[i].tracked.run_id} ({names[i]}) after epoch {prior.epoch} of "
+                               f"{r.train.epochs}", file=sys.stderr)
             by_epoch: dict[int, list[int]] = {}
             for i, o in opened.items():
                 by_epoch.setdefault(o.prior.epoch if o.prior else 0, []).append(i)

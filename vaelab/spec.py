@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -32,6 +32,9 @@ from vaelab.checks import (
     fail,
 )
 from vaelab.objectives import SCHEDULES
+
+if TYPE_CHECKING:  # search.py checks its values against this module's fields: it imports spec.py
+    from vaelab.search import GridSearch, OptunaSearch
 
 __all__ = ["SpecError", "RunSpec", "Spec", "load_spec", "parse_spec", "apply_overrides", "flatten"]
 
@@ -164,7 +167,7 @@ class Spec:
     name: str
     description: str = ""
     base: RunSpec = field(default_factory=RunSpec)
-    search: Any = None  # vaelab.search.GridSearch | OptunaSearch | None
+    search: GridSearch | OptunaSearch | None = None
 
 
 SECTIONS: dict[str, type] = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from vaelab.checkpoint import load_checkpoint
 from vaelab.errors import CheckpointError, UsageError
 from vaelab.evaluation.evaluators import EvalContext, Evaluator
-from vaelab.evaluation.stage import Evaluation, evaluate
+from vaelab.evaluation.stage import Evaluation, evaluate, plan
 from vaelab.registry import load_dataset
 from vaelab.spec import RunSpec, SpecError, apply_overrides, parse_spec, to_dict
 from vaelab.tracking import Tracker
@@ -51,8 +51,10 @@ def _checkpoint_folder(tracker: Tracker, run_id: str, scratch: Path) -> Path:
 
 
 def evaluate_finished(target: str, tracker: Tracker, overrides: list[str], evaluators: list[Evaluator],
-                      device: str = "auto", show_progress: bool = True) -> EvaluatedRun:
-    """Evaluate one finished run, named by its MLflow run id or its checkpoint folder."""
+                      device: str = "auto", show_progress: bool = True, explicit: bool = False) -> EvaluatedRun:
+    """Evaluate one finished run, named by its MLflow run id or its checkpoint folder.
+    `explicit`: the evaluators were asked for by name, so one that does not apply to the
+    run's data is an error (UsageError) rather than a note."""
     with tempfile.TemporaryDirectory(prefix="vaelab-eval-") as scratch:
         if Path(target).is_dir():
             checkpoint = load_checkpoint(target, device="cpu")
@@ -69,6 +71,10 @@ def evaluate_finished(target: str, tracker: Tracker, overrides: list[str], evalu
     data = load_dataset(run.data, torch_device)
     epochs = int(record.data.metrics.get("train/epochs_run", 1))
     context = EvalContext(checkpoint.model.to(torch_device), data, run, epochs)
+    if explicit:
+        for evaluator, _settings, reason in plan(context, evaluators):
+            if reason is not None:
+                raise UsageError(f"--metrics {evaluator.name}: does not apply to run {run_id}: {reason}")
     result = evaluate(context, evaluators, show_progress=show_progress, marked=True,
                       done_tags=dict(record.data.tags))
     if result.metrics:

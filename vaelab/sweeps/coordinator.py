@@ -43,7 +43,8 @@ class Sweep:
         self.points = expand_grid(self.search, spec.base) if isinstance(self.search, GridSearch) else []
         self._points_by_hash = {p.run.hash(): p for p in self.points}
         self.study = optuna.create_study(
-            storage=self.storage, study_name=spec.name, load_if_exists=True, direction=self.search.direction,
+            storage=self.storage, study_name=spec.name, load_if_exists=True,
+            direction=optuna.study.StudyDirection[self.search.direction.upper()],
             sampler=sampler_for(self.search, sampler_seed_offset), pruner=pruner_for(self.search),
         )
         self.queue = TrialQueue(self.study, self.storage, heartbeat_s, grace_s,
@@ -55,7 +56,7 @@ class Sweep:
     @property
     def total(self) -> int:
         """Trials the spec asks for: its grid points, or an Optuna search's n_trials."""
-        return len(self.points) if self.points else self.search.n_trials
+        return len(self.points) if isinstance(self.search, GridSearch) else self.search.n_trials
 
     def trials(self) -> list[FrozenTrial]:
         return self.queue.trials()
@@ -67,8 +68,9 @@ class Sweep:
         """Trials that still have to run, as the queue sees them: running and waiting
         ones, plus those an Optuna search has yet to ask its sampler for."""
         counts = counts or self.counts()
-        to_ask = 0 if self.points else max(0, self.search.n_trials - counts.done - counts.queued)
-        return counts.queued + to_ask
+        if isinstance(self.search, GridSearch):
+            return counts.queued
+        return counts.queued + max(0, self.search.n_trials - counts.done - counts.queued)
 
     def reap_dead(self) -> int:
         """Fail RUNNING trials whose worker died, close their MLflow runs, re-queue their points."""
@@ -123,7 +125,7 @@ class Sweep:
         """Run trials until none is left (or `max_trials`); returns how many this worker ran."""
         ran = 0
         stack = getattr(self.search, "stack", 1)
-        budget = None if self.points else self.search.n_trials
+        budget = None if isinstance(self.search, GridSearch) else self.search.n_trials
         while max_trials is None or ran < max_trials:
             trial = self.queue.next_trial(budget)
             if trial is None:

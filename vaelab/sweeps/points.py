@@ -27,6 +27,8 @@ def _suggest_grid(trial: Trial, key: str, options: tuple[Any, ...]) -> Any:
 def suggest_values(trial: Trial, spec: Spec) -> dict[str, Any]:
     """The swept values of `trial`: a grid trial's enqueued point, or what the sampler proposes."""
     search = spec.search
+    if search is None:
+        raise ValueError("a sweep needs a search section")
     values: dict[str, Any] = {}
     if isinstance(search, GridSearch):
         for key, options in search.params:
@@ -36,10 +38,12 @@ def suggest_values(trial: Trial, spec: Spec) -> dict[str, Any]:
     for key, dist in search.params:
         if dist.kind == "categorical":
             values[key] = trial.suggest_categorical(key, list(dist.choices))
-        elif dist.kind == "int":
-            values[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step or 1, log=dist.log)
+        elif dist.kind == "int":  # numeric distributions always have both bounds (vaelab.search)
+            values[key] = trial.suggest_int(key, int(dist.low or 0), int(dist.high or 0), step=int(dist.step or 1),
+                                            log=dist.log)
         else:
-            values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+            values[key] = trial.suggest_float(key, float(dist.low or 0), float(dist.high or 0),
+                                              step=None if dist.step is None else float(dist.step), log=dist.log)
     return values
 
 

@@ -28,6 +28,8 @@ class TrialRunner:
     """Runs one spec's claimed trials and tells the queue how each ended."""
 
     def __init__(self, spec: Spec, queue: TrialQueue, tracker: Tracker):
+        if spec.search is None:
+            raise ValueError("a sweep needs a search section")
         self.spec, self.search = spec, spec.search
         self.queue, self.tracker = queue, tracker
 
@@ -43,7 +45,8 @@ class TrialRunner:
 
     def _pruning(self, trial: Trial, on_epoch: Callable[[int, dict], None] | None) -> Callable[[int, dict], None]:
         metric = self.search.metric
-        prunes = isinstance(self.search, OptunaSearch) and self.search.pruner != "none"
+        pruner = self.search.pruner if isinstance(self.search, OptunaSearch) else "none"
+        prunes = pruner != "none"
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             if on_epoch is not None:
@@ -51,7 +54,7 @@ class TrialRunner:
             if prunes:
                 trial.report(metrics[metric], epoch)
                 if trial.should_prune():
-                    raise RunPruned(f"pruned by the {self.search.pruner} pruner at epoch {epoch}")
+                    raise RunPruned(f"pruned by the {pruner} pruner at epoch {epoch}")
 
         return report
 
