@@ -1,5 +1,6 @@
-"""`vaelab train | sample | ui | keys`: the command line. Bad input ends in one
-line on stderr and exit code 2; a failed run in exit code 1."""
+"""`vaelab train | sweep | worker | evaluate | report | sample | reconstruct | ui | keys`:
+the command line. Bad input ends in one line on stderr and exit code 2 (vaelab.errors);
+a failed run in exit code 1; a stop by Ctrl-C in 130."""
 
 from __future__ import annotations
 
