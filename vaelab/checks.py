@@ -185,3 +185,32 @@ class IntList(Check):
         if not isinstance(value, (list, tuple)) or not self.min_len <= len(value) <= self.max_len:
             raise fail(path, self.describe(), value)
         return tuple(self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
+          "tb": 10**12, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class ByteSize(Check):
+    """A size in bytes: an integer, or text such as '512MB' / '2.5GiB'; `auto` when allowed
+    (kept as the string 'auto' and resolved when the run starts)."""
+
+    allow_auto: bool = True
+
+    def describe(self) -> str:
+        return ("'auto' or " if self.allow_auto else "") + "a size such as 512MB, 2GiB or a number of bytes"
+
+    def parse(self, value: Any, path: str) -> int | str:
+        if self.allow_auto and value == "auto":
+            return "auto"
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise fail(path, self.describe(), value)
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+        if size <= 0:
+            raise fail(path, self.describe(), value)
+        return size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ import yaml
 
 from vaelab.checks import (
     Bool,
+    ByteSize,
     Check,
     Choice,
     Float,
@@ -40,7 +41,12 @@ __all__ = ["SpecError", "RunSpec", "Spec", "load_spec", "parse_spec", "apply_ove
 
 # Part of every RunSpec.hash(): bump it when what a resolved run means changes, so states
 # and sweep points keyed by an older hash are not reused. 2: every value counts, defaults too.
-RUN_HASH_VERSION = 2
+# 3: image folders' split folders are recognised by name (a layout may now mean other splits).
+RUN_HASH_VERSION = 3
+
+# Keys that say how the data is held, not what a run is: the same run resumes, and a study
+# goes on, whether its images are resident or streamed, decoded by 2 processes or 16.
+HOW_NOT_WHAT = frozenset({"data.storage", "data.memory_budget", "data.decode_workers", "data.cache_dir"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,36 @@ def _f(default: Any, check: Check, doc: str) -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
+def _sub(cls: type) -> Any:
+    """A nested section (`data.hf.name`): a mapping in YAML, dotted paths everywhere else."""
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+@dataclass(frozen=True)
+class SplitNames:
+    """Which folder (image_folder) or split (huggingface) plays each part; null = recognised by name."""
+
+    train: str | None = _f(None, Optional(Text()), "the training split's folder or split name; null = recognised "
+                                                   "(train, training, 'Training Data', ...)")
+    val: str | None = _f(None, Optional(Text()), "the validation split's name; null = recognised (val, valid, "
+                                                 "validation, dev), else held out from train by val_fraction")
+    test: str | None = _f(None, Optional(Text()), "the test split's name; null = recognised (test, testing), "
+                                                  "else held out by test_fraction")
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """A Hugging Face dataset (data.dataset: huggingface)."""
+
+    name: str | None = _f(None, Optional(Text()), "hub dataset 'owner/name' (the local cache when offline)")
+    revision: str | None = _f(None, Optional(Text()), "hub revision: a branch, tag or commit; null = main")
+    path: str | None = _f(None, Optional(Text()), "instead of name: a save_to_disk folder, or parquet files "
+                                                  "(a file, a folder or a glob)")
+    image_column: str | None = _f(None, Optional(Text()), "column of images; null = the first Image column")
+    label_column: str | None = _f(None, Optional(Text()), "column of class labels; null = 'label' or 'labels' "
+                                                          "if present, else one class")
+
+
 @dataclass(frozen=True)
 class DataSpec:
     dataset: str = _f("fashion_mnist", RegistryChoice("dataset"), "which dataset")
@@ -74,12 +110,21 @@ class DataSpec:
     val_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True), "share of training images held out for validation")
     split_seed: int = _f(0, Int(0), "seed of the train/val split (fixed across train.seed)")
     subset: int | None = _f(None, Optional(Int(1)), "use only the first N training images; null = all")
-    image_size: int = _f(64, Int(28, 512), "image_folder: side of the square images fed to the model")
-    channels: int = _f(3, IntChoice((1, 3)), "image_folder: 1 (grey) or 3 (RGB)")
-    resize: str = _f("crop", Choice(("crop", "stretch")), "image_folder: centre-crop to square, or stretch")
+    image_size: int = _f(64, Int(28, 512), "image_folder, huggingface: side of the square images fed to the model")
+    channels: int = _f(3, IntChoice((1, 3)), "image_folder, huggingface: 1 (grey) or 3 (RGB)")
+    resize: str = _f("crop", Choice(("crop", "stretch")), "image_folder, huggingface: centre-crop to square or stretch")
     test_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True),
-                              "image_folder without a test/ subfolder: share held out for testing")
-    cache_dir: str = _f("data/cache", Text(), "image_folder: where decoded images are cached")
+                              "image_folder, huggingface without a test split: share of train held out for testing")
+    cache_dir: str = _f("data/cache", Text(), "image_folder, huggingface: where decoded images are cached")
+    splits: SplitNames = _sub(SplitNames)
+    hf: HFSpec = _sub(HFSpec)
+    storage: str = _f("auto", Choice(("auto", "resident", "stream")),
+                      "images on the device (resident) or streamed from the disk cache; auto = resident when "
+                      "they fit data.memory_budget")
+    memory_budget: int | str = _f("auto", ByteSize(), "bytes the images may take in memory (host, or device on "
+                                                      "CUDA); auto = half of what is free when the run starts")
+    decode_workers: int | None = _f(None, Optional(Int(1, 256)), "processes decoding images into the cache; "
+                                                                 "null = one per CPU core")
     augment: bool = _f(False, Bool(), "random horizontal flips and small rotations of training batches")
     binarize: str = _f("none", Choice(("none", "static", "dynamic")),
                        "sample binary pixels: once (static) or anew each time an image is seen (dynamic)")
@@ -157,8 +202,10 @@ class RunSpec:
         the `vaelab.run_hash` tag are keyed by it. Every resolved key and value counts,
         defaults included, so a default that changes between versions (or a new field)
         gives a new identity instead of reusing a state saved for another configuration;
-        RUN_HASH_VERSION changes it when the way a run is resolved changes."""
-        blob = json.dumps({"version": RUN_HASH_VERSION, "run": flatten(self)}, sort_keys=True, default=str)
+        RUN_HASH_VERSION changes it when the way a run is resolved changes. HOW_NOT_WHAT
+        keys (where the images live) do not count."""
+        run = {key: value for key, value in flatten(self).items() if key not in HOW_NOT_WHAT}
+        blob = json.dumps({"version": RUN_HASH_VERSION, "run": run}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -190,7 +237,9 @@ def _parse_section(cls: type, raw: Any, path: str) -> Any:
             raise SpecError(f"{path}.{key}: unknown key; allowed: {', '.join(known)}")
     values = {}
     for name, f in known.items():
-        if name in raw:
+        if name in raw and "section" in f.metadata:
+            values[name] = _parse_section(f.metadata["section"], raw[name], f"{path}.{name}")
+        elif name in raw:
             values[name] = f.metadata["check"].parse(raw[name], f"{path}.{name}")
     return cls(**values)
 
@@ -300,31 +349,50 @@ def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
 
 
 def field_check(dotted: str) -> Check | None:
-    """The check of a dotted run path such as `model.z_dim`, or None if no such path."""
-    section, _, leaf = dotted.partition(".")
-    cls = SECTIONS.get(section)
-    if cls is None or not leaf:
-        return None
-    found = {f.name: f for f in fields(cls)}.get(leaf)
-    return found.metadata["check"] if found else None
+    """The check of a dotted run path such as `model.z_dim` or `data.hf.name`, or None if no such path."""
+    section, _, rest = dotted.partition(".")
+    cls: type | None = SECTIONS.get(section)
+    parts = rest.split(".") if rest else []
+    for i, part in enumerate(parts):
+        found = {f.name: f for f in fields(cls)}.get(part) if cls is not None else None
+        if found is None:
+            return None
+        if "section" not in found.metadata:
+            return found.metadata["check"] if i == len(parts) - 1 else None
+        cls = found.metadata["section"]
+    return None
+
+
+def _replaced(obj: Any, parts: list[str], value: Any) -> Any:
+    if len(parts) == 1:
+        return dataclasses.replace(obj, **{parts[0]: value})
+    return dataclasses.replace(obj, **{parts[0]: _replaced(getattr(obj, parts[0]), parts[1:], value)})
 
 
 def with_values(run: RunSpec, values: Mapping[str, Any]) -> RunSpec:
     """`run` with dotted values replaced (values already checked)."""
     for dotted, value in values.items():
-        section, _, leaf = dotted.partition(".")
-        value = tuple(value) if isinstance(value, list) else value
-        run = dataclasses.replace(run, **{section: dataclasses.replace(getattr(run, section), **{leaf: value})})
+        run = _replaced(run, dotted.split("."), tuple(value) if isinstance(value, list) else value)
     return run
 
 
+def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, dataclasses.Field]]:
+    for f in fields(obj):
+        if "section" in f.metadata:
+            yield from _leaves(f.metadata["section"], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
 def flatten(run: RunSpec) -> dict[str, Any]:
-    """{'model.z_dim': 20, ...}: the dotted names used everywhere."""
+    """{'model.z_dim': 20, 'data.hf.name': None, ...}: the dotted names used everywhere."""
     flat: dict[str, Any] = {}
-    for section in fields(run):
-        for f in fields(getattr(run, section.name)):
-            value = getattr(getattr(run, section.name), f.name)
-            flat[f"{section.name}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+    for section, cls in SECTIONS.items():
+        for dotted, _ in _leaves(cls, f"{section}."):
+            value: Any = run
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            flat[dotted] = list(value) if isinstance(value, tuple) else value
     return flat
 
 
@@ -337,6 +405,6 @@ def describe_fields() -> list[tuple[str, Any, str, str]]:
     """(dotted path, default, allowed, doc) for every field: used by `vaelab keys`."""
     rows = []
     for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            rows.append((f"{section}.{f.name}", f.default, f.metadata["check"].describe(), f.metadata["doc"]))
+        for dotted, f in _leaves(cls, f"{section}."):
+            rows.append((dotted, f.default, f.metadata["check"].describe(), f.metadata["doc"]))
     return rows

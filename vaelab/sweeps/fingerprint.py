@@ -12,12 +12,12 @@ from typing import Any
 
 import optuna
 
-from vaelab.spec import RunSpec, Spec, flatten, to_dict
+from vaelab.spec import HOW_NOT_WHAT, RunSpec, Spec, flatten, to_dict
 from vaelab.sweeps.queue import SPEC, SPEC_HASH
 from vaelab.sweeps.storage import SweepError
 
-# Where the study is stored, not what it runs.
-IGNORED = {"search.storage"}
+# Where the study is stored and its images are held, not what it runs.
+IGNORED = {"search.storage", *HOW_NOT_WHAT}
 # What is done with finished runs, not how they are trained: may change in a study.
 LATER = "search.evaluate"
 
