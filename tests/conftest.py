@@ -66,6 +66,29 @@ def make_pictures(folder: Path, n: int, seed: int = 0, size=(90, 60)) -> None:
         Image.fromarray(image).save(folder / cls / f"img{i:03d}.{'png' if i % 3 else 'jpg'}")
 
 
+def save_hf_images(folder: Path, n_train: int = 40, n_test: int = 12, seed: int = 0) -> Path:
+    """A Hugging Face DatasetDict of generated pictures ("image", "label" of two classes), saved to disk."""
+    import io
+
+    import datasets
+
+    rng = np.random.default_rng(seed)
+
+    def split(n: int):
+        images, labels = [], [i % 2 for i in range(n)]
+        for label in labels:
+            colour = np.array(((20, 70, 200), (220, 190, 90))[label])
+            pixels = np.clip(colour + rng.normal(0, 20, (24, 30, 3)), 0, 255).astype(np.uint8)
+            out = io.BytesIO()
+            Image.fromarray(pixels).save(out, format="PNG")
+            images.append({"bytes": out.getvalue(), "path": None})
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["sea", "sand"])})
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    datasets.DatasetDict({"train": split(n_train), "test": split(n_test)}).save_to_disk(str(folder))
+    return folder
+
+
 @pytest.fixture
 def mnist_root(tmp_path: Path) -> Path:
     return make_idx_folder(tmp_path / "mnist-files")
@@ -112,3 +135,28 @@ def _quiet_mlflow():
     from vaelab.tracking import quiet_mlflow
 
     quiet_mlflow()
+
+
+@pytest.fixture
+def hf_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No network and no ~/.cache: the hub is offline and every cache is under tmp_path.
+    `datasets` reads these variables once, at import, so its config is patched as well."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = datasets.config
+    monkeypatch.setattr(config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(config, "HF_CACHE_HOME", str(home))
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", home / "datasets")
+    monkeypatch.setattr(config, "HF_MODULES_CACHE", home / "modules")
+    monkeypatch.setattr(config, "DOWNLOADED_DATASETS_PATH", home / "datasets" / "downloads")
+    monkeypatch.setattr(config, "EXTRACTED_DATASETS_PATH", home / "datasets" / "downloads" / "extracted")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home

@@ -17,6 +17,7 @@ from PIL import Image
 from tests.conftest import tiny_run
 from vaelab.cli import main
 from vaelab.data import load_data
+from vaelab.data.store import ResidentImages
 from vaelab.evaluate import bits_per_dim
 from vaelab.evaluation.evaluators import EVALUATORS, EvalContext, iw_images
 from vaelab.evaluation.stage import evaluate
@@ -80,8 +81,8 @@ def test_the_default_iwae_subset_costs_no_more_than_training(gaussian_model):
     capped = with_values(runspec, {"eval.iw_samples": 1000, "eval.iw_images": 1000, "eval.iw_capped": True})
     # 2 epochs over 216 training images: 3 * 2 * 216 passes buy 1 image at k=1000, floored at 100 (all 80 here).
     assert iw_images(EvalContext(model, data, capped, epochs_run=2)) == 80
-    big = dataclasses.replace(data, test=dataclasses.replace(data.test, x=data.test.x.repeat(20, 1, 1, 1),
-                                                             y=data.test.y.repeat(20)))
+    repeated = ResidentImages(data.test.x.raw(slice(None)).repeat(20, 1, 1, 1))
+    big = dataclasses.replace(data, test=dataclasses.replace(data.test, x=repeated, y=data.test.y.repeat(20)))
     assert iw_images(EvalContext(model, big, capped, epochs_run=2)) == 100
     assert iw_images(EvalContext(model, big, with_values(capped, {"eval.iw_capped": False}), 2)) == 1000
     assert iw_images(EvalContext(model, big, with_values(capped, {"eval.iw_images": None, "eval.iw_capped": False}),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, make_pictures
+from tests.conftest import REPO, make_pictures, save_hf_images
 from vaelab.registry import image_shape
 from vaelab.runner import run
 from vaelab.search import expand_grid
@@ -56,6 +56,10 @@ def data_overrides(spec, tmp_path: Path, request) -> list[str]:
     if spec.base.data.dataset == "image_folder":
         make_pictures(tmp_path / "pictures", 40)
         return [f"data.root={tmp_path / 'pictures'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    if spec.base.data.dataset == "huggingface":
+        request.getfixturevalue("hf_offline")
+        saved = save_hf_images(tmp_path / "hf_images")
+        return [f"data.hf.path={saved}", f"data.cache_dir={tmp_path / 'cache'}"]
     return [f"data.root={request.getfixturevalue('fmnist_root')}", "data.subset=300"]
 
 

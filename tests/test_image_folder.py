@@ -34,15 +34,15 @@ def test_one_folder_is_split_and_cached(tmp_path: Path, capsys):
     assert "broken.png" in capsys.readouterr().err
     assert len(data.train) + len(data.val) + len(data.test) == 40
     assert data.shape == (3, 32, 32) and data.class_names == ("day", "night")
-    assert data.train.x.dtype == torch.float32 and float(data.train.x.max()) <= 1.0
-    cached = list((tmp_path / "cache").glob("*.pt"))
+    assert data.train.x[:].dtype == torch.float32 and float(data.train.x[:].max()) <= 1.0
+    cached = list((tmp_path / "cache").glob("*.json"))
     assert len(cached) == 1
     again = load_image_folder(spec, torch.device("cpu"))
-    assert torch.equal(again.test.x, data.test.x)
+    assert torch.equal(again.test.x[:], data.test.x[:])
     # A changed folder is a new cache entry, not stale data.
     make_pictures(tmp_path / "pics", 42, seed=1)
     assert len(load_image_folder(spec, torch.device("cpu")).train) + len(data.val) > len(data.train)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
 
 
 def test_train_test_layout_and_grey(tmp_path: Path):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from vaelab.data import Split
+from vaelab.data.store import Images
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
 from vaelab.objectives import KLWeighting, vae_terms
@@ -32,8 +33,8 @@ def split_terms(
     was_training = model.training
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=split.x.device)
-    for start in range(0, len(split), batch_size):
-        x = split.x[start : start + batch_size]
+    starts = range(0, len(split), batch_size)
+    for start, x in zip(starts, split.x.batches(starts, batch_size), strict=True):
         out = model(x, generator=generator, y=split.y[start : start + batch_size])
         terms = vae_terms(x, out.params, out.mu, out.logvar, likelihood, beta)
         mse = (likelihood.mean(out.params) - x).pow(2).flatten(1).mean(1)
@@ -45,7 +46,7 @@ def split_terms(
 
 
 @torch.inference_mode()
-def latent_means(model: VAE, x: Tensor, batch_size: int, y: Tensor | None = None) -> Tensor:
+def latent_means(model: VAE, x: Tensor | Images, batch_size: int, y: Tensor | None = None) -> Tensor:
     model.eval()
     return torch.cat([model.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size])[0]
                       for i in range(0, len(x), batch_size)])
@@ -58,7 +59,7 @@ def active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int
 
 @torch.inference_mode()
 def importance_weighted_nll(
-    model: VAE, x: Tensor, likelihood: Likelihood, k: int, generator: torch.Generator, budget: int = 16_384,
+    model: VAE, x: Tensor | Images, likelihood: Likelihood, k: int, generator: torch.Generator, budget: int = 16_384,
     y: Tensor | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> Tensor:
     """-log p(x) per example, estimated with k importance samples from q(z|x)
@@ -103,7 +104,7 @@ def bits_per_dim(nll_nats: float, pixels: int, discrete: bool) -> float:
     return nats / (pixels * math.log(2))
 
 
-def kl_per_dimension(model: VAE, x: Tensor, batch_size: int, y: Tensor | None = None) -> Tensor:
+def kl_per_dimension(model: VAE, x: Tensor | Images, batch_size: int, y: Tensor | None = None) -> Tensor:
     """Mean KL(q(z_d|x) || N(0,1)) of each latent dimension over x, in nats."""
     with torch.inference_mode():
         model.eval()

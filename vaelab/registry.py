@@ -12,7 +12,6 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ def _count(value: int | Callable[[Any], int], data_spec: Any) -> int:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset: its loader(data_spec, device) -> ImageData (a "module:function"
+    """A dataset: its loader(data_spec, device, show_progress=...) -> ImageData (a "module:function"
     string), the (C, H, W) it yields, its official training-set size and its number
     of classes: each a number, or a function of the data spec (an image folder)."""
 
@@ -55,8 +54,8 @@ class Dataset:
     train_images: int | Callable[[Any], int]
     classes: int | Callable[[Any], int]
 
-    def load(self, data_spec: Any, device: Any) -> ImageData:
-        return resolve(self.loader)(data_spec, device)
+    def load(self, data_spec: Any, device: Any, show_progress: bool = True) -> ImageData:
+        return resolve(self.loader)(data_spec, device, show_progress=show_progress)
 
     def image_shape(self, data_spec: Any) -> tuple[int, int, int]:
         return self.shape(data_spec)
@@ -69,17 +68,22 @@ class Dataset:
 
 
 def _folder_images(data_spec: Any) -> int:
-    """Training images of an image folder (imports the image code, so torch)."""
-    return resolve("vaelab.data.image_folder:image_count")(Path(data_spec.root))
+    """Image files of an image folder's training split, counted without decoding (imports the image code)."""
+    return resolve("vaelab.data.image_folder:train_count")(data_spec)
 
 
 def _folder_classes(data_spec: Any) -> int:
-    """Class subfolders of an image folder (at least 1), counted without decoding anything."""
-    root = Path(data_spec.root)
-    folder = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
-    if not folder.is_dir():
-        return 1
-    return max(1, sum(1 for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    """Classes of an image folder (at least 1), from its class subfolders."""
+    return resolve("vaelab.data.image_folder:class_count")(data_spec)
+
+
+def _hf_images(data_spec: Any) -> int:
+    """Images of a Hugging Face dataset's training split (opens it: imports datasets)."""
+    return len(resolve("vaelab.data.huggingface:open_hf")(data_spec.hf, data_spec.splits).splits["train"].labels)
+
+
+def _hf_classes(data_spec: Any) -> int:
+    return len(resolve("vaelab.data.huggingface:open_hf")(data_spec.hf, data_spec.splits).class_names)
 
 
 def _table(*records: Any) -> dict[str, Any]:
@@ -99,6 +103,8 @@ DATASETS: dict[str, Dataset] = _table(
     Dataset("mnist", "vaelab.data:load_data", _mnist_shape, train_images=60_000, classes=10),
     Dataset("image_folder", "vaelab.data:load_image_folder", _folder_shape, train_images=_folder_images,
             classes=_folder_classes),
+    Dataset("huggingface", "vaelab.data:load_huggingface", _folder_shape, train_images=_hf_images,
+            classes=_hf_classes),
 )
 
 # builder(image shape, model_spec) -> (encoder, decoder)
@@ -163,5 +169,6 @@ def build_likelihood(run_spec, shape: tuple[int, int, int]) -> Likelihood:
     return LIKELIHOODS[run_spec.loss.likelihood].build(run_spec.loss, shape)
 
 
-def load_dataset(data_spec, device) -> ImageData:
-    return DATASETS[data_spec.dataset].load(data_spec, device)
+def load_dataset(data_spec, device, show_progress: bool = True) -> ImageData:
+    """The dataset on `device`; decoding into the cache shows a progress bar unless told not to."""
+    return DATASETS[data_spec.dataset].load(data_spec, device, show_progress)

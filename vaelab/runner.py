@@ -81,7 +81,7 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
         # this thread, which it needs).
         tsne = None
         if n_tsne >= 10:
-            means = latent_means(model, test.x[:n_tsne], run_spec.eval.batch_size, test.y[:n_tsne])
+            means = latent_means(model, test.x.first(n_tsne), run_spec.eval.batch_size, test.y[:n_tsne])
             tsne = pool.submit(figures.tsne_embedding, means, seed)
         figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png", test.y[:32])
         step()
@@ -94,7 +94,7 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
         step()
         figures.write_learning_curves(history, folder / "learning_curves.png")
         step()
-        kl_dims = kl_per_dimension(model, test.x[:2000], run_spec.eval.batch_size, test.y[:2000])
+        kl_dims = kl_per_dimension(model, test.x.first(2000), run_spec.eval.batch_size, test.y[:2000])
         figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
         step()
         figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png", y=test.y[:1])
@@ -238,7 +238,7 @@ class _Opened:
 
 
 def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags: dict,
-          on_start: Callable[[str], None] | None) -> _Opened:
+          on_start: Callable[[str], None] | None, datasets: list[dict]) -> _Opened:
     """The run's MLflow run: the one its resume state names (RUNNING again), else a new one."""
     started = time.perf_counter()
     run_hash = tags["vaelab.run_hash"]
@@ -254,6 +254,7 @@ def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags:
             on_start(tracked.run_id)
         if prior is None:
             tracked.log_params(flatten(run_spec))
+            tracked.log_datasets(datasets)
         else:  # the tags of whoever resumes it (a re-queued trial has another number)
             tracked.set_tags({**tags, "vaelab.resumed_from_epoch": prior.epoch})
     except BaseException as err:  # no run is left RUNNING behind
@@ -281,10 +282,11 @@ def run_group(
     k = len(run_specs)
     forget_stop()
     device = resolve_device(run_specs[0].train.device)
-    data = load_dataset(run_specs[0].data, device)
+    data = load_dataset(run_specs[0].data, device, show_progress)
     models = [init_model(r, data.shape, device) for r in run_specs]
     # A stack's activations are K batches' worth.
     flight = preflight.check(models[0], data.shape, run_specs[0].train.batch_size * k, device)
+    datasets = data.records()
     extra_tags = extra_tags or [{} for _ in run_specs]
     names = names or [run_name(r) for r in run_specs]
     outcomes: dict[int, RunOutcome | BaseException] = {}
@@ -294,7 +296,8 @@ def run_group(
             for i, r in enumerate(run_specs):
                 tags = {**_tags(r, data, device, flight, extra_tags[i]), **({"vaelab.stacked": k} if k > 1 else {})}
                 held.enter_context(holding(state_dir(tracker.resume_root, experiment, tags["vaelab.run_hash"])))
-                opened[i] = _open(tracker, r, experiment, names[i], tags, on_start[i] if on_start else None)
+                opened[i] = _open(tracker, r, experiment, names[i], tags, on_start[i] if on_start else None,
+                                  datasets)
                 prior = opened[i].prior
                 if show_progress and prior is not None:
                     tqdm.write(f"resuming run {opened[i].tracked.run_id} ({names[i]}) after epoch {prior.epoch} of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -157,6 +158,23 @@ class TrackedRun:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch > self.logged_through:
             self.log_metrics(metrics, step=epoch)
+
+    def log_datasets(self, records: list[dict[str, Any]]) -> None:
+        """The run's data as MLflow dataset inputs, one per split, tagged with its context
+        (train / validation / test), so the UI shows what a run trained and was tested on."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for record in records:
+            hub = record["source"].startswith("hf://")
+            source = ({"path": record["source"].removeprefix("hf://")} if hub
+                      else {"uri": Path(record["source"]).resolve().as_uri()})
+            dataset = Dataset(name=record["name"], digest=record["digest"],
+                              source_type="hugging_face" if hub else "local", source=json.dumps(source),
+                              profile=json.dumps(record["profile"]))
+            inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, record["context"])]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)

@@ -1,29 +1,47 @@
-"""Datasets as tensors resident on the training device.
+"""Datasets as uint8 images on the training device, or streamed from a disk cache.
 
-MNIST-sized data fits in memory many times over, so it is decoded once into a
-float tensor on the device and batches are index slices of it: no DataLoader,
-no per-image transforms, no host-device copies per step.
+A split's images are an `Images` store (`vaelab.data.store`): indexing it gives a float
+batch in [0, 1] on the device, so training and evaluation code is the same for both.
+Images are resident (no DataLoader, batches are index slices, no host-device copies)
+when they fit `data.memory_budget`, else read from the decoded-image cache batch by
+batch, a few batches ahead, in the same seeded order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from vaelab.data.image_folder import load_folder
+from vaelab.data.cache import array_digest, cache_key, write_cache
+from vaelab.data.memory import budget_bytes, choose_storage, show_bytes
 from vaelab.data.mnist_family import DataError, load_raw
+from vaelab.data.store import DiskImages, Images, ResidentImages
 
-__all__ = ["DataError", "ImageData", "Split", "load_data", "load_image_folder", "seeded_split", "batch_indices"]
+__all__ = ["DataError", "ImageData", "Split", "SplitInfo", "load_data", "load_image_folder", "load_huggingface",
+           "seeded_split", "batch_indices"]
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """What a split is, for the run's record (MLflow dataset inputs)."""
+
+    source: str  # where it was read: a folder, IDX files, a Hugging Face dataset
+    name: str  # the source's own name for it: "Training Data", "train", "train (held out 10%)"
+    digest: str  # sha256 of its images and labels (a held-out part: of its parent and its rows)
 
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor  # float32 (N, C, H, W) in [0, 1]
-    y: torch.Tensor  # int64 (N,)
+    x: Images  # uint8 (N, C, H, W); x[index] is a float32 batch in [0, 1] on the device
+    y: torch.Tensor  # int64 (N,), on the device
+    info: SplitInfo | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -39,6 +57,27 @@ class ImageData:
     description: str
     dynamic_binarize: bool = False  # the training loop samples binary pixels per batch
     augment: bool = False  # the training loop flips and rotates batches
+    name: str = ""  # the dataset (data.dataset)
+    storage: str = "resident"  # or "stream": read from the disk cache batch by batch
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def records(self) -> list[dict[str, Any]]:
+        """What each split is, as MLflow dataset inputs want it (contexts train / validation /
+        test): source, split name, content digest, and a profile of counts, classes and shape."""
+        out = []
+        for role, context in (("train", "train"), ("val", "validation"), ("test", "test")):
+            split = self.splits()[role]
+            info = split.info or SplitInfo(self.description, role, "")
+            counts = torch.bincount(split.y.cpu(), minlength=len(self.class_names)).tolist()
+            profile = {"images": len(split), "split": info.name, "classes": list(self.class_names),
+                       "images_per_class": dict(zip(self.class_names, counts, strict=False)),
+                       "channels": self.shape[0], "height": self.shape[1], "width": self.shape[2],
+                       "dtype": "uint8", "sha256": info.digest, "storage": self.storage}
+            out.append({"context": context, "name": f"{self.name} [{info.name}]"[:500], "digest": info.digest[:32],
+                        "source": info.source, "profile": profile})
+        return out
 
 
 def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,74 +89,162 @@ def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
-    # np.array copies: IDX arrays are read-only views of the file's bytes.
-    x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device)
-    x = x.unsqueeze(1).float().div_(255.0)
-    return Split(x=x, y=torch.from_numpy(np.array(labels, dtype=np.int64)).to(device))
+@dataclass(frozen=True)
+class _Part:
+    """A split before it is placed: images on the host or in the cache, labels, info."""
+
+    images: Images
+    labels: np.ndarray
+    info: SplitInfo
+
+    def take(self, rows: np.ndarray, name: str) -> _Part:
+        digest = hashlib.sha256(f"{self.info.digest}|{name}|".encode() + np.asarray(rows, np.int64).tobytes())
+        return _Part(self.images.subset(rows), self.labels[rows], replace(self.info, name=name,
+                                                                          digest=digest.hexdigest()))
+
+
+def _held_out(parts: dict[str, _Part], spec: Any) -> dict[str, _Part]:
+    """train, val and test parts: missing ones held out of train by seed, as `data` says."""
+    train = parts["train"]
+    if "test" not in parts:
+        keep, held = seeded_split(len(train.labels), spec.test_fraction, spec.split_seed + 1)
+        parts = {**parts, "test": train.take(held, f"{train.info.name} (held out {spec.test_fraction:g} for test)"),
+                 "train": train.take(keep, train.info.name)}
+        train = parts["train"]
+    if spec.subset is not None and spec.subset < len(train.labels):
+        train = train.take(np.arange(spec.subset), f"{train.info.name} (first {spec.subset})")
+    if "val" not in parts:
+        keep, held = seeded_split(len(train.labels), spec.val_fraction, spec.split_seed)
+        parts = {**parts, "val": train.take(held, f"{train.info.name} (held out {spec.val_fraction:g} for val)")}
+        train = train.take(keep, train.info.name)
+    return {**parts, "train": train}
+
+
+def _spill(images: Images, cache_dir: Path, digest: str) -> DiskImages:
+    """Resident images written to the cache, to be streamed (a budget smaller than a small set)."""
+    data = images.resident().data.cpu().numpy()
+    key = cache_key("spilled", digest)
+    cached = write_cache(cache_dir, key, iter(data), [0] * len(data), images.shape, f"spilled {digest[:12]}")
+    return cached.images(images.device)
+
+
+def _place(parts: dict[str, _Part], spec: Any, device: torch.device) -> tuple[dict[str, Split], str]:
+    """Splits on the device, resident or streamed by data.storage and data.memory_budget."""
+    needed = sum(part.images.nbytes for part in parts.values())
+    budget = budget_bytes(spec.memory_budget, device)
+    storage = choose_storage(spec.storage, needed, budget)
+    if storage == "stream" and spec.storage == "auto":
+        print(f"vaelab: images take {show_bytes(needed)}, more than data.memory_budget ({show_bytes(budget)}): "
+              f"streaming them from {spec.cache_dir}", file=sys.stderr)
+    placed = {}
+    for role, part in parts.items():
+        if storage == "resident":
+            images: Images = part.images.resident()
+            if images.device != device:
+                images = ResidentImages(images.resident().data.to(device))
+        elif isinstance(part.images, DiskImages):
+            images = DiskImages(part.images.path, part.images.count, part.images.shape, device, part.images.rows)
+        else:
+            images = _spill(part.images, Path(spec.cache_dir).expanduser(), part.info.digest)
+        placed[role] = Split(images, torch.from_numpy(np.ascontiguousarray(part.labels)).to(device), part.info)
+    return placed, storage
 
 
 def _binarized(split: Split, generator: torch.Generator) -> Split:
-    return Split(x=torch.bernoulli(split.x, generator=generator), y=split.y)
+    bits = torch.bernoulli(split.x[:], generator=generator).mul_(255).to(torch.uint8)
+    info = None if split.info is None else replace(split.info, digest=hashlib.sha256(
+        f"{split.info.digest}|binarized".encode()).hexdigest())
+    return Split(ResidentImages(bits), split.y, info)
 
 
-def load_data(spec, device: torch.device) -> ImageData:
-    """Load `spec` (a DataSpec) as device tensors with its seeded train/val split."""
+def _binarize(splits: dict[str, Split], mode: str, seed: int, device: torch.device) -> dict[str, Split]:
+    # Evaluation sets are binarised once, with a fixed seed, so every run sees the same bits.
+    generator = torch.Generator(device=device).manual_seed(10_000 + seed)
+    out = {**splits, "val": _binarized(splits["val"], generator), "test": _binarized(splits["test"], generator)}
+    if mode == "static":
+        out["train"] = _binarized(splits["train"], generator)
+    return out
+
+
+def load_data(spec: Any, device: torch.device, show_progress: bool = True) -> ImageData:
+    """Fashion-MNIST or MNIST (a DataSpec) with its seeded train/val split."""
     raw = load_raw(spec.dataset, spec.root, spec.download)
-    images, labels = raw.train_images, raw.train_labels
-    if spec.subset is not None:
-        images, labels = images[: spec.subset], labels[: spec.subset]
-    train_idx, val_idx = seeded_split(len(images), spec.val_fraction, spec.split_seed)
-    train = _to_split(images[train_idx], labels[train_idx], device)
-    val = _to_split(images[val_idx], labels[val_idx], device)
-    test = _to_split(raw.test_images, raw.test_labels, device)
-    if spec.binarize != "none":
-        # Evaluation sets are binarised once, with a fixed seed, so every run sees the same bits.
-        generator = torch.Generator(device=device).manual_seed(10_000 + spec.split_seed)
-        val, test = _binarized(val, generator), _binarized(test, generator)
-        if spec.binarize == "static":
-            train = _binarized(train, generator)
+
+    def part(images: np.ndarray, labels: np.ndarray, name: str) -> _Part:
+        # np.array copies: IDX arrays are read-only views of the file's bytes.
+        data = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)
+        return _Part(ResidentImages(data), labels, SplitInfo(str(raw.origin), name, array_digest(images, labels)))
+
+    parts = _held_out({"train": part(raw.train_images, raw.train_labels, "train"),
+                       "test": part(raw.test_images, raw.test_labels, "t10k")}, spec)
+    if spec.binarize != "none":  # bits are drawn on the device, then placed like any images
+        resident = {role: Split(ResidentImages(p.images.resident().data.to(device)), torch.from_numpy(p.labels),
+                                p.info) for role, p in parts.items()}
+        binarized = _binarize(resident, spec.binarize, spec.split_seed, device)
+        parts = {role: _Part(s.x, p.labels, s.info or p.info) for (role, p), s in
+                 zip(parts.items(), (binarized[r] for r in parts), strict=True)}
+    splits, storage = _place(parts, spec, device)
     return ImageData(
-        train=train,
-        val=val,
-        test=test,
+        train=splits["train"], val=splits["val"], test=splits["test"],
         dynamic_binarize=spec.binarize == "dynamic",
         augment=spec.augment,
         shape=(1, *raw.train_images.shape[1:]),
         class_names=raw.class_names,
         description=f"{spec.dataset} from {raw.origin}",
+        name=spec.dataset,
+        storage=storage,
     )
 
 
-def _from_uint8(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Split:
-    return Split(x=x.to(device).float().div_(255.0), y=y.to(device))
+def load_image_folder(spec: Any, device: torch.device, show_progress: bool = True) -> ImageData:
+    """A folder of images: its split folders (by name or data.splits), or one folder split by seed."""
+    from vaelab.data.image_folder import cache_split, class_names, list_split, split_folders
 
-
-def load_image_folder(spec, device: torch.device) -> ImageData:
-    """`root/train` + `root/test` (+ optional `root/val`), or one folder split by seed."""
-    root, cache = Path(spec.root), Path(spec.cache_dir)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        x, y, names = load_folder(root / "train", spec, cache)
-        test_x, test_y, _ = load_folder(root / "test", spec, cache)
-        held_val = load_folder(root / "val", spec, cache)[:2] if (root / "val").is_dir() else None
-    else:
-        x, y, names = load_folder(root, spec, cache)
-        keep, test_idx = seeded_split(len(x), spec.test_fraction, spec.split_seed + 1)
-        test_x, test_y, x, y = x[test_idx], y[test_idx], x[keep], y[keep]
-        held_val = None
-    if spec.subset is not None:
-        x, y = x[: spec.subset], y[: spec.subset]
-    if held_val is None:
-        train_idx, val_idx = seeded_split(len(x), spec.val_fraction, spec.split_seed)
-        held_val, x, y = (x[val_idx], y[val_idx]), x[train_idx], y[train_idx]
+    root = Path(spec.root).expanduser()
+    folders = split_folders(root, spec.splits)
+    listed = {role: list_split(folder) for role, folder in folders.items()}
+    names = class_names(listed)
+    parts = {}
+    for role, split in listed.items():
+        cached = cache_split(split, names, spec, show_progress)
+        name = split.folder.name if split.folder != root else root.name
+        parts[role] = _Part(cached.images(torch.device("cpu")), cached.labels,
+                            SplitInfo(str(split.folder), name, cached.digest))
+    splits, storage = _place(_held_out(parts, spec), spec, device)
+    layout = ", ".join(f"{role}={folder.name!r}" for role, folder in folders.items())
     return ImageData(
-        train=_from_uint8(x, y, device),
-        val=_from_uint8(*held_val, device),
-        test=_from_uint8(test_x, test_y, device),
-        shape=(int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
+        train=splits["train"], val=splits["val"], test=splits["test"],
+        shape=(spec.channels, spec.image_size, spec.image_size),
         class_names=names,
-        description=f"image_folder {root} ({spec.channels}x{spec.image_size}x{spec.image_size})",
+        description=f"image_folder {root} ({layout}; {spec.channels}x{spec.image_size}x{spec.image_size})",
         augment=spec.augment,
+        name="image_folder",
+        storage=storage,
+    )
+
+
+def load_huggingface(spec: Any, device: torch.device, show_progress: bool = True) -> ImageData:
+    """A Hugging Face dataset (data.hf): by hub name from the local cache, or saved to disk / parquet."""
+    from vaelab.data.cache import decoded
+    from vaelab.data.huggingface import open_hf
+
+    opened = open_hf(spec.hf, spec.splits, show_progress)
+    parts = {}
+    for role, split in opened.splits.items():
+        own_name = opened.split_names.get(role, role)
+        cached = decoded(split.images, split.labels, ["huggingface", opened.fingerprint, own_name], spec,
+                         f"{opened.source} [{own_name}]", names=split.names, progress=show_progress)
+        parts[role] = _Part(cached.images(torch.device("cpu")), cached.labels,
+                            SplitInfo(opened.source, own_name, cached.digest))
+    splits, storage = _place(_held_out(parts, spec), spec, device)
+    return ImageData(
+        train=splits["train"], val=splits["val"], test=splits["test"],
+        shape=(spec.channels, spec.image_size, spec.image_size),
+        class_names=opened.class_names,
+        description=f"huggingface {opened.source} ({spec.channels}x{spec.image_size}x{spec.image_size})",
+        augment=spec.augment,
+        name="huggingface",
+        storage=storage,
     )
 
 

@@ -1,100 +1,143 @@
-"""Folders of images (PNG, JPEG, ...) at any size, RGB or grey.
+"""Folders of images (PNG, JPEG, ...) at any size, RGB or grey, as researchers have them.
 
-Layouts: `root/train`, `root/test` (and optionally `root/val`), or one folder
-split by seed; each may hold class subfolders (labels) or images directly.
-Images are decoded, cropped or stretched to `data.image_size` once, and cached
-as a uint8 tensor file keyed by the folder's content, so later runs start at once.
+Layouts: split folders named as people name them (`train/`, `Training Data/`,
+`valid/`, `Testing Data/`..., or named by `data.splits`), else one folder split by
+seed; each split holds class subfolders (labels) or images directly. A Kaggle
+archive unpacked into one extra folder level is looked into. Each split is decoded
+once, in parallel, into the uint8 cache (`vaelab.data.cache`), keyed by its files'
+names, sizes and times and the decode settings, so later runs start at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-
-from vaelab.data.mnist_family import DataError
-
-EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-CACHE_VERSION = 1
+from vaelab.data.cache import CachedSplit, decoded
+from vaelab.data.decode import EXTENSIONS, walk_images
+from vaelab.data.layout import ROLES, recognise_splits, require_train
+from vaelab.errors import DataError
 
 
-def list_images(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
-    """Image files under `folder` with labels from class subfolders (sorted names);
-    images directly in `folder` get the single class 'all'."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such image folder")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+@dataclass(frozen=True)
+class FolderSplit:
+    folder: Path
+    files: list[Path]
+    classes: list[str | None]  # the class folder of each file; None for images without one
+
+
+def _warn(message: str) -> None:
+    print(f"vaelab: warning: {message}", file=sys.stderr)
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix.lower() in EXTENSIONS for p in folder.iterdir())
+
+
+def _recognised(root: Path, explicit: dict[str, Path]) -> dict[str, Path]:
+    names = [n for n in _subfolders(root) if root / n not in explicit.values()]
+    found = {role: root / name for role, name in recognise_splits(names, {}, str(root)).items()}
+    found.update(explicit)
+    require_train(found, names, str(root))
+    return found
+
+
+def split_folders(root: Path, splits: Any) -> dict[str, Path]:
+    """role -> folder for the splits the root has; {"train": root} when it has none."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such image folder")
+    explicit = {}
+    for role in ROLES:
+        given = getattr(splits, role, None)
+        if given is not None:
+            path = (root / Path(given).expanduser()).resolve()
+            if not path.is_dir():
+                raise DataError(f"data.splits.{role}: {path} is not a folder")
+            explicit[role] = path
+    found = _recognised(root, explicit)
+    inner = _subfolders(root)
+    if not found and len(inner) == 1 and not _has_images(root):
+        nested = _recognised(root / inner[0], {})  # an archive unpacked into a folder of its own name
+        if nested:
+            root, found, inner = root / inner[0], nested, _subfolders(root / inner[0])
+    used = {path.resolve() for path in found.values()}
+    unused = [name for name in inner if (root / name).resolve() not in used] if found else []
+    if unused:
+        _warn(f"{root}: {', '.join(unused)} not used (not a split folder; name one with data.splits)")
+    return found or {"train": root}
+
+
+def list_split(folder: Path) -> FolderSplit:
+    """The images of one split folder, with their class folder names."""
+    classes = _subfolders(folder)
+    files: list[Path] = []
+    labels: list[str | None] = []
+    others: list[Path] = []
     if classes:
-        files, labels = [], []
-        for index, name in enumerate(classes):
-            found = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in EXTENSIONS)
+        for name in classes:
+            found, other = walk_images(folder / name)
+            if not found:
+                _warn(f"{folder / name}: class folder without images; it has no examples")
             files += found
-            labels += [index] * len(found)
-        names = tuple(classes)
+            labels += [name] * len(found)
+            others += other
+        loose = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        if loose:
+            _warn(f"{folder}: {loose} images beside its class folders are not used (they have no class)")
     else:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
-        labels, names = [0] * len(files), ("all",)
+        files, others = walk_images(folder)
+        labels = [None] * len(files)
     if not files:
-        raise DataError(f"{folder}: no images ({', '.join(sorted(EXTENSIONS))}) found")
-    return files, labels, names
+        held = (f"; it holds {len(others)} other files, e.g. {others[0].name}" if others else "; it is empty")
+        raise DataError(f"{folder}: no images ({', '.join(sorted(EXTENSIONS))}){held}")
+    return FolderSplit(folder, files, labels)
 
 
-def _decode(path: Path, channels: int, size: int, resize: str) -> np.ndarray | None:
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("L" if channels == 1 else "RGB")
-            if resize == "crop":  # centre square, then scale: no distortion
-                side = min(image.size)
-                left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
-                image = image.crop((left, top, left + side, top + side))
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        print(f"vaelab: warning: skipping unreadable image {path} ({type(err).__name__})", file=sys.stderr)
-        return None
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+def class_names(splits: dict[str, FolderSplit]) -> tuple[str, ...]:
+    labelled = {role for role, split in splits.items() if split.classes[0] is not None}
+    if labelled and labelled != set(splits):
+        with_classes = ", ".join(str(splits[r].folder) for r in sorted(labelled))
+        without = ", ".join(str(splits[r].folder) for r in sorted(set(splits) - labelled))
+        raise DataError(f"{with_classes} has class folders but {without} has none: labels would not match")
+    if not labelled:
+        return ("all",)
+    return tuple(sorted({name for split in splits.values() for name in split.classes if name is not None}))
 
 
-def _cache_key(files: list[Path], spec) -> str:
-    digest = hashlib.sha256(f"{CACHE_VERSION}|{spec.image_size}|{spec.channels}|{spec.resize}".encode())
-    for path in files:
+def cache_split(split: FolderSplit, names: tuple[str, ...], spec: Any, progress: bool = True) -> CachedSplit:
+    """The split decoded into the cache (or found there), keyed by its files' names, sizes,
+    modification times and labels."""
+    index = {name: i for i, name in enumerate(names)}
+    labels = [index[c] if c is not None else 0 for c in split.classes]
+    parts: list[object] = ["folder"]
+    for path, label in zip(split.files, labels, strict=True):
         stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:24]
+        parts.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}")
+    return decoded(split.files, labels, parts, spec, str(split.folder), progress=progress)
 
 
-def load_folder(folder: Path, spec, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """(uint8 images (N, C, S, S), int64 labels, class names), from the cache when the
-    folder's files are unchanged."""
-    files, labels, names = list_images(folder)
-    cache = cache_dir / f"{_cache_key(files, spec)}.pt"
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, weights_only=True)
-            return blob["x"], blob["y"], tuple(blob["names"])
-        except Exception:
-            pass  # a damaged cache is rebuilt below
-    images, kept = [], []
-    for path, label in zip(files, labels, strict=True):
-        array = _decode(path, spec.channels, spec.image_size, spec.resize)
-        if array is not None:
-            images.append(array)
-            kept.append(label)
-    if not images:
-        raise DataError(f"{folder}: none of the {len(files)} images could be read")
-    x, y = torch.from_numpy(np.stack(images)), torch.tensor(kept, dtype=torch.int64)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"x": x, "y": y, "names": list(names)}, tmp)
-    os.replace(tmp, cache)  # atomic: a concurrent reader never sees half a file
-    return x, y, names
+def _listed(spec: Any) -> dict[str, FolderSplit]:
+    root = Path(spec.root).expanduser()
+    return {role: list_split(folder) for role, folder in split_folders(root, spec.splits).items()}
 
 
-def image_count(root: Path) -> int:
-    """Number of image files (for cost estimates), without decoding."""
-    return sum(1 for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS)
+def train_count(spec: Any) -> int:
+    """Image files of the training split (before held-out parts), for cost estimates; 0 without a folder."""
+    try:
+        return len(_listed(spec)["train"].files)
+    except DataError:
+        return 0
+
+
+def class_count(spec: Any) -> int:
+    """Classes the folder labels its images with (at least 1), without decoding anything."""
+    try:
+        return len(class_names(_listed(spec)))
+    except DataError:
+        return 1

@@ -126,12 +126,12 @@ def iw_subset(n_test: int, n: int) -> torch.Tensor:
 
 def _iwae(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, float]:
     test = ctx.data.test
-    idx = iw_subset(len(test), settings["images"]).to(test.x.device)
-    nll = importance_weighted_nll(ctx.model, test.x[idx], ctx.model.likelihood, settings["k"], ctx.generator(),
-                                  y=test.y[idx], on_batch=progress).double()
+    idx = iw_subset(len(test), settings["images"])
+    nll = importance_weighted_nll(ctx.model, test.x.subset(idx.numpy()), ctx.model.likelihood, settings["k"],
+                                  ctx.generator(), y=test.y[idx.to(test.y.device)], on_batch=progress).double()
     mean = float(nll.mean())
     se = float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else 0.0
-    pixels = test.x[0].numel()
+    pixels = math.prod(test.x.shape)
     return {"test/nll_iw": mean, "test/nll_iw_se": se,
             "test/bits_per_dim": bits_per_dim(mean, pixels, ctx.model.likelihood.discrete)}
 
@@ -156,7 +156,7 @@ def _probe_settings(ctx: EvalContext) -> dict[str, Any]:
 def _probe(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, float]:
     train, test, batch = ctx.data.train, ctx.data.test, ctx.run.eval.batch_size
     n = settings["train_images"]
-    train_means = latent_means(ctx.model, train.x[:n], batch, train.y[:n])
+    train_means = latent_means(ctx.model, train.x.first(n), batch, train.y[:n])
     test_means = latent_means(ctx.model, test.x, batch, test.y)
     progress(n + len(test))
     return {"test/probe_acc": probe_accuracy(train_means, train.y[:n], test_means, test.y)}

@@ -68,7 +68,7 @@ def evaluate_finished(target: str, tracker: Tracker, overrides: list[str], evalu
             checkpoint = load_checkpoint(_checkpoint_folder(tracker, run_id, Path(scratch)), device="cpu")
     run = with_eval_overrides(checkpoint.run_spec, overrides)
     torch_device = resolve_device(device)
-    data = load_dataset(run.data, torch_device)
+    data = load_dataset(run.data, torch_device, show_progress)
     epochs = int(record.data.metrics.get("train/epochs_run", 1))
     context = EvalContext(checkpoint.model.to(torch_device), data, run, epochs)
     if explicit:

@@ -9,7 +9,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from vaelab.data import ImageData, batch_indices
+from vaelab.data import ImageData
 from vaelab.evaluate import SPLIT_TERMS, split_terms
 from vaelab.models import VAE
 from vaelab.training.member import Member
@@ -35,8 +35,9 @@ class SingleStepper:
         model.train()
         sums = torch.zeros(3, device=data.train.x.device)
         n_batches = math.ceil(len(data.train) / batch_size)
-        for step, idx in enumerate(batch_indices(len(data.train), batch_size, member.batch_gen, data.train.x.device)):
-            x = member_images(data.train.x[idx], data, member.noise_gen)
+        order = torch.randperm(len(data.train), generator=member.batch_gen)
+        for step, (idx, images) in enumerate(data.train.x.shuffled(order, batch_size)):
+            x = member_images(images, data, member.noise_gen)
             noise = torch.randn((len(x), model.z_dim), generator=member.noise_gen, device=x.device)
             recon, kl_dims = self.step_terms(x, data.train.y[idx], noise)
             progress = epoch - 1 + step / n_batches  # in epochs at the start of the step, for the KL schedule

@@ -235,11 +235,9 @@ class StackedStepper:
         device = data.train.x.device
         n = len(data.train)
         n_batches = math.ceil(n / train.batch_size)
-        orders = torch.stack([torch.randperm(n, generator=m.batch_gen) for m in members]).to(device)
+        orders = torch.stack([torch.randperm(n, generator=m.batch_gen) for m in members])
         sums = torch.zeros(self.k, 3, device=device)
-        for step, start in enumerate(range(0, n, train.batch_size)):
-            idx = orders[:, start : start + train.batch_size]
-            x = data.train.x[idx]
+        for step, (idx, x) in enumerate(data.train.x.shuffled(orders, train.batch_size)):
             if data.augment or data.dynamic_binarize:
                 x = torch.stack([member_images(xi, data, m.noise_gen) for xi, m in zip(x, members, strict=True)])
             noise = _noise([m.noise_gen for m in members], idx.shape[1], self.z_dim, device)
@@ -263,8 +261,9 @@ class StackedStepper:
         totals = torch.zeros(k, len(SPLIT_TERMS), dtype=torch.float64, device=device)
         params, batch_size = self._params(), members[0].run.eval.batch_size
         with torch.no_grad():
-            for start in range(0, len(data.val), batch_size):
-                x, y = data.val.x[start : start + batch_size], data.val.y[start : start + batch_size]
+            starts = range(0, len(data.val), batch_size)
+            for start, x in zip(starts, data.val.x.batches(starts, batch_size), strict=True):
+                y = data.val.y[start : start + batch_size]
                 out, mu, logvar = shared_images(params, self.buffers, x, _noise(gens, len(x), self.z_dim, device), y)
                 recon = -likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), out.flatten(0, 1)).view(k, -1)
                 kl = kl_per_dimension(mu, logvar).sum(2)
