@@ -22,7 +22,7 @@ def test_quick_bench_writes_results_with_every_workload(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     for heading in ("## One epoch", "## Sweep throughput", "## IWAE evaluation throughput",
-                    "## Tracking and figures overhead"):
+                    "## Data: resident and streamed", "## Tracking and figures overhead"):
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| cpu ")]
     # The epoch table comes first: default, compile, bf16, compile + bf16; then the two sweep rows, then IWAE.
