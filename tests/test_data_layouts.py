@@ -241,3 +241,43 @@ def test_folders_beside_the_splits_are_named_as_unused(tmp_path: Path, capsys):
     data = load_image_folder(data_spec(tmp_path / "root", tmp_path), CPU)
     assert len(data.test) == 6
     assert "extra_pictures not used (not a split folder" in capsys.readouterr().err
+
+
+def test_named_splits_work_with_a_relative_root_and_silence_their_look_alikes(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("train", "Training Data", "test"):
+        picture_folder(tmp_path / "ds" / name, 3)
+    data = load_image_folder(data_spec(Path("ds"), tmp_path, splits={"train": "train"}, val_fraction=0.2), CPU)
+    assert len(data.train) + len(data.val) == 9 and len(data.test) == 9
+    for name in ("fit", "val", "validation", "holdout"):
+        picture_folder(tmp_path / "ds2" / name, 2)
+    data = load_image_folder(data_spec(Path("ds2"), tmp_path, splits={"train": "fit", "val": "holdout"}), CPU)
+    assert data.val.info.name == "holdout"
+
+
+def test_streamed_mnist_lives_on_the_run_device_and_its_bits_have_their_own_digest(mnist_root: Path, tmp_path: Path):
+    from vaelab.data import load_data
+
+    def spec(**data):
+        return tiny_run(mnist_root, data={"cache_dir": str(tmp_path / "cache"), **data}).data
+
+    streamed = load_data(spec(storage="stream", binarize="static"), CPU)
+    resident = load_data(spec(storage="resident", binarize="static"), CPU)
+    assert isinstance(streamed.test.x, DiskImages) and isinstance(resident.test.x, ResidentImages)
+    assert torch.equal(streamed.test.x[:], resident.test.x[:]) and torch.equal(streamed.train.x[:], resident.train.x[:])
+    other_seed = load_data(spec(storage="stream", binarize="static", split_seed=1), CPU)
+    assert other_seed.test.info.digest != streamed.test.info.digest  # other bits, another digest
+    assert not torch.equal(other_seed.test.x[:], streamed.test.x[:])
+    meta = torch.device("meta")  # a device other than the host: the streamed images must be read onto it
+    placed = load_data(spec(storage="stream"), meta)
+    assert placed.train.x.device == placed.train.y.device == meta
+
+
+def test_disk_subsets_take_negative_rows_like_resident_ones(tmp_path: Path):
+    data = torch.arange(5 * 3, dtype=torch.uint8).view(5, 3, 1, 1)
+    (tmp_path / "i.u8").write_bytes(data.numpy().tobytes())
+    disk = DiskImages(tmp_path / "i.u8", 5, (3, 1, 1), CPU)
+    for rows in (np.array([-1, 0]), np.arange(5)[::-1]):
+        assert torch.equal(disk.subset(rows)[:], ResidentImages(data).subset(rows)[:])
+    with pytest.raises(IndexError):
+        disk.subset(np.array([5]))

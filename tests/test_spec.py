@@ -171,3 +171,19 @@ def test_equal_runs_hash_equally_however_written(tmp_path: Path):
     hashes = {load_spec(path).base.hash() for path in (omitted, spelled, everything)}
     assert len(hashes) == 1
     assert apply_overrides(load_spec(omitted), ["loss.beta=1.0"]).base.hash() in hashes
+
+
+def test_nested_sections_take_dotted_keys_and_whole_mappings():
+    spec = apply_overrides(parse_spec({"name": "x"}), ["data.splits={train: Training, test: 2019}",
+                                                       "data.hf.revision=1234567", "data.memory_budget=2GiB"])
+    data = spec.base.data
+    assert (data.splits.train, data.splits.test, data.splits.val) == ("Training", "2019", None)
+    assert data.hf.revision == "1234567" and data.memory_budget == 2 * 2**30
+    assert flatten(spec.base)["data.splits.test"] == "2019"
+    with pytest.raises(SpecError, match=r"data.splits.trian: unknown key; allowed: train, val, test"):
+        apply_overrides(parse_spec({"name": "x"}), ["data.splits={trian: a}"])
+    with pytest.raises(SpecError, match=r"data.memory_budget: expected 'auto' or a size"):
+        parse_spec({"name": "x", "base": {"data": {"memory_budget": "lots"}}})
+    # Where images are held is not what the run is: the same identity either way.
+    streamed = apply_overrides(spec, ["data.storage=stream", "data.memory_budget=1MB"])
+    assert streamed.base.hash() == spec.base.hash()

@@ -130,11 +130,14 @@ class IntChoice(Check):
 @dataclass(frozen=True)
 class Text(Check):
     max_len: int = 10_000
+    numbers: bool = False  # a name that YAML may read as a number (a folder "2019", a commit "1234567")
 
     def describe(self) -> str:
         return "a string"
 
     def parse(self, value: Any, path: str) -> str:
+        if self.numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, str) or len(value) > self.max_len:
             raise fail(path, self.describe() + f" of at most {self.max_len} characters", value)
         return value

@@ -77,16 +77,19 @@ def _sub(cls: type) -> Any:
     return field(default_factory=cls, metadata={"section": cls})
 
 
+_SPLIT_NAME = Optional(Text(numbers=True))  # a folder may be named "2019"
+
+
 @dataclass(frozen=True)
 class SplitNames:
     """Which folder (image_folder) or split (huggingface) plays each part; null = recognised by name."""
 
-    train: str | None = _f(None, Optional(Text()), "the training split's folder or split name; null = recognised "
-                                                   "(train, training, 'Training Data', ...)")
-    val: str | None = _f(None, Optional(Text()), "the validation split's name; null = recognised (val, valid, "
-                                                 "validation, dev), else held out from train by val_fraction")
-    test: str | None = _f(None, Optional(Text()), "the test split's name; null = recognised (test, testing), "
-                                                  "else held out by test_fraction")
+    train: str | None = _f(None, _SPLIT_NAME, "the training split's folder or split name; null = recognised "
+                                              "(train, training, 'Training Data', ...)")
+    val: str | None = _f(None, _SPLIT_NAME, "the validation split's name; null = recognised (val, valid, "
+                                            "validation, dev), else held out from train by val_fraction")
+    test: str | None = _f(None, _SPLIT_NAME, "the test split's name; null = recognised (test, testing), "
+                                             "else held out by test_fraction")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class HFSpec:
     """A Hugging Face dataset (data.dataset: huggingface)."""
 
     name: str | None = _f(None, Optional(Text()), "hub dataset 'owner/name' (the local cache when offline)")
-    revision: str | None = _f(None, Optional(Text()), "hub revision: a branch, tag or commit; null = main")
+    revision: str | None = _f(None, Optional(Text(numbers=True)), "hub revision: a branch, tag or commit; null = main")
     path: str | None = _f(None, Optional(Text()), "instead of name: a save_to_disk folder, or parquet files "
                                                   "(a file, a folder or a glob)")
     image_column: str | None = _f(None, Optional(Text()), "column of images; null = the first Image column")
@@ -335,7 +338,7 @@ def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
         key = key.strip()
         if not sep or not key:
             raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. model.z_dim=10")
-        if field_check(key) is None:
+        if field_check(key) is None and not is_section(key):
             raise SpecError(f"{key}: not a spec path (e.g. model.z_dim; `vaelab keys` lists them all)")
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -361,6 +364,18 @@ def field_check(dotted: str) -> Check | None:
             return found.metadata["check"] if i == len(parts) - 1 else None
         cls = found.metadata["section"]
     return None
+
+
+def is_section(dotted: str) -> bool:
+    """Whether a dotted path names a nested section (`data.splits`), which --set may give as a mapping."""
+    section, _, rest = dotted.partition(".")
+    cls: type | None = SECTIONS.get(section)
+    for part in rest.split(".") if rest else []:
+        found = {f.name: f for f in fields(cls)}.get(part) if cls is not None else None
+        if found is None or "section" not in found.metadata:
+            return False
+        cls = found.metadata["section"]
+    return bool(rest)
 
 
 def _replaced(obj: Any, parts: list[str], value: Any) -> Any:

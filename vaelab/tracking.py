@@ -168,7 +168,8 @@ class TrackedRun:
         inputs = []
         for record in records:
             hub = record["source"].startswith("hf://")
-            source = ({"path": record["source"].removeprefix("hf://")} if hub
+            name, _, revision = record["source"].removeprefix("hf://").partition("@")
+            source = ({"path": name, **({"revision": revision} if revision else {})} if hub
                       else {"uri": Path(record["source"]).resolve().as_uri()})
             dataset = Dataset(name=record["name"], digest=record["digest"],
                               source_type="hugging_face" if hub else "local", source=json.dumps(source),

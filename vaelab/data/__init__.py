@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaelab.data.cache import array_digest, cache_key, write_cache
+from vaelab.data.cache import array_digest, cache_key, load_cached, write_cache
 from vaelab.data.memory import budget_bytes, choose_storage, show_bytes
 from vaelab.data.mnist_family import DataError, load_raw
 from vaelab.data.store import DiskImages, Images, ResidentImages
@@ -120,12 +120,15 @@ def _held_out(parts: dict[str, _Part], spec: Any) -> dict[str, _Part]:
     return {**parts, "train": train}
 
 
-def _spill(images: Images, cache_dir: Path, digest: str) -> DiskImages:
-    """Resident images written to the cache, to be streamed (a budget smaller than a small set)."""
-    data = images.resident().data.cpu().numpy()
+def _spill(images: Images, cache_dir: Path, digest: str, device: torch.device) -> DiskImages:
+    """Resident images written to the cache (once: keyed by their content), to be streamed
+    (a budget smaller than a small set)."""
     key = cache_key("spilled", digest)
-    cached = write_cache(cache_dir, key, iter(data), [0] * len(data), images.shape, f"spilled {digest[:12]}")
-    return cached.images(images.device)
+    cached = load_cached(cache_dir, key)
+    if cached is None:
+        data = images.resident().data.cpu().numpy()
+        cached = write_cache(cache_dir, key, iter(data), [0] * len(data), images.shape, f"spilled {digest[:12]}")
+    return cached.images(device)
 
 
 def _place(parts: dict[str, _Part], spec: Any, device: torch.device) -> tuple[dict[str, Split], str]:
@@ -138,22 +141,26 @@ def _place(parts: dict[str, _Part], spec: Any, device: torch.device) -> tuple[di
               f"streaming them from {spec.cache_dir}", file=sys.stderr)
     placed = {}
     for role, part in parts.items():
+        on_device: Images = part.images
+        if isinstance(on_device, DiskImages):  # read straight to the device, chunk by chunk
+            on_device = DiskImages(on_device.path, on_device.count, on_device.shape, device, on_device.rows)
         if storage == "resident":
-            images: Images = part.images.resident()
+            images: Images = on_device.resident()
             if images.device != device:
                 images = ResidentImages(images.resident().data.to(device))
-        elif isinstance(part.images, DiskImages):
-            images = DiskImages(part.images.path, part.images.count, part.images.shape, device, part.images.rows)
+        elif isinstance(on_device, DiskImages):
+            images = on_device
         else:
-            images = _spill(part.images, Path(spec.cache_dir).expanduser(), part.info.digest)
+            images = _spill(part.images, Path(spec.cache_dir).expanduser(), part.info.digest, device)
         placed[role] = Split(images, torch.from_numpy(np.ascontiguousarray(part.labels)).to(device), part.info)
     return placed, storage
 
 
 def _binarized(split: Split, generator: torch.Generator) -> Split:
     bits = torch.bernoulli(split.x[:], generator=generator).mul_(255).to(torch.uint8)
-    info = None if split.info is None else replace(split.info, digest=hashlib.sha256(
-        f"{split.info.digest}|binarized".encode()).hexdigest())
+    # The digest of the bits themselves: they depend on the seed, the split and the device.
+    digest = array_digest(bits.cpu().numpy(), split.y.cpu().numpy())
+    info = None if split.info is None else replace(split.info, digest=digest)
     return Split(ResidentImages(bits), split.y, info)
 
 

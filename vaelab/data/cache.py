@@ -74,16 +74,21 @@ def write_cache(cache_dir: Path, key: str, images: Iterable[np.ndarray | None], 
     tmp = f".tmp{os.getpid()}"
     data_path = cache_dir / f"{key}.u8"
     digest, kept = hashlib.sha256(), []
-    with open(data_path.with_name(data_path.name + tmp), "wb") as out:
-        for label, image in zip(labels, images, strict=True):
-            if image is None:
-                continue
-            if image.shape != shape or image.dtype != np.uint8:
-                raise DataError(f"{what}: decoded image of {image.shape} {image.dtype}, expected {shape} uint8")
-            block = np.ascontiguousarray(image).tobytes()
-            out.write(block)
-            digest.update(block)
-            kept.append(int(label))
+    partial = data_path.with_name(data_path.name + tmp)
+    try:
+        with open(partial, "wb") as out:
+            for label, image in zip(labels, images, strict=True):
+                if image is None:
+                    continue
+                if image.shape != shape or image.dtype != np.uint8:
+                    raise DataError(f"{what}: decoded image of {image.shape} {image.dtype}, expected {shape} uint8")
+                block = np.ascontiguousarray(image).tobytes()
+                out.write(block)
+                digest.update(block)
+                kept.append(int(label))
+    except BaseException:  # a failed or interrupted decode leaves no multi-GB partial file behind
+        partial.unlink(missing_ok=True)
+        raise
     if not kept:
         os.unlink(data_path.with_name(data_path.name + tmp))
         raise DataError(f"{what}: none of its {len(labels)} images could be read")

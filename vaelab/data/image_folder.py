@@ -41,8 +41,10 @@ def _has_images(folder: Path) -> bool:
 
 
 def _recognised(root: Path, explicit: dict[str, Path]) -> dict[str, Path]:
-    names = [n for n in _subfolders(root) if root / n not in explicit.values()]
-    found = {role: root / name for role, name in recognise_splits(names, {}, str(root)).items()}
+    named = {path.resolve() for path in explicit.values()}
+    names = [n for n in _subfolders(root) if (root / n).resolve() not in named]
+    # Roles the spec names are not looked for: their look-alikes are just unused folders.
+    found = {role: root / name for role, name in recognise_splits(names, {}, str(root), skip=explicit).items()}
     found.update(explicit)
     require_train(found, names, str(root))
     return found

@@ -38,9 +38,11 @@ def role_of(name: str) -> str | None:
     return next((role for role, aliases in SPLIT_ALIASES.items() if normal in aliases), None)
 
 
-def recognise_splits(names: Iterable[str], explicit: Mapping[str, str | None], what: str) -> dict[str, str]:
+def recognise_splits(names: Iterable[str], explicit: Mapping[str, str | None], what: str,
+                     skip: Iterable[str] = ()) -> dict[str, str]:
     """role -> name, for the roles found among `names`: `explicit[role]` when given (it must
-    exist), else the one name that looks like the role. `what` names the place in errors."""
+    exist), else the one name that looks like the role; roles in `skip` are settled elsewhere
+    and not looked for. `what` names the place in errors."""
     names = list(names)
     found: dict[str, str] = {}
     for role in ROLES:
@@ -51,9 +53,9 @@ def recognise_splits(names: Iterable[str], explicit: Mapping[str, str | None], w
             raise DataError(f"data.splits.{role}: no split {given!r} in {what}; it has: "
                             f"{', '.join(repr(n) for n in sorted(names)) or 'nothing'}")
         found[role] = given
-    taken = set(found.values())
+    taken, settled = set(found.values()), set(skip)
     for role in ROLES:
-        if role in found:
+        if role in found or role in settled:
             continue
         matches = sorted(n for n in names if n not in taken and role_of(n) == role)
         if len(matches) > 1:

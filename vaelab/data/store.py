@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 Index = int | slice | Tensor | np.ndarray
+PREFETCH = 2  # batches a disk store reads ahead of the one in use
 
 
 class Images:
@@ -92,13 +93,13 @@ class ResidentImages(Images):
 
     def raw(self, index: Index) -> Tensor:
         if isinstance(index, np.ndarray):
-            index = torch.from_numpy(index)
+            index = torch.from_numpy(np.ascontiguousarray(index))
         if isinstance(index, Tensor) and index.device != self.device:
             index = index.to(self.device)
         return self.data[index]
 
     def subset(self, rows: np.ndarray) -> ResidentImages:
-        return ResidentImages(self.data[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)])
+        return ResidentImages(self.data[torch.from_numpy(_row_numbers(rows, len(self))).to(self.device)])
 
     def resident(self) -> ResidentImages:
         return self
@@ -172,7 +173,7 @@ class DiskImages(Images):
         return self.read(index, pin=pin).to(self.device, non_blocking=pin)
 
     def subset(self, rows: np.ndarray) -> DiskImages:
-        picked = np.asarray(rows, dtype=np.int64)
+        picked = _row_numbers(rows, len(self))
         return DiskImages(self.path, self.count, self.shape, self.device,
                           picked if self.rows is None else self.rows[picked])
 
@@ -183,16 +184,28 @@ class DiskImages(Images):
             data[start : start + chunk] = self.raw(slice(start, start + chunk))
         return ResidentImages(data)
 
-    def batches(self, starts: Iterable[int], batch_size: int, prefetch: int = 2) -> Iterator[Tensor]:
+    def batches(self, starts: Iterable[int], batch_size: int, prefetch: int | None = None) -> Iterator[Tensor]:
         return self._streamed((slice(s, s + batch_size) for s in starts), prefetch)
 
-    def gathered(self, indices: Iterable[Tensor], prefetch: int = 2) -> Iterator[Tensor]:
+    def gathered(self, indices: Iterable[Tensor], prefetch: int | None = None) -> Iterator[Tensor]:
         return self._streamed(iter(indices), prefetch)
 
-    def _streamed(self, indices: Iterator[Index], prefetch: int) -> Iterator[Tensor]:
+    def _streamed(self, indices: Iterator[Index], prefetch: int | None) -> Iterator[Tensor]:
         pin = self.device.type == "cuda"
-        for host in prefetched(lambda index: self.read(index, pin=pin), indices, prefetch):
+        depth = PREFETCH if prefetch is None else prefetch
+        for host in prefetched(lambda index: self.read(index, pin=pin), indices, depth):
             yield host.to(self.device, non_blocking=pin).float().div_(255.0)
+
+
+def _row_numbers(rows: Any, n: int) -> np.ndarray:
+    """Row numbers in [0, n) (negative ones counted from the end), as a contiguous int64 array."""
+    array = np.asarray(rows)
+    if array.dtype == np.bool_:
+        raise TypeError("rows must be row numbers, not a mask")
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    if array.size and (array.min() < -n or array.max() >= n):
+        raise IndexError(f"row out of range for {n} images")
+    return array % max(n, 1)
 
 
 def _read_exactly(fd: int, into: np.ndarray, offset: int) -> None:
