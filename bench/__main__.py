@@ -228,11 +228,12 @@ def _data_lines(data: tuple[dict, list[dict]] | None, settings: data_bench.DataS
         f"A generated folder of {decode['images']} RGB pictures (160x128 PNG and JPEG, decoded to "
         f"{data_bench.SIZE}x{data_bench.SIZE}) is decoded into vaelab's uint8 cache from cold, "
         f"{decode['workers']} processes: **{decode['images/s']:.0f} images/s** ({decode['seconds']:.1f} s). "
-        f"Then an MLP VAE trains {settings.epochs} epochs on it in a process of its own per side: once with the "
-        f"images resident, once with data.memory_budget = {settings.budget_mb} MB, smaller than the images, so "
-        "`data.storage: auto` streams them from the cache. RSS held by the data = resident memory after loading "
-        "less before; peak RSS above warm-up = the process's peak resident memory less its peak after the same "
-        "epochs on 150 streamed images (torch, the model, its optimiser and batches already in memory).",
+        f"Then an MLP VAE trains {settings.epochs} epochs on it in a process of its own: with the images "
+        f"resident, and with data.memory_budget = {settings.budget_mb} MB, smaller than the images, so "
+        "`data.storage: auto` streams them from the cache. s/epoch is the median epoch of a process, the "
+        f"faster of {settings.processes} processes per side, run alternately. RSS held by the data = the "
+        "process's resident memory after loading the data less before; peak RSS while training includes "
+        "torch, the model, its optimiser and its batches (the two rows differ by what resident images cost).",
         "",
         _table(sides),
         "",
