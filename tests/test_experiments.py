@@ -17,6 +17,8 @@ from vaelab.sweeps.coordinator import Sweep
 from vaelab.tracking import Tracker
 
 SPECS = sorted((REPO / "experiments").glob("*.yaml"))
+# Per dataset, what makes a shipped spec tiny beyond epochs and subsets (dSprites: a small test split).
+TINY_DATA = {"dsprites": ["data.test_fraction=0.001"]}
 
 
 def test_the_shipped_specs_exist():
@@ -44,7 +46,9 @@ def test_the_shipped_studies_exist():
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_tiny_version_of_each_sweep_runs_two_trials(path: Path, fmnist_root: Path, tmp_path: Path):
     spec = apply_overrides(load_spec(path), ["data.subset=300", "train.epochs=1", "eval.figures=false",
-                                             "eval.iw_samples=0", f"data.root={fmnist_root}", "train.device=cpu"])
+                                             "eval.iw_samples=0", f"data.root={fmnist_root}", "train.device=cpu",
+                                             *TINY_DATA.get(load_spec(path).base.data.dataset, []),
+                                             f"data.cache_dir={tmp_path / 'cache'}", "eval.disentanglement=false"])
     tracker = Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     sweep = Sweep(spec, tracker=tracker, studies_root=tmp_path / "studies")
     assert sweep.work(sweep.prepare(), max_trials=2) == 2
@@ -56,6 +60,8 @@ def data_overrides(spec, tmp_path: Path, request) -> list[str]:
     if spec.base.data.dataset == "image_folder":
         make_pictures(tmp_path / "pictures", 40)
         return [f"data.root={tmp_path / 'pictures'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    if spec.base.data.dataset == "dsprites":  # rendered: no file needed
+        return [*TINY_DATA["dsprites"], "data.subset=300", f"data.cache_dir={tmp_path / 'cache'}"]
     if spec.base.data.dataset == "huggingface":
         request.getfixturevalue("hf_offline")
         saved = save_hf_images(tmp_path / "hf_images")
@@ -67,7 +73,7 @@ def data_overrides(spec, tmp_path: Path, request) -> list[str]:
 def test_tiny_version_trains(path: Path, tmp_path: Path, tracking_uri: str, request):
     spec = load_spec(path)
     tiny = apply_overrides(spec, ["train.epochs=1", "eval.tsne_points=20", "eval.iw_samples=5", "train.device=cpu",
-                                  *data_overrides(spec, tmp_path, request)])
+                                  "eval.dis_samples=0.01", *data_overrides(spec, tmp_path, request)])
     outcome = run(tiny.base, spec.name, Tracker(tracking_uri), show_progress=False)
     assert MlflowClient(tracking_uri).get_run(outcome.run_id).info.status == "FINISHED"
     pixels = math.prod(image_shape(tiny.base.data))

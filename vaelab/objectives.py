@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # annotations only: spec checks read SCHEDULES without import
 
 # The names loss.kl_schedule may take (KLWeighting below implements each).
 SCHEDULES = ("constant", "linear", "cyclical", "capacity")
+# The names loss.objective may take: the ELBO's KL weighted (beta_vae), or a penalty beside it (Penalty).
+OBJECTIVES = ("beta_vae", "beta_tcvae", "dip_vae_i", "dip_vae_ii")
+# DIP-VAE's weight of the diagonal term as a multiple of loss.dip_lambda_od (Kumar et al. 2018, sec. 4; the
+# values of disentanglement_lib's unsupervised study): 10 for DIP-VAE-I, 1 for DIP-VAE-II.
+DIP_DIAGONAL_FACTOR = {"dip_vae_i": 10.0, "dip_vae_ii": 1.0}
 
 
 def kl_per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -82,7 +87,9 @@ class KLWeighting:
 
 def kl_weighting(run_spec) -> KLWeighting:
     loss = run_spec.loss
-    return KLWeighting(beta=loss.beta, schedule=loss.kl_schedule, warmup_epochs=loss.warmup_epochs,
+    # beta-TCVAE weights the total correlation by beta (Penalty), the ELBO's KL by 1.
+    beta = 1.0 if getattr(loss, "objective", "beta_vae") == "beta_tcvae" else loss.beta
+    return KLWeighting(beta=beta, schedule=loss.kl_schedule, warmup_epochs=loss.warmup_epochs,
                        cycles=loss.cycles, total_epochs=run_spec.train.epochs, capacity_max=loss.capacity_max,
                        capacity_epochs=loss.capacity_epochs, gamma=loss.gamma, free_bits=loss.free_bits)
 
@@ -113,3 +120,59 @@ def vae_terms(x: Tensor, params: Tensor, mu: Tensor, logvar: Tensor, likelihood:
     kl = kl_dims.sum(1)
     return Terms(recon=recon, kl=kl, loss=weighting.per_example(recon, kl, t),
                  objective=weighting.objective(recon, kl_dims, t))
+
+
+def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mu, exp(logvar)), elementwise, in nats."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) * (-logvar).exp())
+
+
+def total_correlation(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int) -> Tensor:
+    """TC(q(z)) = KL(q(z) || prod_d q(z_d)) of a batch, by minibatch-weighted sampling (Chen et al.
+    2018, eq. 7 and appendix C.1): log q(z_i) ~ logsumexp_j log q(z_i | x_j) - log(N M), and likewise
+    per dimension for log q(z_id); N = the training set's size, M = the batch's. In nats."""
+    batch = z.shape[0]
+    pairwise = gaussian_log_density(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # (M, M, D)
+    log_nm = math.log(dataset_size * batch)
+    log_qz = pairwise.sum(2).logsumexp(dim=1) - log_nm
+    log_prod_qzd = (pairwise.logsumexp(dim=1) - log_nm).sum(1)
+    return (log_qz - log_prod_qzd).mean()
+
+
+def dip_penalty(mu: Tensor, logvar: Tensor, second: bool, lambda_od: float, lambda_d: float) -> Tensor:
+    """DIP-VAE's moment matching (Kumar et al. 2018, eqs. 6 and 7): lambda_od * sum_{i != j} C_ij^2 +
+    lambda_d * sum_i (C_ii - 1)^2, with C = Cov_x[mu(x)] (DIP-VAE-I) or Cov_q(z) = E_x[diag sigma^2(x)]
+    + Cov_x[mu(x)] (DIP-VAE-II), estimated over the batch."""
+    centred = mu - mu.mean(0, keepdim=True)
+    cov = centred.T @ centred / mu.shape[0]
+    if second:
+        cov = cov + logvar.exp().mean(0).diag()
+    diagonal = cov.diagonal()
+    off = cov - diagonal.diag()
+    return lambda_od * off.pow(2).sum() + lambda_d * (diagonal - 1).pow(2).sum()
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """A batch-level term added to the training objective: beta-TCVAE's (beta - 1) * TC (so that with
+    the KL at weight 1 the total correlation is weighted by beta, Chen et al. 2018, eq. 4), or DIP-VAE's
+    moment penalty. It enters train/loss; validation and test losses are the ELBO's (recon + KL)."""
+
+    objective: str
+    weight: float  # beta_tcvae: beta - 1; dip_vae_*: lambda_od
+    dataset_size: int
+
+    def __call__(self, mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor:
+        if self.objective == "beta_tcvae":
+            return self.weight * total_correlation(z, mu, logvar, self.dataset_size)
+        factor = DIP_DIAGONAL_FACTOR[self.objective]
+        return dip_penalty(mu, logvar, self.objective == "dip_vae_ii", self.weight, factor * self.weight)
+
+
+def penalty_for(run_spec, dataset_size: int) -> Penalty | None:
+    """The run's Penalty, or None for beta_vae (today's objective)."""
+    loss = run_spec.loss
+    if loss.objective == "beta_vae":
+        return None
+    weight = loss.beta - 1.0 if loss.objective == "beta_tcvae" else loss.dip_lambda_od
+    return Penalty(loss.objective, weight, dataset_size)

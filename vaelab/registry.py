@@ -82,6 +82,16 @@ def _hf_images(data_spec: Any) -> int:
     return len(resolve("vaelab.data.huggingface:open_hf")(data_spec.hf, data_spec.splits).splits["train"].labels)
 
 
+def _dsprites_shape(data_spec: Any) -> tuple[int, int, int]:
+    return (1, 64, 64)
+
+
+def _dsprites_images(data_spec: Any) -> int:
+    """Training images before the validation split: the grid less its test part, or data.subset."""
+    rest = 737_280 - int(round(737_280 * data_spec.test_fraction))
+    return rest if data_spec.subset is None else min(rest, data_spec.subset)
+
+
 def _hf_classes(data_spec: Any) -> int:
     return len(resolve("vaelab.data.huggingface:open_hf")(data_spec.hf, data_spec.splits).class_names)
 
@@ -105,6 +115,7 @@ DATASETS: dict[str, Dataset] = _table(
             classes=_folder_classes),
     Dataset("huggingface", "vaelab.data:load_huggingface", _folder_shape, train_images=_hf_images,
             classes=_hf_classes),
+    Dataset("dsprites", "vaelab.data:load_dsprites", _dsprites_shape, train_images=_dsprites_images, classes=3),
 )
 
 # builder(image shape, model_spec) -> (encoder, decoder)

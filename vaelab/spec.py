@@ -32,7 +32,7 @@ from vaelab.checks import (
     Text,
     fail,
 )
-from vaelab.objectives import SCHEDULES
+from vaelab.objectives import OBJECTIVES, SCHEDULES
 
 if TYPE_CHECKING:  # search.py checks its values against this module's fields: it imports spec.py
     from vaelab.search import GridSearch, OptunaSearch
@@ -146,6 +146,12 @@ class ModelSpec:
 @dataclass(frozen=True)
 class LossSpec:
     likelihood: str = _f("bernoulli", RegistryChoice("likelihood"), "p(x|z)")
+    objective: str = _f("beta_vae", Choice(OBJECTIVES),
+                        "beta_vae: recon + beta * KL; beta_tcvae: recon + KL + (beta - 1) * total correlation "
+                        "(Chen et al. 2018); dip_vae_i / dip_vae_ii: recon + beta * KL + moment penalty "
+                        "(Kumar et al. 2018)")
+    dip_lambda_od: float = _f(10.0, Float(0.0, 1e6), "dip_vae_*: weight of the off-diagonal covariance penalty "
+                                                     "(the diagonal's is 10x for dip_vae_i, 1x for dip_vae_ii)")
     beta: float = _f(1.0, Float(0.0, 1e6), "weight of the KL term in the training loss")
     sigma: float = _f(0.1, Float(0.0, 1e3, min_open=True),
                       "gaussian std, laplace scale, or the starting std of gaussian_learned")
@@ -187,6 +193,10 @@ class EvalSpec:
     iw_capped: bool = _f(True, Bool(), "cap test/nll_iw's images so it costs no more decoder passes than training "
                                        "did (at least 100 images); false = exactly iw_images")
     probe: bool = _f(True, Bool(), "fit a logistic-regression probe on latent means (test/probe_acc)")
+    disentanglement: bool = _f(True, Bool(), "score disentanglement (test/dis/*: BetaVAE, FactorVAE, MIG, SAP, DCI, "
+                                             "modularity) when the data has ground-truth factors (dsprites)")
+    dis_samples: float = _f(1.0, Float(0.0, 1.0, min_open=True),
+                            "share of disentanglement_lib's sample sizes the disentanglement metrics use")
     figures: bool = _f(True, Bool(), "write the PNG figures")
 
 

@@ -59,6 +59,7 @@ class ImageData:
     augment: bool = False  # the training loop flips and rotates batches
     name: str = ""  # the dataset (data.dataset)
     storage: str = "resident"  # or "stream": read from the disk cache batch by batch
+    factors: Any = None  # ground-truth factors (a disentanglement.metrics.FactorData), if the data has them
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -252,6 +253,51 @@ def load_huggingface(spec: Any, device: torch.device, show_progress: bool = True
         augment=spec.augment,
         name="huggingface",
         storage=storage,
+    )
+
+
+def _dsprites_rows(n: int, spec: Any) -> dict[str, np.ndarray]:
+    """Grid rows of each split: a seeded permutation of the grid cut into test, val and train
+    (data.subset keeps that many training images, a random sample of the grid, not its first rows)."""
+    order = np.random.default_rng(spec.split_seed).permutation(n)
+    n_test = int(round(n * spec.test_fraction))
+    rest = order[n_test:] if spec.subset is None else order[n_test : n_test + spec.subset]
+    n_val = int(round(len(rest) * spec.val_fraction))
+    if n_val < 1 or len(rest) - n_val < 1:
+        raise DataError(f"data.val_fraction={spec.val_fraction} leaves an empty train or val split")
+    return {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": np.sort(order[:n_test])}
+
+
+def load_dsprites(spec: Any, device: torch.device, show_progress: bool = True) -> ImageData:
+    """dSprites (Matthey et al. 2017): the official npz in data.root if it is there, else the grid
+    rendered; the images each split needs are written once into the cache. Labels are the shape
+    (square, ellipse, heart); `factors` samples and renders the whole grid for the metrics."""
+    from tqdm.auto import tqdm
+
+    from vaelab.data import dsprites
+
+    root = Path(spec.root).expanduser()
+    npz = root if root.is_file() else root / dsprites.NPZ_NAME
+    grid = dsprites.DSprites(npz if npz.is_file() else None)
+    source = str(npz) if grid.path else "rendered (vaelab.data.dsprites)"
+    parts = {}
+    for role, rows in _dsprites_rows(grid.num_images, spec).items():
+        factors = grid.factors_at(rows)
+        key = cache_key("dsprites", source, npz.stat().st_mtime_ns if grid.path else "render-v1", rows.tobytes())
+        cached = load_cached(Path(spec.cache_dir).expanduser(), key)
+        if cached is None:
+            chunks = (grid.binary_images(factors[i : i + 4096]) * np.uint8(255) for i in range(0, len(rows), 4096))
+            images = (image[None] for chunk in chunks for image in chunk)
+            bar = tqdm(images, total=len(rows), desc=f"dsprites {role}", unit="img", disable=not show_progress,
+                       delay=1.0)
+            cached = write_cache(Path(spec.cache_dir).expanduser(), key, bar, factors[:, 0], (1, 64, 64),
+                                 f"dsprites {role}")
+        parts[role] = _Part(cached.images(torch.device("cpu")), cached.labels, SplitInfo(source, role, cached.digest))
+    splits, storage = _place(parts, spec, device)
+    return ImageData(
+        train=splits["train"], val=splits["val"], test=splits["test"], shape=(1, 64, 64),
+        class_names=dsprites.SHAPES, description=f"dsprites ({source})", augment=spec.augment, name="dsprites",
+        storage=storage, factors=grid,
     )
 
 

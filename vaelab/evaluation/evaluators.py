@@ -162,6 +162,70 @@ def _probe(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, fl
     return {"test/probe_acc": probe_accuracy(train_means, train.y[:n], test_means, test.y)}
 
 
+# ---- disentanglement: scores against ground-truth factors (vaelab.disentanglement.metrics) ----------
+# The headline number of each metric family, and its other parts, as test/dis/<name>.
+DIS_NAMES = {
+    "beta_vae": {"eval_accuracy": "beta_vae", "train_accuracy": "beta_vae_train"},
+    "factor_vae": {"eval_accuracy": "factor_vae", "train_accuracy": "factor_vae_train",
+                   "num_active_dims": "factor_vae_active_dims"},
+    "mig": {"discrete_mig": "mig"},
+    "sap": {"sap_score": "sap"},
+    "dci": {"disentanglement": "dci_disentanglement", "completeness": "dci_completeness",
+            "informativeness_test": "dci_informativeness", "informativeness_train": "dci_informativeness_train"},
+    "modularity_explicitness": {"modularity_score": "modularity", "explicitness_score_test": "explicitness",
+                                "explicitness_score_train": "explicitness_train"},
+}
+_SIZES = ("num_train", "num_eval", "num_test", "num_variance_estimate")
+
+
+def _dis_skip(ctx: EvalContext) -> str | None:
+    if not ctx.run.eval.disentanglement:
+        return "eval.disentanglement is false"
+    if ctx.data.factors is None:
+        return "the data has no ground-truth factors (data.dataset: dsprites has)"
+    if ctx.model.num_classes:
+        return "a conditional model's code depends on its label"
+    return None
+
+
+def _dis_settings(ctx: EvalContext) -> dict[str, Any]:
+    from vaelab.disentanglement.metrics import METRICS, metric_settings
+
+    share, out = ctx.run.eval.dis_samples, {}
+    for name in METRICS:
+        defaults = metric_settings(name)
+        scaled = {k: max(10, int(round(defaults[k] * share))) for k in _SIZES if k in defaults}
+        out[name] = metric_settings(name, **scaled)
+    return {"seed": ctx.seed, "share_of_reference_sizes": share, "metrics": out}
+
+
+def _dis_passes(_ctx: EvalContext, settings: dict[str, Any]) -> int:
+    return sum(int(m["images_encoded"]) for m in settings["metrics"].values())
+
+
+def _dis(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, float]:
+    import numpy as np
+
+    from vaelab.disentanglement.metrics import METRICS
+
+    model, device = ctx.model, ctx.data.test.x.device
+    model.eval()
+
+    def encode(observations: Any) -> Any:
+        with torch.inference_mode():
+            x = torch.as_tensor(observations, dtype=torch.float32, device=device)
+            means = model.encode(x)[0].double().cpu().numpy()
+        progress(len(x))
+        return means
+
+    metrics: dict[str, float] = {}
+    for name, fn in METRICS.items():
+        params = {k: v for k, v in settings["metrics"][name].items() if k in _SIZES}
+        scores = fn(ctx.data.factors, encode, np.random.default_rng(settings["seed"]), **params)
+        metrics.update({f"test/dis/{DIS_NAMES[name][k]}": float(v) for k, v in scores.items() if k in DIS_NAMES[name]})
+    return metrics
+
+
 EVALUATORS: dict[str, Evaluator] = {e.name: e for e in (
     Evaluator("elbo", "test/elbo, recon, kl, loss, mse over the whole test split", _always, _elbo_settings,
               lambda ctx, s: s["images"], _elbo),
@@ -171,4 +235,6 @@ EVALUATORS: dict[str, Evaluator] = {e.name: e for e in (
               _iwae_settings, lambda ctx, s: s["k"] * s["images"], _iwae, per_image=lambda s: s["k"]),
     Evaluator("probe", "test/probe_acc (logistic regression on latent means)", _probe_skip, _probe_settings,
               lambda ctx, s: s["train_images"] + s["test_images"], _probe),
+    Evaluator("disentanglement", "test/dis/* (BetaVAE, FactorVAE, MIG, SAP, DCI, modularity) against the "
+              "ground-truth factors", _dis_skip, _dis_settings, _dis_passes, _dis),
 )}

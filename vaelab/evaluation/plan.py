@@ -6,7 +6,7 @@ from __future__ import annotations
 from vaelab.spec import RunSpec
 
 # The evaluators in the order they run; vaelab.evaluation.evaluators.EVALUATORS holds them (a test checks).
-EVALUATOR_NAMES = ("elbo", "latents", "iwae", "probe")
+EVALUATOR_NAMES = ("elbo", "latents", "iwae", "probe", "disentanglement")
 
 
 def iwae_words(run: RunSpec) -> str:
@@ -25,5 +25,8 @@ def describe(run: RunSpec) -> list[str]:
              else "iwae     skipped (eval.iw_samples is 0)",
              "probe    test/probe_acc: logistic regression on latent means (skipped when the data has no labels)"
              if e.probe else "probe    skipped (eval.probe is false)",
+             f"disentanglement  test/dis/*: BetaVAE, FactorVAE, MIG, SAP, DCI, modularity at {e.dis_samples:g} of "
+             "disentanglement_lib's sample sizes (only data with ground-truth factors: dsprites)"
+             if e.disentanglement else "disentanglement  skipped (eval.disentanglement is false)",
              f"figures  {'the PNG figures, t-SNE of ' + str(e.tsne_points) + ' test points' if e.figures else 'off'}"]
     return lines

@@ -233,8 +233,8 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
         raise ReportError(f"study '{study.name}' has no finished runs yet ({len(study.runs)} runs in the store)")
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    for stale in figures_dir.glob("by_*.png"):  # a parameter may no longer be swept
-        stale.unlink()
+    for stale in [*figures_dir.glob("by_*.png"), *figures_dir.glob("disentanglement_by_*.png")]:
+        stale.unlink()  # a parameter may no longer be swept
     table.drop(columns=["run_ids", "iwae settings"], errors="ignore").to_csv(out_dir / "table.csv", index=False)
     lines = _header(study, description) + _missing_note(study)
     lines += ["", "## Results", *_likelihood_note(study), "", markdown_table(study, table), "",
@@ -243,6 +243,9 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     is_grid = study.parent is None or study.parent.get("params.search.kind") == "grid"
     # Per-parameter curves need repeated values (a grid); an Optuna search gets Optuna's own plots.
     figures = report_figures.swept_param_figures(finished, study.swept, figures_dir) if is_grid else []
+    if is_grid:  # scores against ground-truth factors, per objective and strength (dsprites studies)
+        figures += report_figures.swept_param_figures(finished, study.swept, figures_dir, report_figures.DIS_PANELS,
+                                                      "disentanglement_by")
     figures += report_figures.rate_distortion(finished, study.swept, figures_dir)
     if figures:
         lines += ["", "## Figures", ""]

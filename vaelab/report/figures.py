@@ -13,6 +13,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 PANELS = (("test/elbo", "test −ELBO (nats)"), ("test/recon", "test recon (nats)"), ("test/kl", "test KL (nats)"))
+# Disentanglement scores (runs on data with ground-truth factors), one figure of their own per swept key.
+DIS_PANELS = (("test/dis/beta_vae", "BetaVAE score"), ("test/dis/factor_vae", "FactorVAE score"),
+              ("test/dis/mig", "MIG"), ("test/dis/sap", "SAP"), ("test/dis/dci_disentanglement", "DCI disentanglement"),
+              ("test/dis/modularity", "modularity"))
 
 
 def _numeric(values: pd.Series) -> pd.Series | None:
@@ -32,11 +36,12 @@ def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[Path]:
-    """One figure per swept parameter: mean ± std over seeds of each test metric,
+def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path,
+                        panel_set: tuple[tuple[str, str], ...] = PANELS, prefix: str = "by") -> list[Path]:
+    """One figure per swept parameter: mean ± std over seeds of each test metric of `panel_set`,
     a line per combination of the other swept parameters, seeds as dots."""
     paths: list[Path] = []
-    panels = [(m, label) for m, label in PANELS if f"metrics.{m}" in runs]
+    panels = [(m, label) for m, label in panel_set if f"metrics.{m}" in runs]
     if not panels or runs.empty:
         return paths
     for key in swept:
@@ -70,7 +75,7 @@ def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path) -> l
             axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{key}: mean ± std over seeds (dots: single runs)")
         fig.tight_layout()
-        path = folder / f"by_{key.replace('.', '_')}.png"
+        path = folder / f"{prefix}_{key.replace('.', '_')}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from vaelab.data import ImageData
 from vaelab.evaluate import SPLIT_TERMS, split_terms
 from vaelab.models import VAE
+from vaelab.objectives import penalty_for
 from vaelab.training.member import Member
 from vaelab.training.setup import make_optimizer
 from vaelab.training.step import StepTerms, member_images
@@ -26,7 +27,8 @@ class SingleStepper:
         self.optimizer = make_optimizer(model, train.lr)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)  # its lr too, lowered if a retry happened
-        self.step_terms = StepTerms(model, model.likelihood, bf16=train.precision == "bf16", compile=train.compile)
+        self.step_terms = StepTerms(model, model.likelihood, bf16=train.precision == "bf16", compile=train.compile,
+                                    penalty=penalty_for(member.run, len(data.train)))
 
     def train_epoch(self, epoch: int, members: list[Member], bar: tqdm) -> list[list[float]]:
         (member,) = members
@@ -39,14 +41,14 @@ class SingleStepper:
         for step, (idx, images) in enumerate(data.train.x.shuffled(order, batch_size)):
             x = member_images(images, data, member.noise_gen)
             noise = torch.randn((len(x), model.z_dim), generator=member.noise_gen, device=x.device)
-            recon, kl_dims = self.step_terms(x, data.train.y[idx], noise)
+            recon, kl_dims, penalty = self.step_terms(x, data.train.y[idx], noise)
             progress = epoch - 1 + step / n_batches  # in epochs at the start of the step, for the KL schedule
             kl = kl_dims.sum(1)
             optimizer.zero_grad(set_to_none=True)
-            weighting.objective(recon, kl_dims, progress).backward()
+            (weighting.objective(recon, kl_dims, progress) + penalty).backward()
             optimizer.step()
-            # Accumulate on the device: no host sync per step.
-            loss = weighting.per_example(recon, kl, progress)
+            # Accumulate on the device: no host sync per step. train/loss includes the batch penalty.
+            loss = weighting.per_example(recon, kl, progress) + penalty.detach()
             sums += torch.stack([loss.sum(), recon.sum(), kl.sum()]).detach()
             bar.update(1)
         return [(sums / len(data.train)).tolist()]

@@ -50,6 +50,8 @@ def stack_blocker(run: RunSpec) -> str | None:
         return "loss.likelihood=gaussian_learned learns its sigma inside the likelihood"
     if run.train.figure_every:
         return "train.figure_every draws each run's weights mid-training, which live in the stack"
+    if run.loss.objective != "beta_vae":
+        return f"loss.objective={run.loss.objective} adds a batch penalty the stacked step does not compute"
     return None
 
 

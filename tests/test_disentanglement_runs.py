@@ -1,0 +1,58 @@
+"""A run on dSprites (rendered: nothing downloaded) is scored for disentanglement, with
+the estimator settings beside the metrics; data without factors skips it with a reason."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_run
+from vaelab.runner import run
+from vaelab.spec import with_values
+from vaelab.tracking import Tracker
+
+
+def test_a_dsprites_run_logs_every_metric_family_with_its_settings(tmp_path: Path, tracking_uri: str):
+    runspec = with_values(tiny_run(tmp_path / "none", dataset="dsprites"), {
+        "data.subset": 600, "data.test_fraction": 0.001, "data.cache_dir": str(tmp_path / "cache"),
+        "train.epochs": 1, "eval.iw_samples": 0, "eval.figures": False, "eval.tsne_points": 0,
+        "eval.dis_samples": 0.01})
+    outcome = run(runspec, "dsprites", Tracker(tracking_uri), show_progress=False)
+    record = MlflowClient(tracking_uri).get_run(outcome.run_id)
+    metrics = record.data.metrics
+    for name in ("beta_vae", "factor_vae", "mig", "sap", "dci_disentanglement", "dci_completeness",
+                 "dci_informativeness", "modularity", "explicitness"):
+        value = metrics[f"test/dis/{name}"]
+        assert math.isfinite(value) and 0.0 <= value <= 1.0, (name, value)
+    settings = json.loads(record.data.tags["vaelab.eval.disentanglement"])
+    assert settings["metrics"]["mig"]["num_train"] == 100 and settings["metrics"]["mig"]["num_bins"] == 20
+    assert "Chen et al. 2018" in settings["metrics"]["mig"]["paper"]
+    # The split sizes: a random 600 of the grid to train on (540 + 60 for validation), 737 to test.
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): json.loads(i.dataset.profile)
+              for i in record.inputs.dataset_inputs}
+    assert [inputs[c]["images"] for c in ("train", "validation", "test")] == [540, 60, 737]
+    assert inputs["train"]["classes"] == ["square", "ellipse", "heart"]
+    assert min(inputs["train"]["images_per_class"].values()) > 100  # a random sample, not the grid's first rows
+
+
+def test_the_report_draws_each_score_against_the_strength_per_objective(tmp_path: Path):
+    import pandas as pd
+
+    from vaelab.report.figures import DIS_PANELS, swept_param_figures
+
+    rows = []
+    for objective in ("beta_vae", "beta_tcvae"):
+        for beta in (1, 4, 8):
+            for seed in (0, 1):
+                scores = {f"metrics.{m}": 0.1 * beta + 0.01 * seed for m, _ in DIS_PANELS}
+                rows.append({"params.loss.objective": objective, "params.loss.beta": str(beta), **scores})
+    paths = swept_param_figures(pd.DataFrame(rows), ["loss.objective", "loss.beta"], tmp_path, DIS_PANELS,
+                                "disentanglement_by")
+    assert [p.name for p in paths] == ["disentanglement_by_loss_objective.png", "disentanglement_by_loss_beta.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+    # Runs without the scores (data without factors) draw nothing.
+    assert swept_param_figures(pd.DataFrame([{"params.loss.beta": "1"}]), ["loss.beta"], tmp_path, DIS_PANELS,
+                               "disentanglement_by") == []
