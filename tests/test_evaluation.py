@@ -67,7 +67,8 @@ def test_each_evaluator_that_does_not_apply_is_skipped_with_its_reason(gaussian_
     off = with_values(runspec, {"eval.iw_samples": 0, "eval.probe": False})
     out = evaluate(EvalContext(model, data, off, result.epochs_run), show_progress=False)
     assert out.ran == ["elbo", "latents"]
-    assert out.skipped == ["iwae: eval.iw_samples is 0", "probe: eval.probe is false"]
+    assert out.skipped == ["iwae: eval.iw_samples is 0", "probe: eval.probe is false",
+                           "disentanglement: the data has no ground-truth factors (data.dataset: dsprites has)"]
     assert "test/elbo" in out.metrics and "test/nll_iw" not in out.metrics and "test/probe_acc" not in out.metrics
     one_class = dataclasses.replace(data, train=dataclasses.replace(data.train, y=torch.zeros_like(data.train.y)))
     out = evaluate(EvalContext(model, one_class, runspec, result.epochs_run), [EVALUATORS["probe"]],

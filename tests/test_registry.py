@@ -24,7 +24,7 @@ def test_names_come_without_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "['fashion_mnist', 'huggingface', 'image_folder', 'mnist'] ['conv', 'mlp', 'resnet'] "
+        "['dsprites', 'fashion_mnist', 'huggingface', 'image_folder', 'mnist'] ['conv', 'mlp', 'resnet'] "
         "['bernoulli', 'continuous_bernoulli', 'gaussian', 'gaussian_learned', 'laplace']",
         "[]",
     ]
