@@ -204,7 +204,10 @@ def _dis_passes(_ctx: EvalContext, settings: dict[str, Any]) -> int:
 
 
 def _dis(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, float]:
+    import warnings
+
     import numpy as np
+    from sklearn.exceptions import ConvergenceWarning
 
     from vaelab.disentanglement.metrics import METRICS
 
@@ -219,10 +222,15 @@ def _dis(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, floa
         return means
 
     metrics: dict[str, float] = {}
-    for name, fn in METRICS.items():
-        params = {k: v for k, v in settings["metrics"][name].items() if k in _SIZES}
-        scores = fn(ctx.data.factors, encode, np.random.default_rng(settings["seed"]), **params)
-        metrics.update({f"test/dis/{DIS_NAMES[name][k]}": float(v) for k, v in scores.items() if k in DIS_NAMES[name]})
+    with warnings.catch_warnings():
+        # The reference's classifiers stop at scikit-learn's default iterations (their settings say
+        # so); a warning per classifier would bury the progress bars.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for name, fn in METRICS.items():
+            params = {k: v for k, v in settings["metrics"][name].items() if k in _SIZES}
+            scores = fn(ctx.data.factors, encode, np.random.default_rng(settings["seed"]), **params)
+            metrics.update({f"test/dis/{DIS_NAMES[name][k]}": float(v) for k, v in scores.items()
+                            if k in DIS_NAMES[name]})
     return metrics
 
 
