@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import make_idx_folder, tiny_run
-from vaelab.data import DataError, batch_indices, load_data, seeded_split
+from vaelab.data import DataError, load_data, seeded_split
 from vaelab.data.idx import IdxError, read_idx, write_idx
+from vaelab.data.store import ResidentImages
 
 
 def test_idx_round_trip_plain_and_gzip(tmp_path: Path):
@@ -86,11 +87,13 @@ def test_subset_takes_the_first_images(tmp_path: Path):
     assert {bytes((x[0] * 255).round().to(torch.uint8).numpy()) for x in data.val.x} <= first50
 
 
-def test_batches_cover_every_index_once():
-    gen = torch.Generator().manual_seed(0)
-    batches = list(batch_indices(10, 4, gen, torch.device("cpu")))
-    assert [len(b) for b in batches] == [4, 4, 2]
-    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+def test_shuffled_batches_cover_every_image_once():
+    images = ResidentImages(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1))
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    batches = list(images.shuffled(order, 4))
+    assert [len(index) for index, _ in batches] == [4, 4, 2]
+    assert sorted(torch.cat([index for index, _ in batches]).tolist()) == list(range(10))
+    assert all(torch.equal(x.flatten() * 255, index.float()) for index, x in batches)
 
 
 def test_real_fashion_mnist(fmnist_root: Path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from vaelab.data.mnist_family import DataError, load_raw
 from vaelab.data.store import DiskImages, Images, ResidentImages
 
 __all__ = ["DataError", "ImageData", "Split", "SplitInfo", "load_data", "load_image_folder", "load_huggingface",
-           "seeded_split", "batch_indices"]
+           "seeded_split"]
 
 
 @dataclass(frozen=True)
@@ -299,10 +298,3 @@ def load_dsprites(spec: Any, device: torch.device, show_progress: bool = True) -
         class_names=dsprites.SHAPES, description=f"dsprites ({source})", augment=spec.augment, name="dsprites",
         storage=storage, factors=grid,
     )
-
-
-def batch_indices(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
-    """Shuffled index slices covering range(n) once; the last one may be short."""
-    order = torch.randperm(n, generator=generator).to(device)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
