@@ -96,6 +96,14 @@ CASES = [
      "search.sampler"),
     ("pruner", optuna({"pruner": "always", "params": {"loss.beta": {"low": 0.1, "high": 2}}}), "search.pruner"),
     ("metric-test-leak", mutated("search.metric", "test/elbo"), "search.metric"),
+    ("objective", mutated("base.loss.objective", "wae"), "loss.objective"),
+    # FactorVAE's discriminator out of range
+    ("discriminator-lr-zero", mutated("base.loss.discriminator", {"lr": 0}), "loss.discriminator.lr"),
+    ("discriminator-beta2-one", mutated("base.loss.discriminator", {"beta2": 1.0}), "loss.discriminator.beta2"),
+    ("discriminator-no-layers", mutated("base.loss.discriminator", {"layers": 0}), "loss.discriminator.layers"),
+    ("discriminator-unknown", mutated("base.loss.discriminator", {"depth": 3}), "loss.discriminator.depth"),
+    ("discriminator-not-mapping", mutated("base.loss.discriminator", 6), "loss.discriminator"),
+    ("factor-gamma-negative", mutated("base.loss.factor_gamma", -1), "loss.factor_gamma"),
     # negative, zero and huge sizes
     ("z-dim-zero", mutated("base.model.z_dim", 0), "model.z_dim"),
     ("z-dim-negative", mutated("base.model.z_dim", -3), "model.z_dim"),

@@ -45,7 +45,7 @@ def test_a_step_that_fails_to_compile_falls_back_to_eager(mnist_root: Path):
     terms.fn = broken  # what a failing inductor looks like from here
     x, y, noise = torch.rand(5, 1, 28, 28), torch.zeros(5, dtype=torch.long), torch.randn(5, run.model.z_dim)
     with pytest.warns(RuntimeWarning, match="backend exploded"):
-        recon, kl_dims, _ = terms(x, y, noise)
+        recon, kl_dims, _, _ = terms(x, y, noise)
     assert not terms.compiled
     expected = StepTerms(model, model.likelihood)(x, y, noise)
     assert torch.equal(recon, expected[0]) and torch.equal(kl_dims, expected[1])

@@ -7,6 +7,7 @@ so numbers compare with the VAE literature.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,10 @@ if TYPE_CHECKING:  # annotations only: spec checks read SCHEDULES without import
 # The names loss.kl_schedule may take (KLWeighting below implements each).
 SCHEDULES = ("constant", "linear", "cyclical", "capacity")
 # The names loss.objective may take: the ELBO's KL weighted (beta_vae), or a penalty beside it (Penalty).
-OBJECTIVES = ("beta_vae", "beta_tcvae", "dip_vae_i", "dip_vae_ii")
+# STRENGTH names the key that sets how hard each one pushes (the x axis of a study's figures).
+OBJECTIVES = ("beta_vae", "beta_tcvae", "factorvae", "dip_vae_i", "dip_vae_ii")
+STRENGTH = {"beta_vae": "loss.beta", "beta_tcvae": "loss.beta", "factorvae": "loss.factor_gamma",
+            "dip_vae_i": "loss.dip_lambda_od", "dip_vae_ii": "loss.dip_lambda_od"}
 # DIP-VAE's weight of the diagonal term as a multiple of loss.dip_lambda_od (Kumar et al. 2018, sec. 4; the
 # values of disentanglement_lib's unsupervised study): 10 for DIP-VAE-I, 1 for DIP-VAE-II.
 DIP_DIAGONAL_FACTOR = {"dip_vae_i": 10.0, "dip_vae_ii": 1.0}
@@ -152,27 +156,40 @@ def dip_penalty(mu: Tensor, logvar: Tensor, second: bool, lambda_od: float, lamb
     return lambda_od * off.pow(2).sum() + lambda_d * (diagonal - 1).pow(2).sum()
 
 
+def discriminator_tc(logits: Tensor) -> Tensor:
+    """FactorVAE's total-correlation estimate (Kim & Mnih 2018, eq. 3): TC(q(z)) ~ E_q(z)[log D(z) / (1 - D(z))]
+    with D(z) = softmax(logits)[:, 0], the discriminator's probability that z is a code of q(z) rather than of
+    prod_j q(z_j); log D / (1 - D) is the difference of the two logits. In nats."""
+    return (logits[:, 0] - logits[:, 1]).mean()
+
+
 @dataclass(frozen=True)
 class Penalty:
     """A batch-level term added to the training objective: beta-TCVAE's (beta - 1) * TC (so that with
     the KL at weight 1 the total correlation is weighted by beta, Chen et al. 2018, eq. 4), or DIP-VAE's
-    moment penalty. It enters train/loss; validation and test losses are the ELBO's (recon + KL)."""
+    moment penalty, or FactorVAE's factor_gamma * TC by its discriminator (`critic`: codes -> logits). It
+    enters train/loss; validation and test losses are the ELBO's (recon + KL)."""
 
     objective: str
-    weight: float  # beta_tcvae: beta - 1; dip_vae_*: lambda_od
+    weight: float  # beta_tcvae: beta - 1; factorvae: factor_gamma; dip_vae_*: lambda_od
     dataset_size: int
+    critic: Callable[[Tensor], Tensor] | None = None  # factorvae: the discriminator (vaelab.training.adversary)
 
     def __call__(self, mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor:
         if self.objective == "beta_tcvae":
             return self.weight * total_correlation(z, mu, logvar, self.dataset_size)
+        if self.objective == "factorvae":
+            if self.critic is None:
+                raise ValueError("the factorvae penalty needs its discriminator")
+            return self.weight * discriminator_tc(self.critic(z))
         factor = DIP_DIAGONAL_FACTOR[self.objective]
         return dip_penalty(mu, logvar, self.objective == "dip_vae_ii", self.weight, factor * self.weight)
 
 
-def penalty_for(run_spec, dataset_size: int) -> Penalty | None:
-    """The run's Penalty, or None for beta_vae (today's objective)."""
+def penalty_for(run_spec, dataset_size: int, critic: Callable[[Tensor], Tensor] | None = None) -> Penalty | None:
+    """The run's Penalty, or None for beta_vae (today's objective); `critic` is factorvae's discriminator."""
     loss = run_spec.loss
     if loss.objective == "beta_vae":
         return None
-    weight = loss.beta - 1.0 if loss.objective == "beta_tcvae" else loss.dip_lambda_od
-    return Penalty(loss.objective, weight, dataset_size)
+    weight = {"beta_tcvae": loss.beta - 1.0, "factorvae": loss.factor_gamma}.get(loss.objective, loss.dip_lambda_od)
+    return Penalty(loss.objective, weight, dataset_size, critic)

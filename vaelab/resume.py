@@ -15,7 +15,7 @@ import fcntl
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ class TrainState:
     run_id: str = ""  # the MLflow run to continue
     run_hash: str = ""
     retried: bool = False  # nan_policy: retry has used its one rollback
+    aux: dict = field(default_factory=dict)  # what else the objective trains (factorvae: its discriminator)
 
 
 def state_dir(root: Path, experiment: str, run_hash: str) -> Path:

@@ -144,12 +144,27 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class DiscriminatorSpec:
+    """FactorVAE's discriminator (Kim & Mnih 2018, appendix A; disentanglement_lib's defaults)."""
+
+    layers: int = _f(6, Int(1, 32), "hidden layers of the MLP that tells q(z) from the product of its marginals")
+    hidden: int = _f(1000, Int(1, 100_000), "units per hidden layer (leaky ReLU, slope 0.2)")
+    lr: float = _f(1e-4, Float(0.0, 10.0, min_open=True), "the discriminator's own Adam learning rate")
+    beta1: float = _f(0.5, Float(0.0, 1.0, max_open=True), "its Adam beta1")
+    beta2: float = _f(0.9, Float(0.0, 1.0, max_open=True), "its Adam beta2")
+
+
+@dataclass(frozen=True)
 class LossSpec:
     likelihood: str = _f("bernoulli", RegistryChoice("likelihood"), "p(x|z)")
     objective: str = _f("beta_vae", Choice(OBJECTIVES),
                         "beta_vae: recon + beta * KL; beta_tcvae: recon + KL + (beta - 1) * total correlation "
-                        "(Chen et al. 2018); dip_vae_i / dip_vae_ii: recon + beta * KL + moment penalty "
+                        "(Chen et al. 2018); factorvae: recon + beta * KL + factor_gamma * TC by a discriminator "
+                        "(Kim & Mnih 2018); dip_vae_i / dip_vae_ii: recon + beta * KL + moment penalty "
                         "(Kumar et al. 2018)")
+    factor_gamma: float = _f(10.0, Float(0.0, 1e6), "factorvae: weight of the discriminator's total-correlation "
+                                                    "estimate")
+    discriminator: DiscriminatorSpec = _sub(DiscriminatorSpec)
     dip_lambda_od: float = _f(10.0, Float(0.0, 1e6), "dip_vae_*: weight of the off-diagonal covariance penalty "
                                                      "(the diagonal's is 10x for dip_vae_i, 1x for dip_vae_ii)")
     beta: float = _f(1.0, Float(0.0, 1e6), "weight of the KL term in the training loss")

@@ -64,6 +64,7 @@ def _train(members: list[Member], models: list[VAE], data: ImageData, show_progr
             if m.done:
                 continue
             metrics = train_metrics(m.weighting, epoch, n_batches, *train_means[i])
+            metrics.update(stepper.epoch_extras(i))
             metrics["time/epoch_s"] = epoch_s
             metrics.update({f"val/{name}": v for name, v in zip(SPLIT_TERMS, val_means[i], strict=True)})
             m.end_epoch(epoch, metrics, stepper, i)

@@ -33,6 +33,8 @@ class Stepper(Protocol):
 
     def optimizer_state(self, i: int) -> dict: ...
 
+    def aux_state(self, i: int) -> dict: ...
+
 
 @dataclass
 class Member:
@@ -141,7 +143,7 @@ class Member:
             epoch=epoch, model=stepper.weights(i), optimizer=stepper.optimizer_state(i),
             batch_gen=self.batch_gen.get_state(), noise_gen=self.noise_gen.get_state(),
             history=list(result.history), best_epoch=result.best_epoch, best_val_loss=result.best_val_loss,
-            best_state=self.best_state, stale=result.stale, retried=self.retried)
+            best_state=self.best_state, stale=result.stale, retried=self.retried, aux=stepper.aux_state(i))
 
     def _rolled_back(self, reason: str) -> TrainState:
         """The last good state at a tenth of its learning rate, with the one retry used up."""

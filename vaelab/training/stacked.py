@@ -219,6 +219,12 @@ class StackedStepper:
                             "exp_avg": self._member_slice(name, m, i), "exp_avg_sq": self._member_slice(name, v, i)}
         return {"state": state, "param_groups": groups}
 
+    def aux_state(self, i: int) -> dict:
+        return {}  # stacks train beta_vae only (stack_blocker)
+
+    def epoch_extras(self, i: int) -> dict[str, float]:
+        return {}
+
     def weights(self, i: int) -> dict[str, Tensor]:
         """Member i's weights as its single model's state dict."""
         out = {}

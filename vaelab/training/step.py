@@ -24,15 +24,17 @@ from vaelab.objectives import Penalty, kl_per_dimension
 
 
 def batch_terms(model: VAE, likelihood: Likelihood, x: Tensor, y: Tensor, noise: Tensor,
-                bf16: bool = False, penalty: Penalty | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(recon (N,), kl per dimension (N, z_dim), the objective's batch penalty (0 for beta_vae));
-    matmuls in bf16 autocast when asked, the log-densities always in fp32 (sums over pixels need the bits)."""
+                bf16: bool = False, penalty: Penalty | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(recon (N,), kl per dimension (N, z_dim), the objective's batch penalty (0 for beta_vae), the codes z
+    (detached: FactorVAE's discriminator trains on them)); matmuls in bf16 autocast when asked, the
+    log-densities always in fp32 (sums over pixels need the bits)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, y=y, noise=noise)
     recon = -likelihood.log_prob(x, out.params.float())
     mu, logvar = out.mu.float(), out.logvar.float()
-    extra = penalty(mu, logvar, out.z.float()) if penalty is not None else recon.new_zeros(())
-    return recon, kl_per_dimension(mu, logvar), extra
+    z = out.z.float()
+    extra = penalty(mu, logvar, z) if penalty is not None else recon.new_zeros(())
+    return recon, kl_per_dimension(mu, logvar), extra, z.detach()
 
 
 class MaybeCompiled:
@@ -68,7 +70,7 @@ class StepTerms(MaybeCompiled):
 
     def __init__(self, model: VAE, likelihood: Likelihood, bf16: bool = False, compile: bool = False,
                  penalty: Penalty | None = None):
-        def terms(x: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def terms(x: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             return batch_terms(model, likelihood, x, y, noise, bf16, penalty)
 
         super().__init__(terms, compile, on_cuda=next(model.parameters()).device.type == "cuda")
