@@ -93,3 +93,37 @@ def test_search_names_are_the_samplers_and_pruners_the_sweep_builds():
         assert isinstance(samplers.sampler_for(replace(search, sampler=name)), optuna.samplers.BaseSampler), name
     for name in PRUNERS:
         assert isinstance(samplers.pruner_for(replace(search, pruner=name)), optuna.pruners.BasePruner), name
+
+
+def test_a_list_of_grids_is_their_union_each_over_its_own_keys():
+    parsed = spec({"kind": "grid", "seeds": [0, 1], "params": [
+        {"loss.objective": ["beta_vae", "beta_tcvae"], "loss.beta": [1, 4]},
+        {"loss.objective": ["factorvae"], "loss.factor_gamma": [10, 40]},
+    ]})
+    search = parsed.search
+    assert isinstance(search, GridSearch) and len(search.parts) == 2
+    points = expand_grid(search, parsed.base)
+    assert len(points) == (4 + 2) * 2
+    # Every point names every key: the base value where its grid does not sweep one.
+    assert points[0].values == {"loss.objective": "beta_vae", "loss.beta": 1.0, "loss.factor_gamma": 10.0,
+                                "train.seed": 0}
+    assert points[-1].values == {"loss.objective": "factorvae", "loss.beta": 1.0, "loss.factor_gamma": 40.0,
+                                 "train.seed": 1}
+    assert points[-1].run.loss.factor_gamma == 40.0 and points[-1].run.loss.objective == "factorvae"
+    # The union's values per key are what Optuna's categorical parameters range over.
+    assert dict(search.params) == {"loss.objective": ("beta_vae", "beta_tcvae", "factorvae"),
+                                   "loss.beta": (1.0, 4.0), "loss.factor_gamma": (10.0, 40.0)}
+    assert len({p.run.hash() for p in points}) == len(points)
+    assert spec({"kind": "grid", "params": {"loss.beta": [1, 4]}}).search.grids is None  # one grid: as before
+
+
+@pytest.mark.parametrize(("params", "start"), [
+    ([], "search.params: expected a non-empty list of grids"),
+    ([{"loss.beta": [1]}, 3], "search.params[1]: expected a non-empty mapping"),
+    ([{"loss.beta": [1]}, {"loss.beta": ["x"]}], "search.params[1].loss.beta[0]:"),
+    ([{"loss.beta": [1, 4]}, {"loss.beta": [4, 8]}], "search.params[1]: repeats the point loss.beta=4.0"),
+])
+def test_bad_grid_unions_name_their_path(params, start):
+    with pytest.raises(SpecError) as err:
+        spec({"kind": "grid", "params": params})
+    assert str(err.value).startswith(start), str(err.value)

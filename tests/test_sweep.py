@@ -99,6 +99,19 @@ def test_grid_sweep_runs_every_point_once_then_says_complete(tmp_path: Path, mni
     assert {float(r.data.params["loss.beta"]) for r in children} == {p.values["loss.beta"] for p in points}
 
 
+def test_a_union_of_grids_sweeps_each_grid_once_with_its_own_keys(tmp_path: Path, mnist_root: Path):
+    union = {"kind": "grid", "seeds": [0], "params": [
+        {"loss.objective": ["beta_vae"], "loss.beta": [0.5, 2.0]},
+        {"loss.objective": ["dip_vae_i"], "loss.dip_lambda_od": [1.0, 5.0]},
+    ]}
+    sweep, _ = run_whole_sweep(tmp_path, write_spec(tmp_path, mnist_root, union), 4)
+    children, _ = child_runs(tmp_path, "sweep_demo")
+    seen = sorted((r.data.params["loss.objective"], float(r.data.params["loss.beta"]),
+                   float(r.data.params["loss.dip_lambda_od"])) for r in children)
+    # dip_vae_i runs keep the base beta (1); beta_vae runs the base dip_lambda_od (10).
+    assert seen == [("beta_vae", 0.5, 10.0), ("beta_vae", 2.0, 10.0), ("dip_vae_i", 1.0, 1.0), ("dip_vae_i", 1.0, 5.0)]
+
+
 def test_failing_trial_does_not_stop_the_sweep(tmp_path: Path, mnist_root: Path):
     search = {"kind": "grid", "params": {"loss.sigma": [1e-300, 0.1]}}
     path = write_spec(tmp_path, mnist_root, search, loss={"likelihood": "gaussian"})

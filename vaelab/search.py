@@ -48,9 +48,12 @@ class FinalEvaluation:
         return f"top {self.top} by {self.by}" + (f" with {', '.join(self.overrides)}" if self.overrides else "")
 
 
+GridParams = tuple[tuple[str, tuple[Any, ...]], ...]  # (dotted key, values) in spec order
+
+
 @dataclass(frozen=True)
 class GridSearch:
-    params: tuple[tuple[str, tuple[Any, ...]], ...]  # (dotted key, values) in spec order
+    params: GridParams  # one grid; for a union, every key with every value it takes in any of them
     seeds: tuple[int, ...]
     metric: str = "val/loss"
     direction: str = "minimize"
@@ -58,6 +61,13 @@ class GridSearch:
     kind: str = "grid"
     stack: int = 1  # up to this many points that differ only in beta/seed/lr train as one stacked model
     evaluate: FinalEvaluation | None = None
+    # search.params as a list: a union of grids (each a cartesian product, like scikit-learn's list of
+    # parameter grids), so each objective is swept over its own strength key. None for one grid.
+    grids: tuple[GridParams, ...] | None = None
+
+    @property
+    def parts(self) -> tuple[GridParams, ...]:
+        return self.grids if self.grids is not None else (self.params,)
 
 
 @dataclass(frozen=True)
@@ -107,12 +117,12 @@ def _param_check(key: Any, path: str):
     return check
 
 
-def _grid_params(raw: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+def _grid_params(raw: Any, where: str = "search.params") -> GridParams:
     if not isinstance(raw, Mapping) or not raw:
-        raise fail("search.params", "a non-empty mapping of dotted keys to lists of values", raw)
+        raise fail(where, "a non-empty mapping of dotted keys to lists of values (or a list of such mappings)", raw)
     params = []
     for key, values in raw.items():
-        path = f"search.params.{key}"
+        path = f"{where}.{key}"
         check = _param_check(key, path)
         if not isinstance(values, list) or not values:
             raise fail(path, "a non-empty list of values", values)
@@ -121,6 +131,30 @@ def _grid_params(raw: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
             raise SpecError(f"{path}: repeated value in {list(values)!r}")
         params.append((key, parsed))
     return tuple(params)
+
+
+def _grid_union(raw: list, base: RunSpec) -> tuple[GridParams, tuple[GridParams, ...]]:
+    """The grids of a list-valued search.params, and every key with the values it takes in any of them
+    (a key a grid does not sweep keeps the base value there, so that value counts too)."""
+    if not raw:
+        raise fail("search.params", "a non-empty list of grids", raw)
+    grids = tuple(_grid_params(part, f"search.params[{i}]") for i, part in enumerate(raw))
+    keys = list(dict.fromkeys(key for grid in grids for key, _ in grid))
+    union = []
+    for key in keys:
+        values: list[Any] = []
+        for grid in grids:
+            taken = dict(grid).get(key, (_base_value(base, key),))
+            values += [v for v in taken if repr(v) not in map(repr, values)]
+        union.append((key, tuple(values)))
+    return tuple(union), grids
+
+
+def _base_value(base: RunSpec, key: str) -> Any:
+    value: Any = base
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _distribution(key: str, raw: Any, check) -> Distribution:
@@ -213,6 +247,11 @@ def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
         if len(set(parsed_seeds)) != len(parsed_seeds):
             raise SpecError(f"search.seeds: repeated seed in {seeds}")
         stack = Int(1, 4096).parse(raw.get("stack", 1), "search.stack")
+        if isinstance(raw.get("params"), list):
+            union, grids = _grid_union(raw["params"], base)
+            search = GridSearch(params=union, seeds=parsed_seeds, stack=stack, grids=grids, **common)
+            expand_grid(search, base)  # a point two grids share is refused here, before anything runs
+            return search
         return GridSearch(params=_grid_params(raw.get("params")), seeds=parsed_seeds, stack=stack, **common)
     if "n_trials" not in raw:
         raise SpecError("search.n_trials: missing; an optuna search needs a number of trials")
@@ -228,13 +267,28 @@ def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
 
 def expand_grid(search: GridSearch, base: RunSpec) -> list[Point]:
     """The cartesian product of the grid, repeated over seeds, in a fixed order:
-    the first key varies slowest, seeds fastest."""
-    keys = [key for key, _ in search.params]
-    points = []
-    for combo in itertools.product(*(values for _, values in search.params), search.seeds):
-        values = dict(zip(keys, combo[:-1], strict=True))
-        values["train.seed"] = combo[-1]
-        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-        points.append(Point(values=plain, run=with_values(base, plain)))
+    the first key varies slowest, seeds fastest. A union of grids is each grid's points in
+    turn; every point names every key of the union (the base value where its grid does not
+    sweep one), so all trials carry the same parameters."""
+    union_keys = [key for key, _ in search.params]
+    points: list[Point] = []
+    seen: dict[str, int] = {}
+    for g, grid in enumerate(search.parts):
+        keys = [key for key, _ in grid]
+        for combo in itertools.product(*(values for _, values in grid), search.seeds):
+            chosen = dict(zip(keys, combo[:-1], strict=True))
+            values = {k: chosen[k] if k in chosen else _base_value(base, k) for k in union_keys}
+            values["train.seed"] = combo[-1]
+            plain = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+            key = repr(sorted(plain.items()))
+            if key in seen:
+                raise SpecError(f"search.params[{g}]: repeats the point {_label(plain)} of "
+                                f"search.params[{seen[key]}]; each point may appear in one grid only")
+            seen[key] = g
+            points.append(Point(values=plain, run=with_values(base, plain)))
     return points
+
+
+def _label(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items() if k != "train.seed")
 
