@@ -66,7 +66,7 @@ def run_name(run_spec: RunSpec) -> str:
     return f"{m.arch}-z{m.z_dim}-{loss.likelihood}-b{loss.beta:g}-s{run_spec.train.seed}"
 
 
-FIGURE_STEPS = 7  # for the progress bar: one step per figure written
+FIGURE_STEPS = 8  # for the progress bar: one step per figure written
 
 
 def write_figures(model, likelihood, data: ImageData, history, folder: Path, run_spec: RunSpec,
@@ -98,6 +98,12 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
         figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
         step()
         figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png", y=test.y[:1])
+        step()
+        if data.factors is not None and run_spec.eval.disentanglement and not model.num_classes:
+            from vaelab.disentanglement.figures import FIGURE_SAMPLES, write_factor_figures
+
+            samples = max(1000, round(FIGURE_SAMPLES * run_spec.eval.dis_samples))  # as many as MIG draws
+            write_factor_figures(model, likelihood, data.factors, folder, seed + 1, samples, run_spec.eval.batch_size)
         step()
         if tsne is not None:
             figures.write_tsne(means, test.y[:n_tsne], folder / "tsne.png", data.class_names, seed=seed,

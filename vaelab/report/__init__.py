@@ -26,6 +26,15 @@ KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
     "test/bits_per_dim": ("test bits/dim", "min"),
     "test/active_units": ("active units", "max"),
     "test/probe_acc": ("probe accuracy", "max"),
+    "test/dis/beta_vae": ("BetaVAE score", "max"),
+    "test/dis/factor_vae": ("FactorVAE score", "max"),
+    "test/dis/mig": ("MIG", "max"),
+    "test/dis/sap": ("SAP", "max"),
+    "test/dis/dci_disentanglement": ("DCI disentanglement", "max"),
+    "test/dis/dci_completeness": ("DCI completeness", "max"),
+    "test/dis/dci_informativeness": ("DCI informativeness", "max"),
+    "test/dis/modularity": ("modularity", "max"),
+    "test/dis/explicitness": ("explicitness", "max"),
     "train/epochs_run": ("epochs", None),
     "time/train_s": ("train time (s)", None),
 }
@@ -75,8 +84,9 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     ordered = [m for m in KNOWN_METRICS if m in present and m.startswith("test/")]
     # test/loss is left out: it includes beta, so it differs between configurations by construction.
     # test/kl_dim/* (one per latent dimension) belong in the run's figure, not in the table.
+    # Disentanglement scores' side numbers (train accuracies, active dims) stay in MLflow.
     ordered += sorted(m for m in present if m.startswith("test/") and m not in KNOWN_METRICS and m != "test/loss"
-                      and not m.startswith("test/kl_dim/"))
+                      and not m.startswith(("test/kl_dim/", DIS_PREFIX)))
     return ordered + [m for m in ("train/epochs_run", "time/train_s") if m in present]
 
 
@@ -108,6 +118,7 @@ def aggregate(study: StudyRuns) -> pd.DataFrame:
     return table
 
 
+DIS_PREFIX = "test/dis/"
 IWAE_TAG = "tags.vaelab.eval.iwae"
 # The columns whose numbers depend on the IWAE estimator's settings (k, images).
 IWAE_METRICS = ("test/nll_iw", "test/nll_iw_se", "test/bits_per_dim")
@@ -157,8 +168,12 @@ def _run_link(study: StudyRuns, run_id: str) -> str:
     return f"[{run_id[:8]}]({study.ui_base}/#/experiments/{study.experiment_id}/runs/{run_id})"
 
 
-def markdown_table(study: StudyRuns, table: pd.DataFrame) -> str:
+def markdown_table(study: StudyRuns, table: pd.DataFrame, disentanglement: bool | None = False) -> str:
+    """The table of one row per configuration; disentanglement=True: only the test/dis/* scores,
+    False: all but them, None: every metric."""
     metrics = [c[: -len(" mean")] for c in table if c.endswith(" mean")]
+    if disentanglement is not None:
+        metrics = [m for m in metrics if m.startswith(DIS_PREFIX) == disentanglement]
     shown = pd.DataFrame({key: table[key].map(_fmt_param) for key in study.swept})
     for metric in metrics:
         header, better = KNOWN_METRICS.get(metric, (metric, None))
@@ -239,11 +254,20 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     lines = _header(study, description) + _missing_note(study)
     lines += ["", "## Results", *_likelihood_note(study), "", markdown_table(study, table), "",
               "Raw numbers: [table.csv](table.csv)."]
+    if any(c.startswith(DIS_PREFIX) for c in table):
+        lines += ["", "## Disentanglement", "",
+                  "Scores against the ground-truth factors (higher is better, 0–1), at the sample sizes each run's "
+                  "`vaelab.eval.disentanglement` tag records: BetaVAE (Higgins et al. 2017), FactorVAE (Kim & Mnih "
+                  "2018), MIG (Chen et al. 2018), SAP (Kumar et al. 2018), DCI (Eastwood & Williams 2018), "
+                  "modularity and explicitness (Ridgeway & Mozer 2018).", "",
+                  markdown_table(study, table, disentanglement=True)]
     finished = study.runs[study.runs["outcome"] == "finished"]
     is_grid = study.parent is None or study.parent.get("params.search.kind") == "grid"
     # Per-parameter curves need repeated values (a grid); an Optuna search gets Optuna's own plots.
     figures = report_figures.swept_param_figures(finished, study.swept, figures_dir) if is_grid else []
-    if is_grid:  # scores against ground-truth factors, per objective and strength (dsprites studies)
+    if is_grid and "loss.objective" in study.swept:  # scores against ground-truth factors (dsprites studies)
+        figures += report_figures.disentanglement_by_objective(finished, figures_dir)
+    elif is_grid:
         figures += report_figures.swept_param_figures(finished, study.swept, figures_dir, report_figures.DIS_PANELS,
                                                       "disentanglement_by")
     figures += report_figures.rate_distortion(finished, study.swept, figures_dir)
@@ -252,21 +276,36 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
         lines += [f"![{path.stem}](figures/{path.name})" for path in figures]
     lines += extra_sections or []
     if best_images:
-        lines += ["", "## Best run", ""]
-        lines += [f"![{label}](figures/{path.name})" for label, path in best_images.items()]
+        lines += ["", "## Best run"]
+        for label, path in best_images.items():  # the label says which run, chosen by what
+            lines += ["", f"{label}:", "", f"![{label}](figures/{path.name})"]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def _best_run(study: StudyRuns) -> pd.Series:
+def _best_run(study: StudyRuns) -> tuple[pd.Series, str]:
+    """The finished run the sweep's own metric ranks first, and the reason in words."""
     finished = study.runs[study.runs["outcome"] == "finished"]
     metric, direction = "test/elbo", "minimize"
     if study.parent is not None and study.parent.get("params.search.metric"):
         metric, direction = f"best/{study.parent['params.search.metric']}", study.parent["params.search.direction"]
-    column = f"metrics.{metric}" if f"metrics.{metric}" in finished else "metrics.test/elbo"
-    values = finished[column].astype(float)
-    return finished.loc[values.idxmin() if direction == "minimize" else values.idxmax()]
+    if f"metrics.{metric}" not in finished:
+        metric, direction = "test/elbo", "minimize"
+    values = finished[f"metrics.{metric}"].astype(float)
+    row = finished.loc[values.idxmin() if direction == "minimize" else values.idxmax()]
+    word = "lowest" if direction == "minimize" else "highest"
+    return row, f"the {word} {metric} ({float(row[f'metrics.{metric}']):.2f}) of {len(finished)} finished runs"
+
+
+def _most_disentangled(study: StudyRuns) -> tuple[pd.Series, str] | None:
+    """The finished run with the highest MIG, when runs were scored against ground-truth factors."""
+    finished = study.runs[study.runs["outcome"] == "finished"]
+    column = f"metrics.{DIS_PREFIX}mig"
+    if column not in finished or finished[column].isna().all():
+        return None
+    row = finished.loc[finished[column].astype(float).idxmax()]
+    return row, f"the highest {DIS_PREFIX}mig ({float(row[column]):.3f}) of {len(finished)} finished runs"
 
 
 def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Path:
@@ -280,13 +319,17 @@ def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Pat
         raise ReportError(f"study '{spec.name}' has no finished runs yet ({len(study.runs)} runs in the store)")
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    best = _best_run(study)
+    best, criterion = _best_run(study)
     images = {}
-    for name in ("reconstructions", "samples"):
-        fetched = tracker.fetch_artifact(best["run_id"], f"figures/{name}.png", figures_dir / ".best")
+    wanted = [(best, criterion, name) for name in ("reconstructions", "samples")]
+    disentangled = _most_disentangled(study)
+    if disentangled is not None:
+        wanted += [(disentangled[0], disentangled[1], name) for name in ("factor_mi", "factor_traversals")]
+    for row, why, name in wanted:
+        fetched = tracker.fetch_artifact(row["run_id"], f"figures/{name}.png", figures_dir / ".best")
         if fetched is not None:
             target = figures_dir / f"best_{name}.png"
             fetched.replace(target)
-            images[f"best run {best['run_id'][:8]}: {name}"] = target
+            images[f"{name.replace('_', ' ')} of run {_run_link(study, row['run_id'])}, {why}"] = target
     extra = optuna_figures(figures_dir) if optuna_figures else []
     return build_report(study, out_dir, spec.description, images, extra)

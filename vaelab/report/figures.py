@@ -115,3 +115,48 @@ def rate_distortion(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
+
+
+def disentanglement_by_objective(runs: pd.DataFrame, folder: Path,
+                                 panel_set: tuple[tuple[str, str], ...] = DIS_PANELS) -> list[Path]:
+    """A row per objective (loss.objective), a column per score: the score against that objective's own
+    strength key (beta, factor_gamma, dip_lambda_od: objectives.STRENGTH), mean ± std over seeds, seeds
+    as dots. Columns share their y axis, so objectives compare at a glance."""
+    from vaelab.objectives import OBJECTIVES, STRENGTH
+
+    panels = [(m, label) for m, label in panel_set if f"metrics.{m}" in runs and runs[f"metrics.{m}"].notna().any()]
+    if not panels or runs.empty or "params.loss.objective" not in runs:
+        return []
+    objectives = [o for o in OBJECTIVES if (runs["params.loss.objective"] == o).any()]
+    fig, axes = plt.subplots(len(objectives), len(panels), figsize=(3.3 * len(panels), 2.6 * len(objectives)),
+                             squeeze=False, sharey="col")
+    for row, objective in enumerate(objectives):
+        part = runs[runs["params.loss.objective"] == objective]
+        key = STRENGTH[objective]
+        strength = _numeric(part.get(f"params.{key}", pd.Series(index=part.index, dtype=float)))
+        for col, (metric, label) in enumerate(panels):
+            ax = axes[row][col]
+            y = part[f"metrics.{metric}"].astype(float)
+            if strength is None:  # the strength key was not logged: one point per objective
+                ax.errorbar([0], [y.mean()], yerr=[y.std() if len(y) > 1 else 0], marker="o", capsize=3)
+            else:
+                stats = y.groupby(strength).agg(["mean", "std"]).sort_index()
+                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3)
+                ax.scatter(strength, y, s=10, alpha=0.4)
+                values = sorted(strength.unique())
+                if values and min(values) > 0 and max(values) / min(values) >= 10:
+                    ax.set_xscale("log")
+                    ax.minorticks_off()
+                ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.grid(alpha=0.3)
+            ax.set_xlabel(key if strength is not None else "")
+            if row == 0:
+                ax.set_title(label)
+        axes[row][0].set_ylabel(objective, fontsize=11)
+    fig.suptitle("disentanglement scores against each objective's strength: mean ± std over seeds "
+                 "(dots: single runs)")
+    fig.tight_layout()
+    path = folder / "disentanglement_by_objective.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
