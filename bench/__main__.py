@@ -3,8 +3,9 @@ by side in one process (epochs interleaved, so drift in machine speed hits both)
 and written to bench/RESULTS.md.
 
 Workloads: one epoch on CPU (and on CUDA when there is a GPU), a stacked
-beta sweep in model-epochs per second, and the share of a 10-epoch tracked run
-spent on tracking and figures.
+beta sweep in model-epochs per second, IWAE throughput, data resident and streamed,
+dSprites epochs per objective and the disentanglement metrics' cost, and the share
+of a 10-epoch tracked run spent on tracking and figures.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pandas as pd
 import torch
 
 from bench import data as data_bench
+from bench import disentanglement as dis_bench
 from bench.baseline import Baseline, torchvision_root
 from vaelab.data import ImageData, Split, load_data
 from vaelab.data.store import ResidentImages
@@ -242,7 +244,8 @@ def _data_lines(data: tuple[dict, list[dict]] | None, settings: data_bench.DataS
 
 def write_results(path: Path, settings: Settings, epochs: list[dict], sweeps: list[dict], tracking: dict | None,
                   command: str, iwae: list[dict] | None = None, data: tuple[dict, list[dict]] | None = None,
-                  data_settings: data_bench.DataSettings = data_bench.FULL) -> None:
+                  data_settings: data_bench.DataSettings = data_bench.FULL,
+                  disentanglement: list[str] | None = None) -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     lines = [
         "# vaelab benchmark results",
@@ -286,6 +289,7 @@ def write_results(path: Path, settings: Settings, epochs: list[dict], sweeps: li
             "",
         ]
     lines += _data_lines(data, data_settings)
+    lines += disentanglement or []
     if tracking is not None:
         lines += [
             "## Tracking and figures overhead",
@@ -337,12 +341,18 @@ def main(argv: list[str] | None = None) -> int:
             for overrides, row in (([], rows[0]), (fast, rows[-1])):
                 sweeps.append(sweep_row(device, settings, row["baseline s/epoch"], row["vaelab s/epoch"],
                                         overrides))
+    dis_settings = dis_bench.QUICK if args.quick else dis_bench.FULL
+    dis_epochs, dis_metrics = [], []
+    for name in devices:
+        dis_epochs += dis_bench.epoch_rows(torch.device(name), dis_settings)
+        dis_metrics += dis_bench.metric_rows(torch.device(name), dis_settings)
+    dis_lines = dis_bench.lines(dis_epochs, dis_bench.render_rate(dis_settings), dis_metrics, dis_settings, _table)
     tracking = tracking_row(settings)
     data_settings = data_bench.QUICK if args.quick else data_bench.FULL
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-data-") as tmp:
         data = data_bench.data_rows(data_settings, Path(tmp), devices[-1])
     command = "make bench" if not argv else "python -m bench " + " ".join(argv)
-    write_results(args.out, settings, epochs, sweeps, tracking, command, iwae, data, data_settings)
+    write_results(args.out, settings, epochs, sweeps, tracking, command, iwae, data, data_settings, dis_lines)
     print(f"wrote {args.out}")
     return 0
 

@@ -22,11 +22,12 @@ def test_quick_bench_writes_results_with_every_workload(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     for heading in ("## One epoch", "## Sweep throughput", "## IWAE evaluation throughput",
-                    "## Data: resident and streamed", "## Tracking and figures overhead"):
+                    "## Data: resident and streamed", "## Disentanglement: dSprites epochs and metrics",
+                    "## Tracking and figures overhead"):
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| cpu ")]
     # The epoch table comes first: default, compile, bf16, compile + bf16; then the two sweep rows, then IWAE.
-    epoch_rows, sweep_rows, iwae_rows = rows[:4], rows[4:6], rows[6:]
+    epoch_rows, sweep_rows, iwae_rows, dis_rows = rows[:4], rows[4:6], rows[6:8], rows[8:]
     assert len(epoch_rows) == 4 and len(sweep_rows) == 2
     assert [row.split("|")[2].strip() for row in iwae_rows] == ["mlp (bernoulli)", "conv (gaussian)"]
     for row in epoch_rows:
@@ -36,6 +37,14 @@ def test_quick_bench_writes_results_with_every_workload(tmp_path: Path):
         # Same model, data and epochs: both sides reach the same test -ELBO.
         assert my_loss == pytest.approx(base_loss, rel=0.05)
     assert re.search(r"\| cpu +\| default +\| +4 \|", text)  # the 4-configuration stack
+    # dSprites: an epoch per objective, then each metric (DCI with both estimators), scaled to reference sizes.
+    names = [row.split("|")[2].strip() for row in dis_rows]
+    assert names[:4] == ["beta_vae", "beta_tcvae", "factorvae (discriminator 6 x 1000)", "dip_vae_i"]
+    assert names[4:] == ["beta_vae", "factor_vae", "mig", "sap", "dci (gbt)", "dci (random_forest)",
+                         "modularity_explicitness"]
+    for row in dis_rows[4:]:
+        seconds, scaled = map(float, row.strip("|").split("|")[-2:])
+        assert scaled == pytest.approx(seconds / 0.01, rel=0.02)
 
 
 def test_bench_refuses_a_missing_data_folder(tmp_path: Path):

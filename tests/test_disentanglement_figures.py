@@ -3,6 +3,7 @@ information (a latent copying a factor is named for it), and a dSprites run writ
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,11 @@ def test_a_dsprites_run_logs_the_factor_figures(tmp_path: Path, tracking_uri: st
     runspec = with_values(tiny_run(tmp_path / "none", dataset="dsprites"), {
         "data.subset": 400, "data.test_fraction": 0.001, "data.cache_dir": str(tmp_path / "cache"),
         "train.epochs": 1, "eval.iw_samples": 0, "eval.tsne_points": 0, "eval.probe": False,
-        "eval.dis_samples": 0.01})
+        "eval.dis_samples": 0.01, "eval.dci_importance": "random_forest"})
     outcome = run(runspec, "dsprites_figures", Tracker(tracking_uri), show_progress=False)
-    names = {a.path for a in MlflowClient(tracking_uri).list_artifacts(outcome.run_id, "figures")}
+    client = MlflowClient(tracking_uri)
+    names = {a.path for a in client.list_artifacts(outcome.run_id, "figures")}
     assert {"figures/factor_mi.png", "figures/factor_traversals.png"} <= names
+    settings = json.loads(client.get_run(outcome.run_id).data.tags["vaelab.eval.disentanglement"])
+    assert settings["metrics"]["dci"]["importance"] == "random_forest"
+    assert "RandomForestClassifier" in settings["metrics"]["dci"]["estimator"]

@@ -30,6 +30,7 @@ def test_a_dsprites_run_logs_every_metric_family_with_its_settings(tmp_path: Pat
     settings = json.loads(record.data.tags["vaelab.eval.disentanglement"])
     assert settings["metrics"]["mig"]["num_train"] == 100 and settings["metrics"]["mig"]["num_bins"] == 20
     assert "Chen et al. 2018" in settings["metrics"]["mig"]["paper"]
+    assert settings["metrics"]["dci"]["importance"] == "gbt"  # the reference's estimator unless asked
     # The split sizes: a random 600 of the grid to train on (540 + 60 for validation), 737 to test.
     inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): json.loads(i.dataset.profile)
               for i in record.inputs.dataset_inputs}

@@ -212,6 +212,9 @@ class EvalSpec:
                                              "modularity) when the data has ground-truth factors (dsprites)")
     dis_samples: float = _f(1.0, Float(0.0, 1.0, min_open=True),
                             "share of disentanglement_lib's sample sizes the disentanglement metrics use")
+    dci_importance: str = _f("gbt", Choice(("gbt", "random_forest")),
+                             "DCI's importance estimator: gbt (disentanglement_lib's, minutes per run on a CPU) "
+                             "or random_forest (seconds; numbers differ, compare runs on one estimator only)")
     figures: bool = _f(True, Bool(), "write the PNG figures")
 
 

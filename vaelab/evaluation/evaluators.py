@@ -194,7 +194,9 @@ def _dis_settings(ctx: EvalContext) -> dict[str, Any]:
     share, out = ctx.run.eval.dis_samples, {}
     for name in METRICS:
         defaults = metric_settings(name)
-        scaled = {k: max(10, int(round(defaults[k] * share))) for k in _SIZES if k in defaults}
+        scaled: dict[str, Any] = {k: max(10, int(round(defaults[k] * share))) for k in _SIZES if k in defaults}
+        if name == "dci":
+            scaled["importance"] = ctx.run.eval.dci_importance
         out[name] = metric_settings(name, **scaled)
     return {"seed": ctx.seed, "share_of_reference_sizes": share, "metrics": out}
 
@@ -227,7 +229,7 @@ def _dis(ctx: EvalContext, settings: dict, progress: Progress) -> dict[str, floa
         # so); a warning per classifier would bury the progress bars.
         warnings.simplefilter("ignore", ConvergenceWarning)
         for name, fn in METRICS.items():
-            params = {k: v for k, v in settings["metrics"][name].items() if k in _SIZES}
+            params = {k: v for k, v in settings["metrics"][name].items() if k in (*_SIZES, "importance")}
             scores = fn(ctx.data.factors, encode, np.random.default_rng(settings["seed"]), **params)
             metrics.update({f"test/dis/{DIS_NAMES[name][k]}": float(v) for k, v in scores.items()
                             if k in DIS_NAMES[name]})
