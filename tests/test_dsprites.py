@@ -9,6 +9,7 @@ side is 19.2 scale. So the scale-1 square at position (0, 0) covers [6.4, 25.6]^
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,3 +395,19 @@ def test_full_grid_rows_match_render():
     np.testing.assert_array_equal(data.rows(rows[0], rows[-1] + 1), render(data.factors_at(rows)))
     assert list(data.factors_at(rows)[:, 0]) == [0, 0, 0, 1, 1, 1]
     assert dsprites.IMAGE_SIZE == 64
+
+
+def test_the_grid_cache_serves_the_rendered_images_and_is_written_once(tmp_path):
+    rendered = DSprites(factor_sizes=TINY)
+    cached = DSprites(factor_sizes=TINY)
+    path = Path(cached.use_grid_cache(tmp_path))
+    assert path.stat().st_size == 72 * 64 * 64
+    factors = rendered.sample_factors(50, np.random.default_rng(0))
+    np.testing.assert_array_equal(cached.images(factors), rendered.images(factors))
+    stamp = path.stat().st_mtime_ns
+    assert DSprites(factor_sizes=TINY).use_grid_cache(tmp_path) == str(path) and path.stat().st_mtime_ns == stamp
+    path.write_bytes(b"\0" * 100)  # a file of the wrong size is rendered afresh
+    again = DSprites(factor_sizes=TINY)
+    again.use_grid_cache(tmp_path)
+    np.testing.assert_array_equal(again.images(factors), rendered.images(factors))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind

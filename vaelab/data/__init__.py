@@ -282,7 +282,8 @@ def load_dsprites(spec: Any, device: torch.device, show_progress: bool = True) -
     parts = {}
     for role, rows in _dsprites_rows(grid.num_images, spec).items():
         factors = grid.factors_at(rows)
-        key = cache_key("dsprites", source, npz.stat().st_mtime_ns if grid.path else "render-v1", rows.tobytes())
+        version = npz.stat().st_mtime_ns if grid.path else dsprites.RENDER_VERSION
+        key = cache_key("dsprites", source, version, rows.tobytes())
         cached = load_cached(Path(spec.cache_dir).expanduser(), key)
         if cached is None:
             chunks = (grid.binary_images(factors[i : i + 4096]) * np.uint8(255) for i in range(0, len(rows), 4096))

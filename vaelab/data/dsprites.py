@@ -46,6 +46,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,8 @@ __all__ = ["FACTOR_NAMES", "FACTOR_SIZES", "NPZ_NAME", "IMAGE_SIZE", "SHAPES", "
 FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")
 FACTOR_SIZES = (3, 6, 40, 32, 32)
 NPZ_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+# Names the renderer's geometry in cache files: a change to `render` must change it.
+RENDER_VERSION = "render-v1"
 IMAGE_SIZE = 64
 SHAPES = ("square", "ellipse", "heart")
 
@@ -323,6 +326,35 @@ class DSprites:
     def images(self, factors: Any) -> np.ndarray:
         """(n, 1, 64, 64) float32 images in {0, 1}."""
         return self.binary_images(factors)[:, None].astype(np.float32)
+
+    def use_grid_cache(self, folder: str | os.PathLike[str], show_progress: bool = False) -> str:
+        """Serve images from the whole rendered grid, written once to `folder` (3 GB of 0/1 bytes for the
+        official grid) and memory-mapped, instead of rendering each request: worth it when the metrics ask
+        for more images than the grid holds (disentanglement_lib's sizes ask for about 2.2 million). The
+        file is written under a temporary name and renamed, so a killed render leaves no partial grid.
+        Returns the file's path; a DSprites reading the official npz keeps it and returns its path."""
+        if self.path is not None:
+            return self.path
+        from tqdm.auto import tqdm
+
+        sizes = "x".join(map(str, self.factor_sizes))
+        target = Path(folder).expanduser() / f"dsprites-grid-{RENDER_VERSION}-{sizes}.u8"
+        expected = self.num_images * IMAGE_SIZE * IMAGE_SIZE
+        if not target.is_file() or target.stat().st_size != expected:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "wb") as out, tqdm(total=self.num_images, desc="dsprites: rendering the grid once",
+                                                 unit="img", disable=not show_progress, delay=1.0) as bar:
+                    for start in range(0, self.num_images, 8192):
+                        stop = min(start + 8192, self.num_images)
+                        out.write(render(self.factors_at(np.arange(start, stop)), self.factor_sizes).tobytes())
+                        bar.update(stop - start)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self._imgs = np.memmap(target, dtype=np.uint8, mode="r", shape=(self.num_images, IMAGE_SIZE, IMAGE_SIZE))
+        return str(target)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """(stop - start, 64, 64) uint8 images of 0/1 of grid rows start..stop-1."""
