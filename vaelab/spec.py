@@ -118,7 +118,7 @@ class DataSpec:
     resize: str = _f("crop", Choice(("crop", "stretch")), "image_folder, huggingface: centre-crop to square or stretch")
     test_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True),
                               "image_folder, huggingface without a test split: share of train held out for testing")
-    cache_dir: str = _f("data/cache", Text(), "image_folder, huggingface: where decoded images are cached")
+    cache_dir: str = _f("data/cache", Text(), "image_folder, huggingface, dsprites: where decoded or rendered images are cached")
     splits: SplitNames = _sub(SplitNames)
     hf: HFSpec = _sub(HFSpec)
     storage: str = _f("auto", Choice(("auto", "resident", "stream")),
