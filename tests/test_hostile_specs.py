@@ -97,6 +97,8 @@ CASES = [
     ("pruner", optuna({"pruner": "always", "params": {"loss.beta": {"low": 0.1, "high": 2}}}), "search.pruner"),
     ("metric-test-leak", mutated("search.metric", "test/elbo"), "search.metric"),
     ("objective", mutated("base.loss.objective", "wae"), "loss.objective"),
+    ("dis-without-factors", mutated("base.eval", {"disentanglement": True, "iw_samples": 0}), "eval.disentanglement"),
+    ("dis-not-bool", mutated("base.eval", {"disentanglement": "yes"}), "eval.disentanglement"),
     # FactorVAE's discriminator out of range
     ("discriminator-lr-zero", mutated("base.loss.discriminator", {"lr": 0}), "loss.discriminator.lr"),
     ("discriminator-beta2-one", mutated("base.loss.discriminator", {"beta2": 1.0}), "loss.discriminator.beta2"),

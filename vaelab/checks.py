@@ -101,6 +101,18 @@ class Bool(Check):
         return value
 
 
+class AutoBool(Check):
+    """true, false, or auto (decided by what the run has, e.g. whether its data has factors)."""
+
+    def describe(self) -> str:
+        return "true, false or auto"
+
+    def parse(self, value: Any, path: str) -> bool | str:
+        if not isinstance(value, bool) and value != "auto":
+            raise fail(path, self.describe(), value)
+        return value
+
+
 @dataclass(frozen=True)
 class Choice(Check):
     names: Sequence[str]

@@ -53,6 +53,7 @@ class Dataset:
     shape: Callable[[Any], tuple[int, int, int]]
     train_images: int | Callable[[Any], int]
     classes: int | Callable[[Any], int]
+    factors: bool = False  # ground-truth factors of variation (the disentanglement metrics need them)
 
     def load(self, data_spec: Any, device: Any, show_progress: bool = True) -> ImageData:
         return resolve(self.loader)(data_spec, device, show_progress=show_progress)
@@ -115,7 +116,8 @@ DATASETS: dict[str, Dataset] = _table(
             classes=_folder_classes),
     Dataset("huggingface", "vaelab.data:load_huggingface", _folder_shape, train_images=_hf_images,
             classes=_hf_classes),
-    Dataset("dsprites", "vaelab.data:load_dsprites", _dsprites_shape, train_images=_dsprites_images, classes=3),
+    Dataset("dsprites", "vaelab.data:load_dsprites", _dsprites_shape, train_images=_dsprites_images, classes=3,
+            factors=True),
 )
 
 # builder(image shape, model_spec) -> (encoder, decoder)

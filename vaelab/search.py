@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vaelab.checks import Choice, Float, Int, IntList, SpecError, Text, fail
-from vaelab.spec import RunSpec, field_check, with_values
+from vaelab.spec import RunSpec, check_run, field_check, with_values
 
 KINDS = ("grid", "optuna")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
@@ -285,7 +285,9 @@ def expand_grid(search: GridSearch, base: RunSpec) -> list[Point]:
                 raise SpecError(f"search.params[{g}]: repeats the point {_label(plain)} of "
                                 f"search.params[{seen[key]}]; each point may appear in one grid only")
             seen[key] = g
-            points.append(Point(values=plain, run=with_values(base, plain)))
+            run = with_values(base, plain)
+            check_run(run)  # a point may pair keys that do not go together (eval.disentanglement on mnist)
+            points.append(Point(values=plain, run=run))
     return points
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vaelab.checks import (
+    AutoBool,
     Bool,
     ByteSize,
     Check,
@@ -118,7 +119,8 @@ class DataSpec:
     resize: str = _f("crop", Choice(("crop", "stretch")), "image_folder, huggingface: centre-crop to square or stretch")
     test_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True),
                               "image_folder, huggingface without a test split: share of train held out for testing")
-    cache_dir: str = _f("data/cache", Text(), "image_folder, huggingface, dsprites: where decoded or rendered images are cached")
+    cache_dir: str = _f("data/cache", Text(),
+                        "image_folder, huggingface, dsprites: where decoded or rendered images are cached")
     splits: SplitNames = _sub(SplitNames)
     hf: HFSpec = _sub(HFSpec)
     storage: str = _f("auto", Choice(("auto", "resident", "stream")),
@@ -208,8 +210,9 @@ class EvalSpec:
     iw_capped: bool = _f(True, Bool(), "cap test/nll_iw's images so it costs no more decoder passes than training "
                                        "did (at least 100 images); false = exactly iw_images")
     probe: bool = _f(True, Bool(), "fit a logistic-regression probe on latent means (test/probe_acc)")
-    disentanglement: bool = _f(True, Bool(), "score disentanglement (test/dis/*: BetaVAE, FactorVAE, MIG, SAP, DCI, "
-                                             "modularity) when the data has ground-truth factors (dsprites)")
+    disentanglement: bool | str = _f("auto", AutoBool(), "score disentanglement (test/dis/*: BetaVAE, FactorVAE, MIG, "
+                                                        "SAP, DCI, modularity): auto = when the data has ground-truth "
+                                                        "factors (dsprites); true = required of the data")
     dis_samples: float = _f(1.0, Float(0.0, 1.0, min_open=True),
                             "share of disentanglement_lib's sample sizes the disentanglement metrics use")
     dci_importance: str = _f("gbt", Choice(("gbt", "random_forest")),
@@ -283,7 +286,19 @@ def parse_run(raw: Any, path: str = "base") -> RunSpec:
     for key in raw:
         if key not in SECTIONS:
             raise SpecError(f"{_join(path, str(key))}: unknown section; allowed: {', '.join(SECTIONS)}")
-    return RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
+    run = RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
+    check_run(run)
+    return run
+
+
+def check_run(run: RunSpec) -> None:
+    """What one key cannot say alone: settings that need something of another section."""
+    from vaelab.registry import DATASETS
+
+    if run.eval.disentanglement is True and not DATASETS[run.data.dataset].factors:
+        with_factors = ", ".join(name for name, d in DATASETS.items() if d.factors)
+        raise SpecError(f"eval.disentanglement: true needs data with ground-truth factors ({with_factors}); "
+                        f"data.dataset {run.data.dataset} has none (use auto or false)")
 
 
 TOP_LEVEL = ("name", "description", "base", "search")

@@ -179,7 +179,7 @@ _SIZES = ("num_train", "num_eval", "num_test", "num_variance_estimate")
 
 
 def _dis_skip(ctx: EvalContext) -> str | None:
-    if not ctx.run.eval.disentanglement:
+    if ctx.run.eval.disentanglement is False:
         return "eval.disentanglement is false"
     if ctx.data.factors is None:
         return "the data has no ground-truth factors (data.dataset: dsprites has)"
