@@ -63,7 +63,7 @@ def test_the_report_draws_each_objective_against_its_own_strength(tmp_path: Path
     import pandas as pd
 
     from vaelab.report import StudyRuns, build_report
-    from vaelab.report.figures import DIS_PANELS, disentanglement_by_objective
+    from vaelab.report.figures import DIS_PANELS, by_objective
 
     rows = []
     strengths = {"beta_vae": ("loss.beta", (1, 4)), "factorvae": ("loss.factor_gamma", (10, 40)),
@@ -79,13 +79,14 @@ def test_the_report_draws_each_objective_against_its_own_strength(tmp_path: Path
                 rows.append({**row, "run_id": f"{objective}{value}{seed}", "status": "FINISHED",
                              "start_time": 0, "end_time": 1000})
     frame = pd.DataFrame(rows)
-    [path] = disentanglement_by_objective(frame, tmp_path)
+    [path] = by_objective(frame, tmp_path)
     assert path.name == "disentanglement_by_objective.png" and path.stat().st_size > 20_000
     frame["outcome"] = "finished"
     study = StudyRuns("dis", "1", frame, None, ["loss.objective", "loss.beta", "loss.factor_gamma",
                                                 "loss.dip_lambda_od"])
     text = build_report(study, tmp_path / "report").read_text()
-    assert "](figures/disentanglement_by_objective.png)" in text
+    assert "](figures/disentanglement_by_objective.png)" in text and "](figures/by_objective.png)" in text
+    assert "by_loss_factor_gamma" not in text  # no per-key figures mixing objectives
     results, scores = text.split("## Disentanglement")
     assert "MIG" in scores and "MIG" not in results.split("## Results")[1]
     # One row per configuration, mean ± std over the two seeds: factorvae at gamma 40 has MIG 0.40 ± 0.00.

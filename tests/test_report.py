@@ -30,7 +30,7 @@ def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
 
 
 def number(cell: str) -> tuple[float, float]:
-    mean, _, std = cell.strip("*").partition(" ± ")
+    mean, _, std = cell.removesuffix(" †").strip("*").partition(" ± ")
     return float(mean), float(std) if std else float("nan")
 
 
@@ -66,11 +66,19 @@ def test_report_numbers_match_the_store(grid_study, tmp_path: Path):
             expected = np.array([v[metric] for v in values])
             assert mean == pytest.approx(expected.mean(), abs=0.006)
             assert std == pytest.approx(expected.std(ddof=1), abs=0.006)
-        run_ids = re.findall(r"runs/([0-9a-f]{32})\)", row[header.index("runs")])
+        run_ids = re.findall(r"runs/([0-9a-f]{32})\?workflowType=machine_learning\)", row[header.index("runs")])
         assert len(run_ids) == 3
 
-    best = [row for row in rows if row[header.index("test −ELBO (nats)")].startswith("**")]
-    assert len(best) == 1
+    # A winner is bold only if Welch's t-test over the seeds' own numbers says it beats the other row.
+    from scipy.stats import ttest_ind
+
+    elbos = [[r.data.metrics["test/elbo"] for r in runs if r.data.params.get("loss.beta") == row[0]
+              and "mlflow.parentRunId" in r.data.tags] for row in rows]
+    significant = ttest_ind(*elbos, equal_var=False).pvalue < 0.05
+    cells = [row[header.index("test −ELBO (nats)")] for row in rows]
+    assert sum(c.startswith("**") for c in cells) == (1 if significant else 0)
+    assert sum(c.endswith(" †") for c in cells) == (0 if significant else 2)
+    assert "Welch's t-test" in text
     csv = (tmp_path / "out" / "table.csv").read_text().splitlines()
     assert csv[0].startswith("loss.beta,n,test/elbo mean,test/elbo std") and len(csv) == 3
 
@@ -168,3 +176,28 @@ def test_the_report_marks_and_does_not_rank_numbers_made_with_different_settings
     text = build_report(same, tmp_path).read_text()
     assert "test NLL (IWAE, Burda et al. 2016): k=100, 1000 of 10000 images" in text
     assert "(k=100" not in "\n".join(line for line in text.splitlines() if line.startswith("|"))
+
+
+def test_a_best_within_seed_noise_of_the_runner_up_is_not_bold():
+    import pandas as pd
+
+    from vaelab.report import rank_against_noise
+
+    def table(rows):
+        return pd.DataFrame([{"test/elbo mean": m, "test/elbo std": s, "n": n} for m, s, n in rows])
+
+    # 312.81 ± 5.45 against 314.13 ± 4.96 over 3 seeds: Welch's p is about 0.78, no winner.
+    best, tied = rank_against_noise(table([(314.13, 4.96, 3), (312.81, 5.45, 3), (340.0, 1.0, 3)]), "test/elbo", "min")
+    assert best == 1 and tied == [0]
+    # Far apart with small spread: a winner, nothing tied.
+    assert rank_against_noise(table([(300.0, 1.0, 3), (320.0, 1.0, 3)]), "test/elbo", "min") == (0, [])
+    # One run per row (an Optuna search): nothing to judge spread by, nothing ranked.
+    assert rank_against_noise(table([(300.0, float("nan"), 1), (320.0, float("nan"), 1)]), "test/elbo", "min") \
+        == (None, [])
+    # The same check as scipy's Welch test on the runs themselves.
+    from scipy.stats import ttest_ind
+
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.5, 3.5, 4.5, 5.5])
+    p = ttest_ind(a, b, equal_var=False).pvalue
+    rows = table([(a.mean(), a.std(ddof=1), 4), (b.mean(), b.std(ddof=1), 4)])
+    assert (rank_against_noise(rows, "test/elbo", "min")[1] == [1]) == (p >= 0.05)

@@ -14,7 +14,7 @@ from vaelab.checkpoint import load_checkpoint
 from vaelab.data import load_data
 from vaelab.evaluation.stage import quiet_test_metrics
 from vaelab.runner import run
-from vaelab.spec import flatten
+from vaelab.spec import flatten, unused_keys
 from vaelab.tracking import FAILURE_TAG, Tracker, local_path
 
 FIGURES = {"reconstructions.png", "samples.png", "interpolation.png", "tsne.png", "learning_curves.png",
@@ -35,7 +35,10 @@ def test_run_records_params_metrics_and_status(finished):
     assert client.get_experiment(record.info.experiment_id).name == "unit"
     params = record.data.params
     flat = flatten(spec)
-    assert set(params) == set(flat)
+    # Every key the run uses is a param; the rest (loss.sigma of a Bernoulli run, ...) are named in one tag.
+    unused = set(record.data.tags["vaelab.params_not_used"].split(", "))
+    assert set(params) == set(flat) - unused and unused == unused_keys(spec)
+    assert "loss.sigma" in unused and "loss.beta" in params
     assert params["model.z_dim"] == "4" and params["data.dataset"] == "mnist"
     for key in ("test/elbo", "test/recon", "test/kl", "test/mse", "test/active_units"):
         assert key in record.data.metrics

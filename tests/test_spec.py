@@ -187,3 +187,21 @@ def test_nested_sections_take_dotted_keys_and_whole_mappings():
     # Where images are held is not what the run is: the same identity either way.
     streamed = apply_overrides(spec, ["data.storage=stream", "data.memory_budget=1MB"])
     assert streamed.base.hash() == spec.base.hash()
+
+
+def test_keys_a_run_does_not_use_are_named_and_the_rest_are_not():
+    from vaelab.spec import RunSpec, flatten, unused_keys, with_values
+
+    mnist = with_values(RunSpec(), {"data.dataset": "mnist", "loss.likelihood": "bernoulli"})
+    unused = unused_keys(mnist)
+    assert {"data.image_size", "data.resize", "data.hf.name", "data.splits.train", "loss.sigma", "loss.sigma_mode",
+            "loss.factor_gamma", "loss.discriminator.lr", "loss.dip_lambda_od", "model.channels",
+            "loss.capacity_max", "eval.dis_samples"} <= unused
+    assert not {"loss.beta", "model.hidden", "train.seed", "data.dataset", "loss.objective"} & unused
+    folder = with_values(RunSpec(), {"data.dataset": "image_folder", "model.arch": "conv",
+                                     "loss.likelihood": "gaussian", "loss.objective": "factorvae",
+                                     "loss.kl_schedule": "capacity"})
+    used = set(flatten(folder)) - unused_keys(folder)
+    assert {"data.image_size", "data.splits.train", "loss.sigma", "loss.factor_gamma", "loss.discriminator.lr",
+            "model.channels", "loss.capacity_max", "loss.gamma"} <= used
+    assert "model.hidden" in unused_keys(folder) and "data.hf.name" in unused_keys(folder)

@@ -107,9 +107,36 @@ def test_a_union_of_grids_sweeps_each_grid_once_with_its_own_keys(tmp_path: Path
     sweep, _ = run_whole_sweep(tmp_path, write_spec(tmp_path, mnist_root, union), 4)
     children, _ = child_runs(tmp_path, "sweep_demo")
     seen = sorted((r.data.params["loss.objective"], float(r.data.params["loss.beta"]),
-                   float(r.data.params["loss.dip_lambda_od"])) for r in children)
-    # dip_vae_i runs keep the base beta (1); beta_vae runs the base dip_lambda_od (10).
-    assert seen == [("beta_vae", 0.5, 10.0), ("beta_vae", 2.0, 10.0), ("dip_vae_i", 1.0, 1.0), ("dip_vae_i", 1.0, 5.0)]
+                   r.data.params.get("loss.dip_lambda_od")) for r in children)
+    # dip_vae_i runs keep the base beta (1); beta_vae runs do not use dip_lambda_od, so it is not a param there.
+    assert seen == [("beta_vae", 0.5, None), ("beta_vae", 2.0, None), ("dip_vae_i", 1.0, "1.0"),
+                    ("dip_vae_i", 1.0, "5.0")]
+    beta_run = next(r for r in children if r.data.params["loss.objective"] == "beta_vae")
+    assert "loss.dip_lambda_od" in beta_run.data.tags["vaelab.params_not_used"].split(", ")
+    # Run names lead with what tells the run apart: its own grid's values and the seed, then the trial.
+    names = sorted(r.info.run_name.split(" · ")[0] for r in children)
+    # (write_spec's YAML sorts keys, so loss.beta comes before loss.objective there)
+    assert names == ["beta=0.5 objective=beta_vae seed=0", "beta=2.0 objective=beta_vae seed=0",
+                     "objective=dip_vae_i dip_lambda_od=1.0 seed=0", "objective=dip_vae_i dip_lambda_od=5.0 seed=0"]
+
+
+def test_the_parent_run_and_experiment_say_what_the_sweep_is(tmp_path: Path, mnist_root: Path):
+    path = write_spec(tmp_path, mnist_root, GRID)
+    body = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**body, "description": "What beta does to a tiny VAE."}))
+    sweep = make_sweep(tmp_path, path)
+    parent_id = sweep.prepare()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    parent = client.get_run(parent_id)
+    params = parent.data.params
+    # The grid overrides base.loss.beta and base.train.seed: they are not logged as if they held.
+    assert "base.loss.beta" not in params and "base.train.seed" not in params and "base.model.z_dim" in params
+    assert "base.loss.sigma" not in params  # a Bernoulli sweep does not use it
+    assert params["search.values"] == "loss.beta=[0.5, 2.0] x seeds [0, 1]"
+    assert "What beta does" in parent.data.tags["mlflow.note.content"]
+    tags = client.get_experiment(parent.info.experiment_id).tags
+    assert tags["mlflow.note.content"] == "What beta does to a tiny VAE."
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens its model-training view
 
 
 def test_failing_trial_does_not_stop_the_sweep(tmp_path: Path, mnist_root: Path):

@@ -59,6 +59,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vaelab.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri)
+    tracker.describe_experiment(spec.name, spec.description)
     outcome = run(spec.base, spec.name, tracker, show_progress=not args.no_progress)
     print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.shown_uri})")
     print(f"  {tracker.run_url(outcome.run_id)}" + ("" if tracker.uri.startswith("http") else "  (after `make ui`)"))

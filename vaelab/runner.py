@@ -24,7 +24,7 @@ from vaelab.evaluation.evaluators import EvalContext
 from vaelab.evaluation.stage import evaluate
 from vaelab.registry import load_dataset
 from vaelab.resume import TrainState, clear_state, holding, load_state, save_state, state_dir
-from vaelab.spec import RunSpec, flatten
+from vaelab.spec import RunSpec, flatten, unused_keys
 from vaelab.tracking import TrackedRun, Tracker, local_path
 from vaelab.training import EpochCallback, MemberResult, RunResult, fit_group, init_model, resolve_device
 from vaelab.training.session import forget_stop, stop_requested
@@ -66,6 +66,8 @@ def run_name(run_spec: RunSpec) -> str:
     return f"{m.arch}-z{m.z_dim}-{loss.likelihood}-b{loss.beta:g}-s{run_spec.train.seed}"
 
 
+# The spec keys a run does not use (not logged as params: spec.unused_keys), listed in one tag.
+UNUSED_TAG = "vaelab.params_not_used"
 FIGURE_STEPS = 8  # for the progress bar: one step per figure written
 
 
@@ -259,7 +261,9 @@ def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags:
         if on_start is not None:
             on_start(tracked.run_id)
         if prior is None:
-            tracked.log_params(flatten(run_spec))
+            unused = unused_keys(run_spec)
+            tracked.log_params({k: v for k, v in flatten(run_spec).items() if k not in unused})
+            tracked.set_tags({UNUSED_TAG: ", ".join(sorted(unused))})
             tracked.log_datasets(datasets)
         else:  # the tags of whoever resumes it (a re-queued trial has another number)
             tracked.set_tags({**tags, "vaelab.resumed_from_epoch": prior.epoch})

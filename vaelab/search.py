@@ -294,3 +294,21 @@ def expand_grid(search: GridSearch, base: RunSpec) -> list[Point]:
 def _label(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items() if k != "train.seed")
 
+
+
+def own_keys(search: GridSearch | OptunaSearch, base: RunSpec, values: dict[str, Any]) -> list[str]:
+    """The swept keys that tell this point apart: all of them, but in a union of grids only those of the
+    grid the point comes from (the others hold the base value there)."""
+    keys = [key for key, _ in search.params]
+    if not isinstance(search, GridSearch) or search.grids is None:
+        return keys
+    for grid in search.parts:
+        mine = dict(grid)
+        if all(repr(_plain(values.get(k))) in map(repr, map(_plain, mine[k])) for k in mine) and all(
+                repr(_plain(values.get(k))) == repr(_plain(_base_value(base, k))) for k in keys if k not in mine):
+            return [k for k in keys if k in mine]
+    return keys
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

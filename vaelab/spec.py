@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,6 +289,49 @@ def parse_run(raw: Any, path: str = "base") -> RunSpec:
     run = RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
     check_run(run)
     return run
+
+
+_MNIST_FAMILY = ("mnist", "fashion_mnist")
+_FOLDERS = ("image_folder", "huggingface")
+
+
+# (when a run does not use them, the keys or key prefixes): spec.unused_keys.
+_NOT_USED: tuple[tuple[Callable[[RunSpec], bool], tuple[str, ...]], ...] = (
+    (lambda r: r.data.dataset not in _MNIST_FAMILY, ("data.download",)),
+    (lambda r: r.data.dataset in _MNIST_FAMILY, ("data.test_fraction", "data.cache_dir", "data.decode_workers")),
+    (lambda r: r.data.dataset not in _FOLDERS,
+     ("data.image_size", "data.channels", "data.resize", "data.splits.", "data.decode_workers")),
+    (lambda r: r.data.dataset != "huggingface", ("data.hf.",)),
+    (lambda r: r.model.arch == "mlp", ("model.channels",)),
+    (lambda r: r.model.arch != "mlp", ("model.hidden",)),
+    (lambda r: r.loss.likelihood in ("bernoulli", "continuous_bernoulli"), ("loss.sigma",)),
+    (lambda r: r.loss.likelihood != "gaussian_learned", ("loss.sigma_mode",)),
+    (lambda r: r.loss.kl_schedule != "linear", ("loss.warmup_epochs",)),
+    (lambda r: r.loss.kl_schedule != "cyclical", ("loss.cycles",)),
+    (lambda r: r.loss.kl_schedule != "capacity", ("loss.capacity_max", "loss.capacity_epochs", "loss.gamma")),
+    (lambda r: not r.loss.objective.startswith("dip_vae"), ("loss.dip_lambda_od",)),
+    (lambda r: r.loss.objective != "factorvae", ("loss.factor_gamma", "loss.discriminator.")),
+    (lambda r: r.eval.iw_samples == 0, ("eval.iw_images", "eval.iw_capped")),
+    (lambda r: r.eval.disentanglement is False or not _has_factors(r), ("eval.dis_samples", "eval.dci_importance")),
+)
+
+
+def _has_factors(run: RunSpec) -> bool:
+    from vaelab.registry import DATASETS
+
+    return DATASETS[run.data.dataset].factors
+
+
+def unused_keys(run: RunSpec) -> set[str]:
+    """The dotted keys whose value does not change what this run does (loss.sigma of a Bernoulli run,
+    data.hf.* of an image folder, the discriminator of a beta_vae): left out of its MLflow params so the
+    UI shows what mattered. They still count in RunSpec.hash (identity covers every key)."""
+    keys = flatten(run)
+    unused: set[str] = set()
+    for applies, names in _NOT_USED:
+        if applies(run):
+            unused.update(k for k in keys if k in names or k.startswith(tuple(n for n in names if n.endswith("."))))
+    return unused
 
 
 def check_run(run: RunSpec) -> None:

@@ -26,6 +26,20 @@ DEFAULT_STORE_DIR = Path("runs")
 FAILURE_TAG = "failure_reason"
 
 UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves a local store
+# MLflow 3's UI opens in its GenAI view unless told otherwise: links carry the model-training view,
+# and vaelab's experiments are marked as model development (the UI reads the kind from this tag).
+ML_VIEW = "?workflowType=machine_learning"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description the UI shows for an experiment or a run
+
+
+def run_link(ui_base: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the model-training view of the MLflow UI."""
+    return f"{ui_base}/#/experiments/{experiment_id}/runs/{run_id}{ML_VIEW}"
+
+
+def experiment_link(ui_base: str, experiment_id: str) -> str:
+    return f"{ui_base}/#/experiments/{experiment_id}{ML_VIEW}"
 
 
 def quiet_mlflow() -> None:
@@ -215,13 +229,25 @@ class Tracker:
             return found.experiment_id
         location = (self.artifact_root / name).as_uri() if self.artifact_root else None
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:
             # Another process created it first.
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
             return found.experiment_id
+
+    def describe_experiment(self, name: str, description: str) -> str:
+        """The experiment of a spec, with the spec's description as its note (shown in the UI) and marked
+        as model development; returns its id."""
+        experiment_id = self.experiment_id(name)
+        tags = self.client.get_experiment(experiment_id).tags
+        wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **({NOTE_TAG: description.strip()} if description else {})}
+        for key, value in wanted.items():
+            if tags.get(key) != value:
+                self.client.set_experiment_tag(experiment_id, key, value)
+        return experiment_id
 
     def open_run(self, experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> TrackedRun:
         """A RUNNING run; the caller ends it with `end_run` (stacked runs end one by one)."""
@@ -255,7 +281,7 @@ class Tracker:
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI (for a local store, once `make ui` serves it)."""
         experiment_id = self.client.get_run(run_id).info.experiment_id
-        return f"{ui_base_for(self.uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+        return run_link(ui_base_for(self.uri), experiment_id, run_id)
 
     @property
     def resume_root(self) -> Path:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from vaelab.errors import ReportError
 from vaelab.report import figures as report_figures
-from vaelab.tracking import UI_BASE, ui_base_for
+from vaelab.tracking import UI_BASE, run_link, ui_base_for
 
 # metric -> (column header with its unit, which way is better: "min", "max" or None)
 KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
@@ -165,7 +165,44 @@ def _fmt_param(value) -> str:
 
 
 def _run_link(study: StudyRuns, run_id: str) -> str:
-    return f"[{run_id[:8]}]({study.ui_base}/#/experiments/{study.experiment_id}/runs/{run_id})"
+    return f"[{run_id[:8]}]({run_link(study.ui_base, study.experiment_id, run_id)})"
+
+
+# Two configurations differ beyond seed noise when Welch's t-test over their seeds gives p below this.
+SIGNIFICANCE = 0.05
+
+
+def rank_against_noise(table: pd.DataFrame, metric: str, better: str) -> tuple[int | None, list[int]]:
+    """(position of the column's best row, positions of the rows that Welch's unequal-variance t-test over
+    seeds cannot tell from it at p < SIGNIFICANCE: Welch 1947). The best is None when it cannot be judged:
+    a row of one run has no spread to compare. A "best" with rows tied to it is no winner."""
+    means = table[f"{metric} mean"].astype(float)
+    if means.isna().all():
+        return None, []
+    best = int(np.nanargmin(means) if better == "min" else np.nanargmax(means))
+    stds, counts = table[f"{metric} std"].astype(float), table["n"].astype(int)
+    if counts.iloc[best] < 2:
+        return None, []
+    tied = []
+    for position in range(len(table)):
+        if position == best or np.isnan(means.iloc[position]):
+            continue
+        if counts.iloc[position] < 2:
+            tied.append(position)  # one run: no spread to tell it from the best
+            continue
+        p = _welch_p(means.iloc[best], stds.iloc[best], counts.iloc[best], means.iloc[position], stds.iloc[position],
+                     counts.iloc[position])
+        if not p < SIGNIFICANCE:
+            tied.append(position)
+    return best, tied
+
+
+def _welch_p(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b: float, n_b: int) -> float:
+    from scipy.stats import ttest_ind_from_stats
+
+    if std_a == 0 and std_b == 0:
+        return 0.0 if mean_a != mean_b else 1.0
+    return float(ttest_ind_from_stats(mean_a, std_a, n_a, mean_b, std_b, n_b, equal_var=False).pvalue)
 
 
 def markdown_table(study: StudyRuns, table: pd.DataFrame, disentanglement: bool | None = False) -> str:
@@ -174,14 +211,17 @@ def markdown_table(study: StudyRuns, table: pd.DataFrame, disentanglement: bool 
     metrics = [c[: -len(" mean")] for c in table if c.endswith(" mean")]
     if disentanglement is not None:
         metrics = [m for m in metrics if m.startswith(DIS_PREFIX) == disentanglement]
-    shown = pd.DataFrame({key: table[key].map(_fmt_param) for key in study.swept})
+    shown = pd.DataFrame({key: table[key].map(lambda v: "—" if pd.isna(v) else _fmt_param(v)) for key in study.swept})
     for metric in metrics:
         header, better = KNOWN_METRICS.get(metric, (metric, None))
         cells = [_fmt(m, s, metric) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"], strict=True)]
         marks = _iwae_marks(table) if metric in IWAE_METRICS else None
         if better and len(table) > 1 and marks is None:  # numbers made with different settings are not ranked
-            best = table[f"{metric} mean"].idxmin() if better == "min" else table[f"{metric} mean"].idxmax()
-            cells[table.index.get_loc(best)] = f"**{cells[table.index.get_loc(best)]}**"
+            best, tied = rank_against_noise(table, metric, better)
+            for position in [best, *tied] if tied else []:  # the best and the rows it cannot be told from
+                cells[position] = f"{cells[position]} †"
+            if best is not None and not tied:
+                cells[best] = f"**{cells[best]}**"
         if marks is not None:
             cells = [f"{cell} ({mark})" if mark else cell for cell, mark in zip(cells, marks, strict=True)]
         shown[header] = cells
@@ -206,7 +246,10 @@ def _header(study: StudyRuns, description: str) -> list[str]:
         "- runs: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("finished", "pruned", "failed", "running")),
         f"- total compute: {compute_s / 60:.1f} min of wall time over all runs",
         "- units: nats per image; **test −ELBO** is the negative ELBO (recon + KL at beta = 1), lower is better;"
-        " mean ± std over seeds, n runs per row; **bold** = best in its column",
+        " mean ± std over seeds, n runs per row",
+        "- **bold** = best in its column and better than every other row beyond seed noise (Welch's t-test over "
+        f"seeds, p < {SIGNIFICANCE:g}); † = the column's best and every row not distinguishable from it at that "
+        "level (then no row is bold); rows of one run are not ranked",
     ]
     settings = sorted({_iwae_label(t) for t in runs.get(IWAE_TAG, pd.Series(dtype=str)).dropna()})
     if len(settings) == 1:
@@ -264,12 +307,17 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     finished = study.runs[study.runs["outcome"] == "finished"]
     is_grid = study.parent is None or study.parent.get("params.search.kind") == "grid"
     # Per-parameter curves need repeated values (a grid); an Optuna search gets Optuna's own plots.
-    figures = report_figures.swept_param_figures(finished, study.swept, figures_dir) if is_grid else []
-    if is_grid and "loss.objective" in study.swept:  # scores against ground-truth factors (dsprites studies)
-        figures += report_figures.disentanglement_by_objective(finished, figures_dir)
+    if is_grid and "loss.objective" in study.swept:
+        # Objectives are swept over strengths of their own (beta, factor_gamma, dip_lambda_od): each is
+        # drawn against its own strength, the ELBO terms and the disentanglement scores alike.
+        figures = report_figures.by_objective(finished, figures_dir, report_figures.PANELS, "by_objective")
+        figures += report_figures.by_objective(finished, figures_dir)
     elif is_grid:
+        figures = report_figures.swept_param_figures(finished, study.swept, figures_dir)
         figures += report_figures.swept_param_figures(finished, study.swept, figures_dir, report_figures.DIS_PANELS,
                                                       "disentanglement_by")
+    else:
+        figures = []
     figures += report_figures.rate_distortion(finished, study.swept, figures_dir)
     if figures:
         lines += ["", "## Figures", ""]
@@ -278,7 +326,7 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     if best_images:
         lines += ["", "## Best run"]
         for label, path in best_images.items():  # the label says which run, chosen by what
-            lines += ["", f"{label}:", "", f"![{label}](figures/{path.name})"]
+            lines += ["", f"{label}:", "", f"![{path.stem}](figures/{path.name})"]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -117,9 +117,9 @@ def rate_distortion(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[
     return [path]
 
 
-def disentanglement_by_objective(runs: pd.DataFrame, folder: Path,
-                                 panel_set: tuple[tuple[str, str], ...] = DIS_PANELS) -> list[Path]:
-    """A row per objective (loss.objective), a column per score: the score against that objective's own
+def by_objective(runs: pd.DataFrame, folder: Path, panel_set: tuple[tuple[str, str], ...] = DIS_PANELS,
+                 name: str = "disentanglement_by_objective") -> list[Path]:
+    """A row per objective (loss.objective), a column per metric: the metric against that objective's own
     strength key (beta, factor_gamma, dip_lambda_od: objectives.STRENGTH), mean ± std over seeds, seeds
     as dots. Columns share their y axis, so objectives compare at a glance."""
     from vaelab.objectives import OBJECTIVES, STRENGTH
@@ -153,10 +153,9 @@ def disentanglement_by_objective(runs: pd.DataFrame, folder: Path,
             if row == 0:
                 ax.set_title(label)
         axes[row][0].set_ylabel(objective, fontsize=11)
-    fig.suptitle("disentanglement scores against each objective's strength: mean ± std over seeds "
-                 "(dots: single runs)")
+    fig.suptitle("against each objective's own strength: mean ± std over seeds (dots: single runs)")
     fig.tight_layout()
-    path = folder / "disentanglement_by_objective.png"
+    path = folder / f"{name}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]

@@ -14,14 +14,14 @@ from optuna.trial import FrozenTrial, Trial
 
 from vaelab.locks import study_lock
 from vaelab.search import GridSearch, expand_grid
-from vaelab.spec import Spec, flatten
+from vaelab.spec import Spec
 from vaelab.sweeps.fingerprint import check_spec
-from vaelab.sweeps.points import optuna_params
+from vaelab.sweeps.points import optuna_params, parent_params, search_values
 from vaelab.sweeps.queue import PARENT_RUN, Counts, TrialQueue
 from vaelab.sweeps.samplers import pruner_for, sampler_for
 from vaelab.sweeps.storage import STUDIES_DIR, SweepError, open_storage, storage_url, study_dir
 from vaelab.sweeps.trials import TrialRunner
-from vaelab.tracking import Tracker
+from vaelab.tracking import NOTE_TAG, Tracker
 from vaelab.training import stack_blocker, stack_key
 
 
@@ -97,12 +97,11 @@ class Sweep:
         if parent and self.tracker.run_exists(parent):
             self.tracker.set_status(parent, "RUNNING")
             return parent
-        params = {f"base.{k}": v for k, v in flatten(self.spec.base).items()}
-        params.update({"search.kind": self.search.kind, "search.total": self.total,
-                       "search.metric": self.search.metric, "search.direction": self.search.direction,
-                       "search.params": ", ".join(k for k, _ in self.search.params)})
-        parent = self.tracker.create_parent_run(self.spec.name, f"sweep-{self.spec.name}", params,
-                                                {"vaelab.sweep": self.search.kind, "optuna.study": self.spec.name})
+        params = parent_params(self.spec, self.total, [p.run for p in self.points])
+        self.tracker.describe_experiment(self.spec.name, self.spec.description)
+        tags = {"vaelab.sweep": self.search.kind, "optuna.study": self.spec.name,
+                NOTE_TAG: f"Sweep of {self.total} runs over {search_values(self.search)}. {self.spec.description}"}
+        parent = self.tracker.create_parent_run(self.spec.name, f"sweep-{self.spec.name}", params, tags)
         self.study.set_user_attr(PARENT_RUN, parent)
         return parent
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from optuna.trial import Trial
 
-from vaelab.search import GridSearch, Point
-from vaelab.spec import Spec, with_values
+from vaelab.search import GridSearch, OptunaSearch, Point
+from vaelab.spec import RunSpec, Spec, flatten, unused_keys, with_values
 
 
 def optuna_params(values: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +52,47 @@ def trial_point(trial: Trial, spec: Spec) -> Point:
     return Point(values=values, run=with_values(spec.base, values))
 
 
-def child_run_name(number: int, values: dict[str, Any]) -> str:
-    """e.g. `trial-3 beta=2 hidden=[64,32] seed=1`: readable in the MLflow run list."""
-    parts = [f"{key.rsplit('.', 1)[-1]}={value}".replace(" ", "") for key, value in values.items()]
-    return " ".join([f"trial-{number}", *parts])[:200]
+def child_run_name(number: int, values: dict[str, Any], keys: list[str] | None = None) -> str:
+    """e.g. `beta=2 hidden=[64,32] seed=1 · trial 3`: the values that tell the run apart first (the MLflow
+    run list cuts long names), then the trial. `keys` limits the values shown (a union's own grid)."""
+    shown = [k for k in values if k != "train.seed" and (keys is None or k in keys)]
+    parts = [f"{key.rsplit('.', 1)[-1]}={_short(values[key])}".replace(" ", "") for key in shown]
+    if "train.seed" in values:
+        parts.append(f"seed={values['train.seed']}")
+    return (" ".join(parts) + f" · trial {number}")[-200:] if len(parts) else f"trial {number}"
+
+
+def _short(value: Any) -> str:
+    return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def search_values(search: GridSearch | OptunaSearch) -> str:
+    """The search in one line with its values: `loss.beta=[0.5, 1.0] x 3 seeds`; a union's grids joined
+    by `|`; Optuna's distributions with their bounds."""
+    if isinstance(search, GridSearch):
+        grids = " | ".join(", ".join(f"{k}={[_short(v) for v in values]}".replace("'", "") for k, values in grid)
+                           for grid in search.parts)
+        return f"{grids} x seeds {list(search.seeds)}"
+    parts = []
+    for key, dist in search.params:
+        if dist.kind == "categorical":
+            parts.append(f"{key} in {list(dist.choices)}")
+        else:
+            parts.append(f"{key} {dist.kind} [{dist.low}, {dist.high}]{' log' if dist.log else ''}")
+    return "; ".join(parts) + f", {search.n_trials} trials"
+
+
+def parent_params(spec: Spec, total: int, runs: list[RunSpec] | None = None) -> dict[str, Any]:
+    """The sweep's parent run params: the search (its keys and values) and the base keys the runs share.
+    Swept keys and the seed are left out of base.* (the grid overrides them), as are keys no run uses
+    (of `runs`, a grid's points; else of the base)."""
+    search = spec.search
+    if search is None:
+        raise ValueError("a sweep needs a search section")
+    swept = {key for key, _ in search.params} | {"train.seed"}
+    unused = set.intersection(*(unused_keys(r) for r in runs or [spec.base]))
+    params: dict[str, Any] = {f"base.{k}": v for k, v in flatten(spec.base).items() if k not in swept | unused}
+    params.update({"search.kind": search.kind, "search.total": total, "search.metric": search.metric,
+                   "search.direction": search.direction, "search.params": ", ".join(k for k, _ in search.params),
+                   "search.values": search_values(search)[:6000]})
+    return params

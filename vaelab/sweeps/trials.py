@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, Trial
 
 from vaelab import runner
 from vaelab.errors import RunPruned
-from vaelab.search import OptunaSearch, Point
+from vaelab.search import OptunaSearch, Point, own_keys
 from vaelab.spec import Spec
 from vaelab.sweeps.points import child_run_name, trial_point
 from vaelab.sweeps.queue import MLFLOW_RUN, TrialQueue
@@ -32,6 +32,9 @@ class TrialRunner:
             raise ValueError("a sweep needs a search section")
         self.spec, self.search = spec, spec.search
         self.queue, self.tracker = queue, tracker
+
+    def _name(self, number: int, values: dict[str, Any]) -> str:
+        return child_run_name(number, values, own_keys(self.search, self.spec.base, values))
 
     def _tags(self, trial: Trial, point: Point, parent: str) -> dict[str, Any]:
         return {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
@@ -65,7 +68,7 @@ class TrialRunner:
             try:
                 outcome = runner.run(point.run, self.spec.name, self.tracker, show_progress=False,
                                      extra_tags=self._tags(trial, point, parent),
-                                     name=child_run_name(trial.number, point.values),
+                                     name=self._name(trial.number, point.values),
                                      epoch_callbacks=[self._pruning(trial, on_epoch)], on_start=self._on_start(trial))
             except RunPruned:
                 return self.queue.prune(trial)
@@ -86,7 +89,7 @@ class TrialRunner:
             try:
                 outcomes = runner.run_stack([p.run for p in points], self.spec.name, self.tracker, show_progress=False,
                                             extra_tags=[self._tags(t, p, parent) for t, p in pairs],
-                                            names=[child_run_name(t.number, p.values) for t, p in pairs],
+                                            names=[self._name(t.number, p.values) for t, p in pairs],
                                             on_start=[self._on_start(t) for t in trials])
             except KeyboardInterrupt:
                 for trial in trials:
