@@ -113,39 +113,6 @@ def test_sample_bad_arguments(tmp_path: Path):
     assert done.returncode == 2 and "--out" in done.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_ui_serves_on_loopback(tmp_path: Path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = str(REPO)
-    server = subprocess.Popen([sys.executable, "-m", "vaelab", "ui", "--port", str(port)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    output = server.stdout.read().decode() if server.poll() is not None else ""
-                    pytest.fail(f"MLflow UI did not come up: {output}")
-                time.sleep(0.5)
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
-        if listening.returncode == 0 and listening.stdout.strip():
-            local_addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening.stdout.splitlines()}
-            assert local_addresses == {"127.0.0.1"}
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-
-
 def test_sweep_bad_search_and_no_search(tmp_path: Path, mnist_root: Path):
     write_spec(tmp_path, mnist_root)
     no_search = vaelab(tmp_path, "sweep", "cli_demo")

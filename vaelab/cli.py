@@ -212,14 +212,17 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from vaelab.tracking import Tracker
+    from vaelab.tracking import ML_VIEW, Tracker
 
-    command = Tracker(args.tracking_uri).ui_command(host=args.host, port=args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C stops it)")
-    try:
-        return subprocess.call([sys.executable, "-m", "mlflow", *command[1:]])
-    except KeyboardInterrupt:
-        return 0
+    from vaelab.serve import check_port_free, serve
+
+    check_port_free(args.host, args.port)  # before opening the store: a taken port is the first thing said
+    tracker = Tracker(args.tracking_uri)
+    command = tracker.ui_command(host=args.host, port=args.port)
+    # One user on a laptop: one server worker, and no GenAI job runners (MLflow 3 starts several by default,
+    # which is what made the UI take 25-45 s to answer on two cores).
+    return serve([sys.executable, "-m", "mlflow", *command[1:]], args.host, args.port, "MLflow UI",
+                 env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, url_path="/#/experiments" + ML_VIEW)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:

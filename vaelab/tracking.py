@@ -400,7 +400,8 @@ class Tracker:
 
     def ui_command(self, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         """`mlflow ui` over this store, bound to loopback unless asked otherwise."""
-        command = ["mlflow", "ui", "--backend-store-uri", self.uri, "--host", host, "--port", str(port)]
+        command = ["mlflow", "server", "--backend-store-uri", self.uri, "--host", host, "--port", str(port),
+                   "--workers", "1"]
         if self.artifact_root is not None:
             command += ["--default-artifact-root", self.artifact_root.as_uri()]
         return command
