@@ -6,7 +6,7 @@ SPEC   ?= quickstart
 EXP    ?= beta_study
 ARGS   ?=
 
-.PHONY: help install test test-slow lint bench train sweep worker report ui clean
+.PHONY: help install test test-slow lint bench train sweep worker report dashboard ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ worker: install  ## join a running sweep as one more worker: make worker EXP=bet
 
 report: install  ## markdown report of a study from the tracking store: make report EXP=beta_study
 	$(BIN)/vaelab report experiments/$(EXP).yaml $(ARGS)
+
+dashboard: install  ## optuna-dashboard over a study on http://127.0.0.1:8080: make dashboard EXP=beta_study [ARGS="--port 8081"]
+	$(BIN)/vaelab dashboard experiments/$(EXP).yaml $(ARGS)
 
 ui: install  ## MLflow UI over runs/ on http://127.0.0.1:5000
 	$(BIN)/vaelab ui

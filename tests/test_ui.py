@@ -24,9 +24,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def answers(port: int) -> bool:
+def answers(port: int, path: str = "/health") -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
@@ -40,12 +40,13 @@ def start_ui(cwd: Path, port: int, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_until_up(server: subprocess.Popen, port: int, timeout: float = 120) -> tuple[float, list[str]]:
+def wait_until_up(server: subprocess.Popen, port: int, timeout: float = 120,
+                  path: str = "/health") -> tuple[float, list[str]]:
     """Seconds until vaelab says the UI is ready (and it answers), and vaelab's output lines, still filling."""
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")), daemon=True).start()
     started = time.monotonic()
-    while not (any("ready on" in line for line in lines) and answers(port)):
+    while not (any("ready on" in line for line in lines) and answers(port, path)):
         if server.poll() is not None:
             pytest.fail(f"MLflow UI exited: {''.join(lines)}")
         if time.monotonic() - started > timeout:

@@ -169,6 +169,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from vaelab.serve import check_port_free, serve
+    from vaelab.spec import load_spec
+    from vaelab.sweeps.dashboard import STORAGE_ENV, dashboard_command, dashboard_storage
+
+    spec = load_spec(resolve_spec_path(args.spec))
+    if spec.search is None:
+        raise UsageError(f"{args.spec}: no search section, so no Optuna study to show")
+    check_port_free(args.host, args.port)
+    target = dashboard_storage(spec, args.storage)
+    return serve([*dashboard_command(), args.host, str(args.port)], args.host, args.port,
+                 f"optuna-dashboard ({spec.name})", env={STORAGE_ENV: target},
+                 url_path="/dashboard")
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from vaelab.checkpoint import load_checkpoint
     from vaelab.figures import write_samples
@@ -291,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", help="Optuna RDB URL of the study, for Optuna plots")
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     report.set_defaults(func=_cmd_report)
+
+    board = sub.add_parser("dashboard", help="optuna-dashboard over a study's storage, on 127.0.0.1")
+    board.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    board.add_argument("--storage", help="Optuna RDB URL of the study (default: its journal in studies/NAME/)")
+    board.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    board.add_argument("--port", type=int, default=8080)
+    board.set_defaults(func=_cmd_dashboard)
 
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint folder")
     sample.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json)")

@@ -26,8 +26,9 @@ DEFAULT_STORE_DIR = Path("runs")
 FAILURE_TAG = "failure_reason"
 
 UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves a local store
-# MLflow 3's UI opens in its GenAI view unless told otherwise: links carry the model-training view,
-# and vaelab's experiments are marked as model development (the UI reads the kind from this tag).
+# MLflow 3's UI opens in its GenAI view unless the URL asks for the model-training one (a browser test
+# found no experiment setting that changes that), so every link vaelab writes carries ML_VIEW. The
+# experiment kind tag is what the UI's own kind selector sets; vaelab sets it to model development.
 ML_VIEW = "?workflowType=machine_learning"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the description the UI shows for an experiment or a run
