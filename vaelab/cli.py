@@ -8,7 +8,6 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -227,9 +226,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from vaelab.tracking import ML_VIEW, Tracker
-
     from vaelab.serve import check_port_free, serve
+    from vaelab.tracking import ML_VIEW, Tracker
 
     check_port_free(args.host, args.port)  # before opening the store: a taken port is the first thing said
     tracker = Tracker(args.tracking_uri)

@@ -218,7 +218,7 @@ def markdown_table(study: StudyRuns, table: pd.DataFrame, disentanglement: bool 
         marks = _iwae_marks(table) if metric in IWAE_METRICS else None
         if better and len(table) > 1 and marks is None:  # numbers made with different settings are not ranked
             best, tied = rank_against_noise(table, metric, better)
-            for position in [best, *tied] if tied else []:  # the best and the rows it cannot be told from
+            for position in [best, *tied] if tied and best is not None else []:  # the best and its ties
                 cells[position] = f"{cells[position]} †"
             if best is not None and not tied:
                 cells[best] = f"**{cells[best]}**"

@@ -46,11 +46,12 @@ def dashboard_command() -> list[str]:
 
 def main() -> None:
     import optuna_dashboard
-    from optuna.storages import JournalStorage
+    from optuna.storages import BaseStorage, JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     target = os.environ.pop(STORAGE_ENV)
     host, port = sys.argv[1], int(sys.argv[2])
+    storage: BaseStorage
     if target.startswith(JOURNAL_PREFIX):
         path = target[len(JOURNAL_PREFIX):]
         storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
