@@ -47,6 +47,8 @@ def test_search_evaluate_takes_the_top_runs_once_with_two_workers(tmp_path: Path
     assert len(counts) == 4
     assert {run for run, n in counts.items() if n} == _top(tmp_path, "sweep_demo", 2)
     assert sorted(counts.values()) == [0, 0, 1, 1]  # two workers, each top run evaluated once
+    # A finished sweep writes its report, as `make report` would, and puts it on its parent run.
+    assert "report: " in done.stdout and (tmp_path / "studies" / "sweep_demo" / "report.md").is_file()
     again = _vaelab(tmp_path, "sweep", str(spec), "--no-progress")
     assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
     assert _evaluations(tmp_path, "sweep_demo") == counts

@@ -89,6 +89,27 @@ def test_report_numbers_match_the_store(grid_study, tmp_path: Path):
             image.verify()
 
 
+def test_the_parent_run_carries_the_report_and_the_winner(grid_study, tmp_path: Path):
+    path, sweep = grid_study
+    write_study_report(load_spec(path), sweep.tracker, tmp_path / "out")
+    client = MlflowClient(sweep.tracker.uri)
+    experiment = client.get_experiment_by_name("sweep_demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "vaelab.sweep" in r.data.tags)
+    best = client.get_run(parent.data.tags["vaelab.best_run"])
+    # The winner by the sweep's own metric (val/elbo, lowest), its values and test numbers on the parent.
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert best.info.run_id == min(children, key=lambda r: r.data.metrics["best/val/elbo"]).info.run_id
+    assert parent.data.metrics["best_run/test/elbo"] == pytest.approx(best.data.metrics["test/elbo"])
+    assert parent.data.tags["vaelab.best_config"] == (f"loss.beta={best.data.params['loss.beta']}, "
+                                                      f"seed={best.data.params['train.seed']}")
+    assert "Best run:" in parent.data.tags["mlflow.note.content"]
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/table.csv", "report/figures"} <= names
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "report/figures")}
+    assert "report/figures/rate_distortion.png" in figures
+
+
 def test_partial_study_says_what_is_missing(tmp_path: Path, mnist_root: Path):
     path = write_spec(tmp_path, mnist_root, GRID)
     sweep = make_sweep(tmp_path, path)

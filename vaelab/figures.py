@@ -157,7 +157,7 @@ def write_kl_per_dimension(kl: Tensor, path: Path) -> Path:
 def write_traversals(model: VAE, likelihood: Likelihood, x: Tensor, kl: Tensor, path: Path,
                      max_dims: int = 10, steps: int = 9, span: float = 3.0, y: Tensor | None = None) -> Path:
     """Decode the posterior mean of one image while moving one latent dimension
-    from -span to +span (rows: dimensions with the most KL first)."""
+    from -span to +span (rows: dimensions with the most KL first, each labelled with its index and KL)."""
     model.eval()
     label = None if y is None else y[:1]
     mu = model.encode(x[:1], label)[0]
@@ -168,5 +168,22 @@ def write_traversals(model: VAE, likelihood: Likelihood, x: Tensor, kl: Tensor, 
         z[row, :, dim] = values
     flat = z.flatten(0, 1)
     images = likelihood.mean(model.decode(flat, None if label is None else label.repeat(len(flat))))
-    save_image(_enlarge(images.cpu()), path, nrow=steps, padding=2, pad_value=1.0)
+    grid = images.float().clamp(0, 1).cpu().view(len(dims), steps, *images.shape[1:])
+    fig, axes = plt.subplots(len(dims), steps, figsize=(0.9 * steps + 1.6, 0.95 * len(dims) + 0.5), squeeze=False)
+    for row, dim in enumerate(dims.tolist()):
+        for col in range(steps):
+            picture = grid[row, col].permute(1, 2, 0).numpy()
+            axes[row][col].imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray",
+                                  vmin=0, vmax=1)
+            axes[row][col].set_xticks([])
+            axes[row][col].set_yticks([])
+        axes[row][0].set_ylabel(f"z{dim}\n{float(kl[dim]):.1f} nats", rotation=0, ha="right", va="center", fontsize=8)
+    for col, value in enumerate(values.tolist()):
+        axes[-1][col].set_xlabel(f"{value:+.1f}", fontsize=8)
+    fig.suptitle(f"each row: one latent dimension (its mean KL) moved from -{span:g} to +{span:g}, the others at "
+                 "the image's mean",
+                 fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.99, top=0.93, bottom=0.06, wspace=0.05, hspace=0.08)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

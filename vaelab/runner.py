@@ -123,10 +123,11 @@ def _epoch_figures(run_spec: RunSpec, model, data: ImageData, tracked) -> EpochC
         with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp:
             folder = Path(tmp)
             figures.write_reconstructions(model, model.likelihood, data.test.x[:32],
-                                          folder / f"reconstructions_e{epoch:04d}.png", data.test.y[:32])
-            figures.write_samples(model, model.likelihood, folder / f"samples_e{epoch:04d}.png",
-                                  seed=run_spec.train.seed)
-            tracked.log_artifacts(folder, f"{FIGURES_DIR}/epochs")
+                                          folder / "reconstructions.png", data.test.y[:32])
+            figures.write_samples(model, model.likelihood, folder / "samples.png", seed=run_spec.train.seed)
+            # MLflow's image logging with the epoch as its step: the run page's image view slides through them.
+            for name in ("reconstructions", "samples"):
+                tracked.log_image(folder / f"{name}.png", key=name, step=epoch)
         model.train()
 
     return callback

@@ -192,6 +192,16 @@ class TrackedRun:
             inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, record["context"])]))
         self.client.log_inputs(self.run_id, datasets=inputs)
 
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """A picture under `key` at `step` (MLflow's image logging): the UI shows a slider over the steps."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self.run_id, image.convert("RGB"), key=key, step=step, synchronous=True)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 

@@ -380,4 +380,35 @@ def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Pat
             fetched.replace(target)
             images[f"{name.replace('_', ' ')} of run {_run_link(study, row['run_id'])}, {why}"] = target
     extra = optuna_figures(figures_dir) if optuna_figures else []
-    return build_report(study, out_dir, spec.description, images, extra)
+    path = build_report(study, out_dir, spec.description, images, extra)
+    if study.parent is not None:
+        publish_on_parent(tracker, study, out_dir, best, criterion)
+    return path
+
+
+# The metrics of the winning run copied onto the sweep's parent run, under this prefix.
+PARENT_BEST_PREFIX = "best_run/"
+
+
+def publish_on_parent(tracker, study: StudyRuns, out_dir: Path, best: pd.Series, criterion: str) -> None:
+    """The sweep's parent run carries its outcome: the report (markdown, table, figures) as artifacts under
+    report/, the best run's test metrics as best_run/<metric>, and tags and a note naming that run, its
+    values and why it won; so the MLflow UI alone answers "which configuration won"."""
+    assert study.parent is not None
+    parent_id = str(study.parent["run_id"])
+    values = ", ".join(f"{k}={_fmt_param(best.get(f'params.{k}'))}" for k in study.swept
+                       if not pd.isna(best.get(f"params.{k}")))
+    seed = best.get("params.train.seed")
+    label = values + (f", seed={seed}" if seed is not None and not pd.isna(seed) else "")
+    metrics = {f"{PARENT_BEST_PREFIX}{c[len('metrics.'):]}": float(best[c]) for c in best.index
+               if c.startswith("metrics.test/") and not c.startswith("metrics.test/kl_dim/") and not pd.isna(best[c])}
+    parent = tracker.attach(parent_id)
+    parent.log_metrics(metrics)
+    before = str(study.parent.get("tags.mlflow.note.content") or "").split("\n\nBest run:")[0]
+    note = (f"{before}\n\nBest run: {label or best['run_id']} ({_run_link(study, str(best['run_id']))}), "
+            f"{criterion}. The report is in this run's report/ artifacts (report.md, table.csv, figures/).").strip()
+    parent.set_tags({"vaelab.best_run": best["run_id"], "vaelab.best_config": label, "mlflow.note.content": note})
+    for name in ("report.md", "table.csv"):
+        if (out_dir / name).is_file():
+            parent.log_artifact(out_dir / name, "report")
+    parent.log_artifacts(out_dir / "figures", "report/figures")

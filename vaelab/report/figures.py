@@ -100,11 +100,11 @@ def rate_distortion(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[
     distortion = runs["metrics.test/recon"].astype(float).to_numpy()
     labels = [", ".join(f"{_short(k)}={_compact(row[f'params.{k}'])}" for k in swept) for _, row in runs.iterrows()]
     front = pareto_front(rate, distortion)
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 7))
     ax.scatter(rate, distortion, s=18, color="tab:blue", label="runs")
     ax.step(rate[front], distortion[front], where="post", color="tab:red", label="Pareto front")
     for x, y, text in zip(rate, distortion, labels, strict=True):
-        ax.annotate(text, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(text, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("rate: test KL (nats)")
     ax.set_ylabel("distortion: test recon (nats)")
     ax.set_title("rate–distortion (every finished run)")

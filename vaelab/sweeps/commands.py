@@ -131,7 +131,26 @@ def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
     counts = sweep.finish(parent)
     print(_summary(sweep, counts))
     _final_evaluation(sweep, parent, show_progress=not args.no_progress)
+    if sweep.pending(sweep.counts()) == 0:
+        _report(spec, sweep, args)
     return 0
+
+
+def _report(spec: Spec, sweep, args: argparse.Namespace) -> None:
+    """The study's report once every trial is done, written as `make report` writes it (and so also onto
+    the sweep's parent run); a report that cannot be made is said, and the sweep still succeeds."""
+    from vaelab.errors import ReportError
+    from vaelab.report import write_study_report
+    from vaelab.report.optuna_section import optuna_report_section
+    from vaelab.sweeps.storage import study_dir
+
+    try:
+        path = write_study_report(spec, sweep.tracker, study_dir(spec.name, sweep.studies_root),
+                                  optuna_figures=lambda folder: optuna_report_section(spec, args.storage, folder))
+    except ReportError as err:
+        print(f"no report: {err}")
+        return
+    print(f"report: {path} (also on the sweep's parent run, under report/)")
 
 
 def _final_evaluation(sweep, parent: str, show_progress: bool, quiet: bool = False) -> None:
