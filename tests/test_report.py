@@ -110,6 +110,18 @@ def test_the_parent_run_carries_the_report_and_the_winner(grid_study, tmp_path: 
     assert "report/figures/rate_distortion.png" in figures
 
 
+def test_the_html_report_is_one_file_with_its_figures_inside(grid_study, tmp_path: Path):
+    from vaelab.report.html import write_html
+
+    path, sweep = grid_study
+    report = write_study_report(load_spec(path), sweep.tracker, tmp_path / "out")
+    page = write_html(report).read_text()
+    assert page.count("<table>") == 1 and "<th>loss.beta</th>" in page
+    figures = re.findall(r"\(figures/([^)]+\.png)\)", report.read_text())
+    assert page.count('src="data:image/png;base64,') == len(figures) >= 3
+    assert 'src="figures/' not in page  # nothing left to fetch beside the file
+
+
 def test_partial_study_says_what_is_missing(tmp_path: Path, mnist_root: Path):
     path = write_spec(tmp_path, mnist_root, GRID)
     sweep = make_sweep(tmp_path, path)

@@ -165,6 +165,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = write_study_report(spec, Tracker(uri), out_dir,
                               optuna_figures=lambda folder: optuna_report_section(spec, args.storage, folder))
     print(f"wrote {path}")
+    if args.html:
+        from vaelab.report.html import write_html
+
+        print(f"wrote {write_html(path)} (figures inlined: one file to share)")
     return 0
 
 
@@ -302,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
     report.add_argument("--out", help="folder for report.md, table.csv, figures/ (default studies/NAME/)")
     report.add_argument("--storage", help="Optuna RDB URL of the study, for Optuna plots")
+    report.add_argument("--html", action="store_true", help="also write report.html, figures inlined, for sharing")
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     report.set_defaults(func=_cmd_report)
 
