@@ -104,7 +104,9 @@ def test_two_workers_share_a_sweep_through_an_mlflow_server(tmp_path: Path, mnis
     assert report.returncode == 0, output
     text = (worker_dir / "studies" / "server_demo" / "report.md").read_text()
     # Run links open the server's own UI.
-    assert text.count(f"]({url}/#/experiments/{experiment.experiment_id}/runs/") == 4
+    table = text.split("## Best run")[0]
+    assert table.count(f"]({url}/#/experiments/{experiment.experiment_id}/runs/") == 4
+    assert f"]({url}/#/experiments/{experiment.experiment_id}/runs/" in text.split("## Best run")[1]
     assert (worker_dir / "studies" / "server_demo" / "figures" / "best_reconstructions.png").stat().st_size > 0
 
 
@@ -123,7 +125,7 @@ def test_train_against_a_server_prints_the_runs_address(tmp_path: Path, mnist_ro
     output = done.communicate(timeout=300)[0]
     assert done.returncode == 0, output
     [run] = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("server_train").experiment_id])
-    address = f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    address = f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert [line.strip() for line in output.splitlines() if url + "/#" in line] == [address]
 
 

@@ -187,8 +187,36 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
                  url_path="/dashboard")
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
+def _load_model(target: str, tracking_uri: str | None, device: str, scratch: Path):
+    """A checkpoint folder, or a `models:/` / `runs:/` URI fetched from the tracking store into `scratch`."""
     from vaelab.checkpoint import load_checkpoint
+
+    if target.startswith(("models:/", "runs:/")):
+        from vaelab.tracking import Tracker
+
+        return load_checkpoint(Tracker(tracking_uri).model_folder(target, scratch), device=device)
+    return load_checkpoint(target, device=device)
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from vaelab.search import METRICS
+    from vaelab.spec import load_spec
+    from vaelab.tracking import Tracker
+
+    spec = load_spec(resolve_spec_path(args.spec))
+    if args.by not in METRICS:
+        raise UsageError(f"--by: expected one of {', '.join(METRICS)} (validation metrics only), got {args.by}")
+    tracker = Tracker(args.tracking_uri)
+    # Every validation metric a sweep ranks by is a loss: lower is better.
+    name, version, run_id, value = tracker.register_best(spec.name, f"best/{args.by}", True, args.name or spec.name)
+    print(f"registered run {run_id} ({args.by} {value:.3f}, the lowest) as {name} version {version}: "
+          f"models:/{name}/{version}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import tempfile
+
     from vaelab.figures import write_samples
 
     if args.n < 1 or args.n > 10_000:
@@ -198,7 +226,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: expected a .png file name, got {args.out}")
     if not out.parent.is_dir():
         raise UsageError(f"--out: folder {out.parent} does not exist")
-    checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="vaelab-model-") as scratch:
+        checkpoint = _load_model(args.checkpoint, args.tracking_uri, args.device, Path(scratch))
     write_samples(checkpoint.model, checkpoint.likelihood, out, n=args.n, seed=args.seed)
     print(f"wrote {args.n} samples from {checkpoint.name} ({checkpoint.run_spec.model.arch}, "
           f"z_dim={checkpoint.run_spec.model.z_dim}) to {out}")
@@ -206,17 +235,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    import tempfile
+
     import torch
     from torchvision.utils import save_image
 
-    from vaelab.checkpoint import load_checkpoint
     from vaelab.data.images import load_image
     from vaelab.registry import image_shape
 
     out = Path(args.out)
     if out.suffix.lower() != ".png" or not out.parent.is_dir():
         raise UsageError(f"--out: expected a .png file in an existing folder, got {args.out}")
-    checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="vaelab-model-") as scratch:
+        checkpoint = _load_model(args.checkpoint, args.tracking_uri, args.device, Path(scratch))
     x = load_image(args.image, image_shape(checkpoint.run_spec.data)).to(args.device)
     label = torch.tensor([args.label], device=args.device)
     if checkpoint.model.num_classes and not 0 <= args.label < checkpoint.model.num_classes:
@@ -317,8 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--port", type=int, default=8080)
     board.set_defaults(func=_cmd_dashboard)
 
-    sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint folder")
-    sample.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json)")
+    register = sub.add_parser("register", help="put a study's best run in the MLflow Model Registry")
+    register.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    register.add_argument("--by", default="val/elbo", help="validation metric that ranks the runs, lowest best "
+                                                          "(default val/elbo)")
+    register.add_argument("--name", help="registered model name (default: the study's name)")
+    register.add_argument("--tracking-uri")
+    register.set_defaults(func=_cmd_register)
+
+    sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint folder or a models:/ URI")
+    sample.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json), or "
+                                           "models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN_ID")
+    sample.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ (default: "
+                                               "$MLFLOW_TRACKING_URI or runs/mlflow.db)")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", default="samples.png", help="PNG file to write")
     sample.add_argument("--seed", type=int, default=0)
@@ -326,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_cmd_sample)
 
     recon = sub.add_parser("reconstruct", help="encode one image file and write original | reconstruction")
-    recon.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json)")
+    recon.add_argument("checkpoint", help="checkpoint folder, or models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN_ID")
+    recon.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/")
     recon.add_argument("image", help="an image file of any size (cropped and resized to the model's input)")
     recon.add_argument("--out", default="reconstruction.png", help="PNG file to write")
     recon.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

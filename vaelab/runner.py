@@ -174,8 +174,13 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
     kept = result.history[result.best_epoch - 1]
     metrics.update({f"best/{k}": v for k, v in kept.items() if k.startswith("val/")})
     started = time.perf_counter()
-    tracked.log_metrics(metrics, step=result.epochs_run)
-    tracked.set_tags({"vaelab.stopped_early": result.stopped_early, **evaluation.tags})
+    # The kept weights become an MLflow LoggedModel; the test metrics are logged linked to it.
+    model_id = tracked.start_model({"arch": run_spec.model.arch, "z_dim": run_spec.model.z_dim,
+                                    "likelihood": run_spec.loss.likelihood, "run_hash": run_spec.hash()})
+    test = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    tracked.log_model_metrics(model_id, test, step=result.epochs_run)
+    tracked.log_metrics({k: v for k, v in metrics.items() if k not in test}, step=result.epochs_run)
+    tracked.set_tags({"vaelab.stopped_early": result.stopped_early, "vaelab.model_id": model_id, **evaluation.tags})
     tracking_s += time.perf_counter() - started
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp, \
@@ -184,10 +189,15 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
         if run_spec.eval.figures:
             write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec,
                           step=lambda: bar.update(1))
-        save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics, run_id=tracked.run_id)
-        bar.update(1)
-        bar.set_description("uploading figures and checkpoint")
-        tracked.log_artifacts(Path(tmp))
+        try:
+            save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics, run_id=tracked.run_id)
+            bar.update(1)
+            bar.set_description("uploading figures and checkpoint")
+            tracked.log_artifacts(Path(tmp))
+            tracked.finish_model(model_id, Path(tmp) / CHECKPOINT_DIR, step=result.epochs_run)
+        except BaseException:
+            tracked.finish_model(model_id, None, step=result.epochs_run)
+            raise
         bar.update(1)
     timings = {"time/artifacts_s": time.perf_counter() - started, "time/tracking_s": tracking_s}
     tracked.log_metrics(timings, step=result.epochs_run)

@@ -62,6 +62,13 @@ def without_credentials(uri: str) -> str:
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
+# A run's kept weights as an MLflow LoggedModel: the checkpoint folder (model.pt state dict, spec.yaml,
+# metrics.json), read back by vaelab's own weights-only loader; no pickled Python object, no pyfunc.
+MODEL_NAME, MODEL_TYPE = "vae", "vaelab-checkpoint"
+MODEL_FORMAT_TAG, MODEL_FORMAT = "vaelab.format", "checkpoint-v1"
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
 def ui_base_for(tracking_uri: str) -> str:
     """A tracking server serves its own UI; a local store is seen through `make ui`."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -192,6 +199,35 @@ class TrackedRun:
             inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, record["context"])]))
         self.client.log_inputs(self.run_id, datasets=inputs)
 
+    def start_model(self, params: dict[str, Any]) -> str:
+        """A LoggedModel (MLflow 3's model object) for this run's weights, PENDING until `finish_model`; the
+        test metrics logged with `log_model_metrics` are linked to it. Returns its model id."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        model = self.client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=self.run_id,
+                                                params={k: _param_text(v) for k, v in params.items()},
+                                                tags={MODEL_FORMAT_TAG: MODEL_FORMAT}, model_type=MODEL_TYPE)
+        return model.model_id
+
+    def log_model_metrics(self, model_id: str, metrics: dict[str, float], step: int) -> None:
+        """Metrics of the run that belong to its model too (the UI shows them on the model's page)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id)
+                                                    for k, v in metrics.items()])
+
+    def finish_model(self, model_id: str, folder: Path | None, step: int) -> None:
+        """Upload the checkpoint folder into the model and mark it READY (FAILED when there is no folder),
+        and record it as the run's output."""
+        from mlflow.entities import LoggedModelOutput
+
+        if folder is None:
+            self.client.finalize_logged_model(model_id, "FAILED")
+            return
+        self.client.log_model_artifacts(model_id, str(folder))
+        self.client.finalize_logged_model(model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
+
     def log_image(self, path: Path, key: str, step: int) -> None:
         """A picture under `key` at `step` (MLflow's image logging): the UI shows a slider over the steps."""
         from PIL import Image
@@ -220,7 +256,7 @@ class Tracker:
         root = _artifact_root(self.uri)
         self.artifact_root = root
         if root is None:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             return
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -228,7 +264,7 @@ class Tracker:
             # once corrupt each other, so they take turns.
             with open(root.parent / ".mlflow-init.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                self.client = MlflowClient(tracking_uri=self.uri)
+                self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                 self.client.search_experiments(max_results=1)
         except Exception as err:
             problem = storage_problem(err) or str(err).strip().splitlines()[0][:200]
@@ -333,6 +369,64 @@ class Tracker:
     def attach(self, run_id: str) -> TrackedRun:
         """A handle that writes into an existing run as it is (a finished run's later evaluation)."""
         return TrackedRun(self.client, run_id)
+
+    def model_folder(self, uri: str, dest: Path) -> Path:
+        """The checkpoint folder behind a `models:/<name>/<version>`, `models:/<model id>` or `runs:/<run id>`
+        URI, downloaded into `dest`; CheckpointError (one line) if there is no such model or it is not
+        vaelab's. Nothing is unpickled here: the folder is read by checkpoint.load_checkpoint."""
+        import mlflow
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        from vaelab.errors import CheckpointError
+
+        if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
+            uri = uri.rstrip("/") + "/checkpoint"  # a run's checkpoint folder
+        # models:/ URIs are resolved through the process's tracking and registry URIs.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),
+                                                             tracking_uri=self.uri, registry_uri=self.uri))
+        except MlflowException as err:
+            why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{uri}: no such model in {self.shown_uri} ({why})") from None
+        except OSError as err:
+            raise CheckpointError(f"{uri}: cannot fetch it ({err})") from None
+        if not (local / "model.pt").is_file() or not (local / "spec.yaml").is_file():
+            raise CheckpointError(f"{uri}: not a vaelab model (no model.pt and spec.yaml in it); vaelab loads "
+                                  "only its own checkpoints")
+        return local
+
+    def register_best(self, experiment: str, metric: str, ascending: bool, name: str) -> tuple[str, str, str, float]:
+        """Put the FINISHED run of `experiment` with the best `metric` in the Model Registry as a new version
+        of `name` (its LoggedModel, else its checkpoint folder). Returns (name, version, run id, value)."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        # The registry resolves a models:/<id> source through the process's tracking URI, not the client's.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        ranked = self.best_runs(experiment, metric, ascending, 1) if found is not None else []
+        if not ranked:
+            raise TrackingError(f"no finished runs of '{experiment}' with {metric} in {self.shown_uri}")
+        run = self.client.get_run(ranked[0])
+        models = self.client.search_logged_models([run.info.experiment_id],
+                                                  filter_string=f"source_run_id = '{run.info.run_id}'")
+        ready = [m for m in models if str(m.status) in ("READY", "LoggedModelStatus.READY")]
+        source = f"models:/{ready[0].model_id}" if ready else f"runs:/{run.info.run_id}/checkpoint"
+        try:
+            self.client.create_registered_model(name, description=f"vaelab VAEs of '{experiment}'")
+        except MlflowException as err:
+            taken = "RESOURCE_ALREADY_EXISTS" in str(getattr(err, "error_code", "")) or "already exists" in str(err)
+            if not taken:
+                raise
+        version = self.client.create_model_version(
+            name, source=source, run_id=run.info.run_id, model_id=ready[0].model_id if ready else None,
+            tags={"vaelab.metric": metric, "vaelab.value": str(run.data.metrics[metric])},
+            description=f"the run of '{experiment}' with the {'lowest' if ascending else 'highest'} {metric}")
+        return name, str(version.version), run.info.run_id, float(run.data.metrics[metric])
 
     def best_runs(self, experiment: str, metric: str, ascending: bool, n: int, parent: str | None = None) -> list[str]:
         """Ids of the n FINISHED runs of `experiment` (children of `parent`, if given) with the best `metric`."""
