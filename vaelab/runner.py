@@ -271,6 +271,8 @@ def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags:
     try:
         if on_start is not None:
             on_start(tracked.run_id)
+        if run_spec.train.system_metrics:
+            tracked.start_system_metrics(run_spec.train.system_metrics_s)
         if prior is None:
             unused = unused_keys(run_spec)
             tracked.log_params({k: v for k, v in flatten(run_spec).items() if k not in unused})

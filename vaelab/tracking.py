@@ -154,6 +154,7 @@ class TrackedRun:
     def __init__(self, client, run_id: str, logged_through: int = 0):
         self.client = client
         self.run_id = run_id
+        self.monitor: Any = None  # MLflow's system-metrics sampler, while the run trains
         # A resumed run repeats the epochs after its last saved state; those it had
         # already logged before it was killed are not logged a second time.
         self.logged_through = logged_through
@@ -198,6 +199,28 @@ class TrackedRun:
                               profile=json.dumps(record["profile"]))
             inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, record["context"])]))
         self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def start_system_metrics(self, every_s: float) -> None:
+        """Sample CPU, memory, disk, network and (through NVML, when there is a GPU) GPU utilisation and
+        memory every `every_s` seconds into system/* metrics, in a thread, until the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        previous = logging.getLogger("mlflow.system_metrics").level
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" lines
+        try:
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, samples_before_logging=1,
+                                           resume_logging=self.logged_through > 0,
+                                           tracking_uri=self.client.tracking_uri)
+            monitor.start()
+        finally:
+            logging.getLogger("mlflow.system_metrics").setLevel(previous)
+        self.monitor = monitor
+
+    def stop_system_metrics(self) -> None:
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            monitor.finish()
 
     def start_model(self, params: dict[str, Any]) -> str:
         """A LoggedModel (MLflow 3's model object) for this run's weights, PENDING until `finish_model`; the
@@ -307,6 +330,10 @@ class Tracker:
     def end_run(self, run: TrackedRun, error: BaseException | None = None) -> None:
         """FINISHED without an error; KILLED on Ctrl-C; otherwise the error's
         `mlflow_status` (vaelab.errors: a pruned run is KILLED) or FAILED, with the reason as a tag."""
+        try:
+            run.stop_system_metrics()
+        except Exception as err:  # a sampler that cannot stop cleanly must not change how the run ends
+            logging.getLogger(__name__).warning("system metrics of run %s: %s", run.run_id, err)
         if error is None:
             self.client.set_terminated(run.run_id, status="FINISHED")
             return
