@@ -234,3 +234,18 @@ def test_a_best_within_seed_noise_of_the_runner_up_is_not_bold():
     p = ttest_ind(a, b, equal_var=False).pvalue
     rows = table([(a.mean(), a.std(ddof=1), 4), (b.mean(), b.std(ddof=1), 4)])
     assert (rank_against_noise(rows, "test/elbo", "min")[1] == [1]) == (p >= 0.05)
+
+
+def test_a_swept_key_no_finished_run_uses_yet_is_a_dash(tmp_path: Path):
+    import pandas as pd
+
+    from vaelab.report import StudyRuns, build_report
+
+    # A union sweep part-way: only beta_vae runs are done, so no run has logged loss.factor_gamma.
+    rows = [{"run_id": f"{i:032d}", "status": "FINISHED", "outcome": "finished", "start_time": 0, "end_time": 1000,
+             "params.loss.objective": "beta_vae", "params.loss.beta": str(beta), "params.train.seed": str(seed),
+             "metrics.test/elbo": 100.0 + beta + seed, "metrics.test/recon": 90.0, "metrics.test/kl": 10.0}
+            for i, (beta, seed) in enumerate([(1, 0), (1, 1), (4, 0), (4, 1)])]
+    study = StudyRuns("part", "1", pd.DataFrame(rows), None, ["loss.objective", "loss.beta", "loss.factor_gamma"])
+    header, table = parse_markdown_table(build_report(study, tmp_path).read_text().split("## Results")[1])
+    assert [row[header.index("loss.factor_gamma")] for row in table] == ["—", "—"]

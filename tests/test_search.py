@@ -127,3 +127,20 @@ def test_bad_grid_unions_name_their_path(params, start):
     with pytest.raises(SpecError) as err:
         spec({"kind": "grid", "params": params})
     assert str(err.value).startswith(start), str(err.value)
+
+
+def test_a_union_mixing_a_list_value_with_a_null_base_round_trips_through_optuna():
+    import optuna
+
+    from vaelab.sweeps.points import optuna_params, suggest_values
+
+    parsed = spec({"kind": "grid", "params": [{"model.arch": ["mlp"], "model.hidden": [[64], [128, 64]]},
+                                              {"model.arch": ["conv"], "model.channels": [[8, 16]]}]})
+    study = optuna.create_study()
+    points = expand_grid(parsed.search, parsed.base)
+    assert [p.values["model.channels"] for p in points] == [None, None, [8, 16]]
+    for point in points:
+        study.enqueue_trial(optuna_params(point.values))
+        trial = study.ask()
+        assert suggest_values(trial, parsed) == point.values
+        study.tell(trial, 0.0)

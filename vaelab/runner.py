@@ -174,31 +174,38 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
     kept = result.history[result.best_epoch - 1]
     metrics.update({f"best/{k}": v for k, v in kept.items() if k.startswith("val/")})
     started = time.perf_counter()
-    # The kept weights become an MLflow LoggedModel; the test metrics are logged linked to it.
-    model_id = tracked.start_model({"arch": run_spec.model.arch, "z_dim": run_spec.model.z_dim,
-                                    "likelihood": run_spec.loss.likelihood, "run_hash": run_spec.hash()})
-    test = {k: v for k, v in metrics.items() if k.startswith("test/")}
-    tracked.log_model_metrics(model_id, test, step=result.epochs_run)
+    # The kept weights become an MLflow LoggedModel; the test metrics are logged linked to it. A store that
+    # has no LoggedModels (an MLflow 2 server) still gets every metric, unlinked.
+    model_id = tracked.try_start_model({"arch": run_spec.model.arch, "z_dim": run_spec.model.z_dim,
+                                        "likelihood": run_spec.loss.likelihood, "run_hash": run_spec.hash()})
+    test = {k: v for k, v in metrics.items() if k.startswith("test/")} if model_id else {}
+    if model_id:
+        tracked.log_model_metrics(model_id, test, step=result.epochs_run)
     tracked.log_metrics({k: v for k, v in metrics.items() if k not in test}, step=result.epochs_run)
-    tracked.set_tags({"vaelab.stopped_early": result.stopped_early, "vaelab.model_id": model_id, **evaluation.tags})
+    tracked.set_tags({"vaelab.stopped_early": result.stopped_early, "vaelab.model_id": model_id or "",
+                      **evaluation.tags})
     tracking_s += time.perf_counter() - started
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp, \
-            tqdm(total=(FIGURE_STEPS if run_spec.eval.figures else 0) + 2, desc="figures and checkpoint",
-                 unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
-        if run_spec.eval.figures:
-            write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec,
-                          step=lambda: bar.update(1))
-        try:
+    ready = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp, \
+                tqdm(total=(FIGURE_STEPS if run_spec.eval.figures else 0) + 2, desc="figures and checkpoint",
+                     unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
+            if run_spec.eval.figures:
+                write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec,
+                              step=lambda: bar.update(1))
             save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics, run_id=tracked.run_id)
             bar.update(1)
             bar.set_description("uploading figures and checkpoint")
             tracked.log_artifacts(Path(tmp))
-            tracked.finish_model(model_id, Path(tmp) / CHECKPOINT_DIR, step=result.epochs_run)
-        except BaseException:
+            if model_id:
+                tracked.finish_model(model_id, Path(tmp) / CHECKPOINT_DIR, step=result.epochs_run)
+                ready = True
+            bar.update(1)
+    except BaseException:
+        if model_id and not ready:  # no model is left PENDING: a resumed run makes a new one
             tracked.finish_model(model_id, None, step=result.epochs_run)
-            raise
-        bar.update(1)
+        raise
     timings = {"time/artifacts_s": time.perf_counter() - started, "time/tracking_s": tracking_s}
     tracked.log_metrics(timings, step=result.epochs_run)
     metrics.update(timings)

@@ -302,7 +302,7 @@ _FOLDERS = ("image_folder", "huggingface")
 # (when a run does not use them, the keys or key prefixes): spec.unused_keys.
 _NOT_USED: tuple[tuple[Callable[[RunSpec], bool], tuple[str, ...]], ...] = (
     (lambda r: r.data.dataset not in _MNIST_FAMILY, ("data.download",)),
-    (lambda r: r.data.dataset in _MNIST_FAMILY, ("data.test_fraction", "data.cache_dir", "data.decode_workers")),
+    (lambda r: r.data.dataset in _MNIST_FAMILY, ("data.test_fraction", "data.decode_workers")),
     (lambda r: r.data.dataset not in _FOLDERS,
      ("data.image_size", "data.channels", "data.resize", "data.splits.", "data.decode_workers")),
     (lambda r: r.data.dataset != "huggingface", ("data.hf.",)),

@@ -231,6 +231,18 @@ class TrackedRun:
                                                 tags={MODEL_FORMAT_TAG: MODEL_FORMAT}, model_type=MODEL_TYPE)
         return model.model_id
 
+    def try_start_model(self, params: dict[str, Any]) -> str | None:
+        """`start_model`, or None (with a warning) where the store has no LoggedModels (an MLflow 2 server)."""
+        try:
+            return self.start_model(params)
+        except Exception as err:  # noqa: BLE001 - whatever the store says, the run's metrics still go in
+            if storage_problem(err):
+                raise
+            logging.getLogger(__name__).warning("run %s: no MLflow LoggedModel (%s); the checkpoint is still "
+                                                "among the run's artifacts", self.run_id,
+                                                str(err).splitlines()[0][:200])
+            return None
+
     def log_model_metrics(self, model_id: str, metrics: dict[str, float], step: int) -> None:
         """Metrics of the run that belong to its model too (the UI shows them on the model's page)."""
         from mlflow.entities import Metric

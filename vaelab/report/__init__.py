@@ -92,8 +92,11 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
 
 def aggregate(study: StudyRuns) -> pd.DataFrame:
     """One row per configuration: mean, std and n of every metric over seeds."""
-    finished = study.runs[study.runs["outcome"] == "finished"]
+    finished = study.runs[study.runs["outcome"] == "finished"].copy()
     keys = [f"params.{k}" for k in study.swept]
+    for key in keys:  # a swept key no finished run uses yet (a union's other grid) is not in the store at all
+        if key not in finished:
+            finished[key] = np.nan
     metrics = metric_columns(finished)
     if finished.empty:
         return pd.DataFrame()
@@ -104,9 +107,10 @@ def aggregate(study: StudyRuns) -> pd.DataFrame:
         row = dict(zip(study.swept, values, strict=False)) if keys else {}
         row["n"] = len(part)
         for metric in metrics:
-            column = part[f"metrics.{metric}"].astype(float)
-            row[f"{metric} mean"] = column.mean()
+            column = part[f"metrics.{metric}"].astype(float).dropna()
+            row[f"{metric} mean"] = column.mean() if len(column) else np.nan
             row[f"{metric} std"] = column.std(ddof=1) if len(column) > 1 else np.nan
+            row[f"{metric} n"] = len(column)  # runs that have it: the t-test's sample size
         row["run_ids"] = list(part["run_id"])
         row["iwae settings"] = sorted({_iwae_label(tag) for tag in part.get(IWAE_TAG, pd.Series(dtype=str))
                                        if isinstance(tag, str)})
@@ -180,7 +184,8 @@ def rank_against_noise(table: pd.DataFrame, metric: str, better: str) -> tuple[i
     if means.isna().all():
         return None, []
     best = int(np.nanargmin(means) if better == "min" else np.nanargmax(means))
-    stds, counts = table[f"{metric} std"].astype(float), table["n"].astype(int)
+    counted = f"{metric} n" if f"{metric} n" in table else "n"
+    stds, counts = table[f"{metric} std"].astype(float), table[counted].astype(int)
     if counts.iloc[best] < 2:
         return None, []
     tied = []
@@ -304,7 +309,10 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
                   "2018), MIG (Chen et al. 2018), SAP (Kumar et al. 2018), DCI (Eastwood & Williams 2018), "
                   "modularity and explicitness (Ridgeway & Mozer 2018).", "",
                   markdown_table(study, table, disentanglement=True)]
-    finished = study.runs[study.runs["outcome"] == "finished"]
+    finished = study.runs[study.runs["outcome"] == "finished"].copy()
+    for key in study.swept:  # a swept key no finished run uses yet has no column in the store
+        if f"params.{key}" not in finished:
+            finished[f"params.{key}"] = np.nan
     is_grid = study.parent is None or study.parent.get("params.search.kind") == "grid"
     # Per-parameter curves need repeated values (a grid); an Optuna search gets Optuna's own plots.
     if is_grid and "loss.objective" in study.swept:

@@ -98,7 +98,8 @@ def rate_distortion(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[
         return []
     rate = runs["metrics.test/kl"].astype(float).to_numpy()
     distortion = runs["metrics.test/recon"].astype(float).to_numpy()
-    labels = [", ".join(f"{_short(k)}={_compact(row[f'params.{k}'])}" for k in swept) for _, row in runs.iterrows()]
+    labels = [", ".join(f"{_short(k)}={_compact(row[f'params.{k}'])}" for k in swept
+                        if not pd.isna(row.get(f"params.{k}"))) for _, row in runs.iterrows()]
     front = pareto_front(rate, distortion)
     fig, ax = plt.subplots(figsize=(10, 7))
     ax.scatter(rate, distortion, s=18, color="tab:blue", label="runs")

@@ -16,12 +16,17 @@ def optuna_params(values: dict[str, Any]) -> dict[str, Any]:
     return {k: str(list(v)) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
 
 
+def _as_choice(value: Any) -> Any:
+    """One grid value as an Optuna categorical choice (a list travels as its repr; None and scalars as they are)."""
+    return str(list(value)) if isinstance(value, (list, tuple)) else value
+
+
 def _suggest_grid(trial: Trial, key: str, options: tuple[Any, ...]) -> Any:
-    """The enqueued value of a grid key, back from its Optuna form."""
-    if options and isinstance(options[0], tuple):
-        chosen = trial.suggest_categorical(key, [str(list(o)) for o in options])
-        return next(list(o) for o in options if str(list(o)) == chosen)
-    return trial.suggest_categorical(key, list(options))
+    """The enqueued value of a grid key, back from its Optuna form. Each option is encoded on its own: a union
+    of grids can mix a list value with a null (model.channels [32, 64] in one grid, the base's null in another)."""
+    chosen = trial.suggest_categorical(key, [_as_choice(o) for o in options])
+    picked = next(o for o in options if _as_choice(o) == chosen)
+    return list(picked) if isinstance(picked, tuple) else picked
 
 
 def suggest_values(trial: Trial, spec: Spec) -> dict[str, Any]:
@@ -59,7 +64,8 @@ def child_run_name(number: int, values: dict[str, Any], keys: list[str] | None =
     parts = [f"{key.rsplit('.', 1)[-1]}={_short(values[key])}".replace(" ", "") for key in shown]
     if "train.seed" in values:
         parts.append(f"seed={values['train.seed']}")
-    return (" ".join(parts) + f" · trial {number}")[-200:] if len(parts) else f"trial {number}"
+    suffix = f" · trial {number}"
+    return (" ".join(parts)[: 200 - len(suffix)] + suffix) if parts else suffix.strip(" ·")
 
 
 def _short(value: Any) -> str:

@@ -52,7 +52,9 @@ class Adversary:
 
     def __init__(self, z_dim: int, settings: DiscriminatorSpec, seed: int, device: torch.device,
                  state: dict | None = None):
-        with torch.random.fork_rng(devices=[]):  # seeded weights without moving the global generator
+        # Seeded weights without moving the global generators (CPU and, as manual_seed reseeds them, CUDA).
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed + DISCRIMINATOR_SEED_OFFSET)
             self.net = Discriminator(z_dim, settings.layers, settings.hidden).to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=settings.lr,
