@@ -348,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                                         overrides))
     dis_settings = dis_bench.QUICK if args.quick else dis_bench.FULL
     dis_epochs, dis_metrics = [], []
-    for name in devices:
-        dis_epochs += dis_bench.epoch_rows(torch.device(name), dis_settings)
-        dis_metrics += dis_bench.metric_rows(torch.device(name), dis_settings)
+    with tempfile.TemporaryDirectory(prefix="vaelab-bench-grid-") as grid:
+        cache = None if args.quick else Path(grid)  # the full grid is 3 GB: quick mode renders on demand
+        for name in devices:
+            dis_epochs += dis_bench.epoch_rows(torch.device(name), dis_settings)
+            dis_metrics += dis_bench.metric_rows(torch.device(name), dis_settings, cache)
     dis_lines = dis_bench.lines(dis_epochs, dis_bench.render_rate(dis_settings), dis_metrics, dis_settings, _table)
     # System metrics sample in a thread beside training: their cost shows in the train seconds, on against off.
     tracking = [tracking_row(settings, system_metrics=True), tracking_row(settings, system_metrics=False)]
