@@ -98,6 +98,21 @@ def test_a_child_page_shows_its_metric_charts_and_figures(ui):
     assert re.search(r'<img[^>]+alt="figures/samples.png"', dom)  # the figure itself is shown
 
 
+def test_the_compare_view_lines_up_the_childrens_figures(ui):
+    import json
+    from urllib.parse import quote
+
+    base, tmp_path, parent = ui
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("browser_demo")
+    ids = [r.info.run_id for r in client.search_runs([experiment.experiment_id])
+           if r.data.tags.get("mlflow.parentRunId") == parent]
+    query = f"runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([experiment.experiment_id]))}"
+    text, dom = browse(f"{base}/#/compare-runs?{query}", "compare_runs.png")
+    assert "No common artifacts" not in text
+    assert "samples.png" in text and "reconstructions.png" in text
+
+
 def test_the_dashboard_lists_the_studys_trials(tiny_study):
     tmp_path, _ = tiny_study
     port = free_port()

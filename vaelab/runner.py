@@ -4,6 +4,7 @@ sweeps hand each of their run specs to the same function."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -66,6 +67,8 @@ def run_name(run_spec: RunSpec) -> str:
     return f"{m.arch}-z{m.z_dim}-{loss.likelihood}-b{loss.beta:g}-s{run_spec.train.seed}"
 
 
+# Figures also logged at the artifact root, so MLflow's compare view shows them side by side across runs.
+COMPARED_FIGURES = ("samples.png", "reconstructions.png", "traversals.png", "learning_curves.png")
 # The spec keys a run does not use (not logged as params: spec.unused_keys), listed in one tag.
 UNUSED_TAG = "vaelab.params_not_used"
 FIGURE_STEPS = 8  # for the progress bar: one step per figure written
@@ -194,6 +197,10 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
             if run_spec.eval.figures:
                 write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec,
                               step=lambda: bar.update(1))
+                # MLflow's compare view lines up only top-level files: the key figures go there too.
+                for name in COMPARED_FIGURES:
+                    if (Path(tmp) / FIGURES_DIR / name).is_file():
+                        shutil.copyfile(Path(tmp) / FIGURES_DIR / name, Path(tmp) / name)
             save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics, run_id=tracked.run_id)
             bar.update(1)
             bar.set_description("uploading figures and checkpoint")
