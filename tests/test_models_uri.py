@@ -73,6 +73,11 @@ def test_the_best_run_is_registered_and_sampled_from_its_models_uri(tmp_path: Pa
     assert by_run.returncode == 0, by_run.stderr
     again = vaelab(tmp_path, "register", "sweep_demo")
     assert again.returncode == 0 and again.stdout.strip().endswith("models:/sweep_demo/2")
+    # vaelab evaluate takes the registered model too, and writes into the run that made it.
+    evaluated = vaelab(tmp_path, "evaluate", "models:/sweep_demo/1", "--set", "eval.iw_samples=5",
+                       "--set", "eval.iw_images=8", "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert any(k.startswith("test/nll_iw_k5") for k in client.get_run(version.run_id).data.metrics)
 
 
 def test_a_models_uri_that_does_not_exist_is_one_line(tmp_path: Path, mnist_root: Path):

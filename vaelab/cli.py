@@ -105,7 +105,8 @@ def _evaluation_targets(args: argparse.Namespace, tracker) -> list[str]:
     from vaelab.search import METRICS
 
     target = args.target
-    if Path(target).is_dir() or (args.top is None and not _names_a_spec(target)):
+    if target.startswith(("models:/", "runs:/")) or Path(target).is_dir() or (
+            args.top is None and not _names_a_spec(target)):
         return [target]
     from vaelab.spec import load_spec
 
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate finished runs again (any evaluators and settings), "
                                                "into the same MLflow runs")
-    evaluate.add_argument("target", help="an MLflow run id, a checkpoint folder, or a study (NAME or spec file)")
+    evaluate.add_argument("target", help="an MLflow run id, a checkpoint folder, a models:/ or runs:/ URI, or a study "
+                                         "(NAME or spec file)")
     evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                           help="evaluation settings, e.g. --set eval.iw_samples=5000 (default: every test image)")
     evaluate.add_argument("--metrics", help="evaluators to run, comma-separated (default all: elbo, latents, "

@@ -52,11 +52,18 @@ def _checkpoint_folder(tracker: Tracker, run_id: str, scratch: Path) -> Path:
 
 def evaluate_finished(target: str, tracker: Tracker, overrides: list[str], evaluators: list[Evaluator],
                       device: str = "auto", show_progress: bool = True, explicit: bool = False) -> EvaluatedRun:
-    """Evaluate one finished run, named by its MLflow run id or its checkpoint folder.
+    """Evaluate one finished run, named by its MLflow run id, its checkpoint folder, or a `models:/` or
+    `runs:/` URI of its model.
     `explicit`: the evaluators were asked for by name, so one that does not apply to the
     run's data is an error (UsageError) rather than a note."""
     with tempfile.TemporaryDirectory(prefix="vaelab-eval-") as scratch:
-        if Path(target).is_dir():
+        if target.startswith(("models:/", "runs:/")):  # a registered or logged model: the run that made it
+            checkpoint = load_checkpoint(tracker.model_folder(target, Path(scratch)), device="cpu")
+            if checkpoint.run_id is None:
+                raise CheckpointError(f"{target}: the model does not name the MLflow run that made it (run.json)")
+            run_id = checkpoint.run_id
+            record = tracker.finished_run(run_id)
+        elif Path(target).is_dir():
             checkpoint = load_checkpoint(target, device="cpu")
             if checkpoint.run_id is None:
                 raise CheckpointError(f"{target}: the checkpoint does not name its MLflow run (run.json)")
