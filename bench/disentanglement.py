@@ -131,7 +131,8 @@ def lines(epochs: list[dict], render: dict, metric_table: list[dict], settings: 
         "sizes do, encoding and fitting; the cost does not depend on the code's quality), and that time "
         "scaled linearly to the reference sizes (`eval.dis_samples: 1`). DCI "
         "fits its per-factor predictors in threads, one per core. `eval.dci_importance: random_forest` is "
-        "the fast option; gbt is the reference's estimator.",
+        "the fast option; gbt is the reference's estimator. The FactorVAE score stops early when no latent is "
+        "active, as on an untrained encoder: its row is a lower bound.",
         "",
         table(metric_table),
         "",
