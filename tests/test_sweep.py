@@ -299,5 +299,7 @@ def test_workers_share_a_postgresql_study(tmp_path: Path, mnist_root: Path, post
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     sweep = make_sweep(tmp_path, path, storage=url)
+    states = [(t.number, t.state.name, t.user_attrs.get("worker")) for t in sweep.trials()]
+    assert [state for _, state, _ in states].count("COMPLETE") == 4, (states, outputs)  # says why, if not
     assert_each_point_once(sweep, tmp_path)
     assert sum(int(o.split(" ran ")[1].split()[0]) for o in outputs) == 4
