@@ -16,8 +16,8 @@ from vaelab.tracking import Tracker
 
 
 def test_a_run_samples_the_machine_and_stops_sampling_when_it_ends(mnist_root: Path, tracking_uri: str):
-    spec = with_values(tiny_run(mnist_root), {"train.epochs": 3, "train.system_metrics_s": 0.5,
-                                              "eval.iw_samples": 0})
+    spec = with_values(tiny_run(mnist_root), {"train.epochs": 3, "train.system_metrics": True,
+                                              "train.system_metrics_s": 0.5, "eval.iw_samples": 0})
     outcome = run(spec, "system", Tracker(tracking_uri), show_progress=False)
     metrics = MlflowClient(tracking_uri).get_run(outcome.run_id).data.metrics
     assert 0.0 <= metrics["system/cpu_utilization_percentage"] <= 100.0 * 64
@@ -25,11 +25,12 @@ def test_a_run_samples_the_machine_and_stops_sampling_when_it_ends(mnist_root: P
     assert not [t for t in threading.enumerate() if "SystemMetricsMonitor" in t.name]  # stopped with the run
     # Where the images live and how the machine is watched do not change what the run is.
     assert with_values(spec, {"train.system_metrics": False}).hash() == spec.hash()
+    assert not tiny_run(mnist_root).train.system_metrics
 
 
 def test_system_metrics_off_logs_none(mnist_root: Path, tracking_uri: str):
-    spec = with_values(tiny_run(mnist_root), {"train.system_metrics": False, "train.system_metrics_s": 0.5,
-                                              "eval.iw_samples": 0})
+    # Off by default: several processes writing one SQLite store do not also get a sampler thread each.
+    spec = with_values(tiny_run(mnist_root), {"train.system_metrics_s": 0.5, "eval.iw_samples": 0})
     outcome = run(spec, "system_off", Tracker(tracking_uri), show_progress=False)
     metrics = MlflowClient(tracking_uri).get_run(outcome.run_id).data.metrics
     assert not [k for k in metrics if k.startswith("system/")]

@@ -343,9 +343,14 @@ class Tracker:
         """FINISHED without an error; KILLED on Ctrl-C; otherwise the error's
         `mlflow_status` (vaelab.errors: a pruned run is KILLED) or FAILED, with the reason as a tag."""
         try:
-            run.stop_system_metrics()
-        except Exception as err:  # a sampler that cannot stop cleanly must not change how the run ends
-            logging.getLogger(__name__).warning("system metrics of run %s: %s", run.run_id, err)
+            self._mark_ended(run, error)  # the status first: a sampler that is slow to stop must not delay it
+        finally:
+            try:
+                run.stop_system_metrics()
+            except Exception as err:  # a sampler that cannot stop cleanly must not change how the run ended
+                logging.getLogger(__name__).warning("system metrics of run %s: %s", run.run_id, err)
+
+    def _mark_ended(self, run: TrackedRun, error: BaseException | None) -> None:
         if error is None:
             self.client.set_terminated(run.run_id, status="FINISHED")
             return
