@@ -103,7 +103,9 @@ def _register_folder(client: MlflowClient, name: str, folder: Path) -> None:
     """As another tool would: a LoggedModel holding `folder`, registered as version 1 of `name`."""
     import mlflow
 
-    experiment = client.create_experiment(f"other-{name}")
+    # Its artifacts beside the store, not in ./mlruns of wherever the tests run.
+    location = (folder.parent / f"{name}-artifacts").as_uri()
+    experiment = client.create_experiment(f"other-{name}", artifact_location=location)
     model = client.create_logged_model(experiment, name="x")
     client.log_model_artifacts(model.model_id, str(folder))
     client.finalize_logged_model(model.model_id, "READY")
