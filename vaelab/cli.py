@@ -274,6 +274,13 @@ def _cmd_ui(args: argparse.Namespace) -> int:
                  env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, url_path="/#/experiments" + ML_VIEW)
 
 
+def _cmd_services(args: argparse.Namespace) -> int:
+    from vaelab.services import Layout, run_services
+
+    layout = Layout(args.dir.resolve(), args.host, args.pg_port, args.mlflow_port)
+    return run_services(layout, (args.only,) if args.only else ("postgres", "mlflow"), workers=args.workers)
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     from vaelab.spec import describe_fields
 
@@ -383,6 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri")
     ui.set_defaults(func=_cmd_ui)
+
+    services = sub.add_parser("services", help="a lab's shared stack: PostgreSQL + an MLflow server with basic "
+                                               "auth and proxied artifacts, on one interface")
+    services.add_argument("--host", default="127.0.0.1",
+                          help="the address both listen on (default loopback; every connection needs a password)")
+    services.add_argument("--pg-port", type=int, default=5432)
+    services.add_argument("--mlflow-port", type=int, default=5000)
+    services.add_argument("--dir", type=Path, default=Path("services"),
+                          help="state and credentials files (default ./services)")
+    services.add_argument("--only", choices=["postgres", "mlflow"], help="start one of the two")
+    services.add_argument("--workers", type=int, default=2, help="MLflow server worker processes (default 2)")
+    services.set_defaults(func=_cmd_services)
 
     keys = sub.add_parser("keys", help="list every spec key with its default and allowed values")
     keys.set_defaults(func=_cmd_keys)

@@ -90,6 +90,14 @@ class RunPruned(VaelabError):
     mlflow_status = "KILLED"
 
 
+class LeaseLost(VaelabError):
+    """A sweep worker lost its claim on a trial (its heartbeats did not reach the storage within the grace
+    period, and another worker re-queued the point): nothing more may be written to the trial's run, which
+    now belongs to the one that re-queued it (it marked the run KILLED)."""
+
+    mlflow_status = "KILLED"
+
+
 class RunStopped(KeyboardInterrupt):
     """The run stopped cleanly between epochs because the user asked (Ctrl-C); it resumes."""
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from vaelab import figures, preflight
 from vaelab.checkpoint import save_checkpoint
 from vaelab.data import ImageData
-from vaelab.errors import RunStopped
+from vaelab.errors import LeaseLost, RunStopped
 from vaelab.evaluate import kl_per_dimension, latent_means
 from vaelab.evaluation.evaluators import EvalContext
 from vaelab.evaluation.stage import evaluate
@@ -165,7 +165,8 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
             tracked: TrackedRun, tracking_s: float = 0.0, show_progress: bool = False) -> RunOutcome:
     """Test metrics, figures and the checkpoint of a trained model, recorded in `tracked`.
     Logs where the time went: time/eval_s (test metrics; time/eval/<name>_s each),
-    time/tracking_s (MLflow writes) and time/artifacts_s (figures, checkpoint, upload)."""
+    time/tracking_s (MLflow writes), time/figures_s (drawing), time/upload_s (checkpoint and upload) and
+    time/artifacts_s (their sum)."""
     likelihood = model.likelihood
     context = EvalContext(model, data, run_spec, result.epochs_run)
     evaluation = evaluate(context, show_progress=show_progress)
@@ -189,6 +190,7 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
                       **evaluation.tags})
     tracking_s += time.perf_counter() - started
     started = time.perf_counter()
+    figures_s = 0.0
     ready = False
     try:
         with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp, \
@@ -201,6 +203,7 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
                 for name in COMPARED_FIGURES:
                     if (Path(tmp) / FIGURES_DIR / name).is_file():
                         shutil.copyfile(Path(tmp) / FIGURES_DIR / name, Path(tmp) / name)
+                figures_s = time.perf_counter() - started
             save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics, run_id=tracked.run_id)
             bar.update(1)
             bar.set_description("uploading figures and checkpoint")
@@ -213,7 +216,10 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
         if model_id and not ready:  # no model is left PENDING: a resumed run makes a new one
             tracked.finish_model(model_id, None, step=result.epochs_run)
         raise
-    timings = {"time/artifacts_s": time.perf_counter() - started, "time/tracking_s": tracking_s}
+    artifacts_s = time.perf_counter() - started
+    # Drawing figures is the run's own output; writing the checkpoint and sending both to the store is tracking.
+    timings = {"time/artifacts_s": artifacts_s, "time/figures_s": figures_s,
+               "time/upload_s": artifacts_s - figures_s, "time/tracking_s": tracking_s}
     tracked.log_metrics(timings, step=result.epochs_run)
     metrics.update(timings)
     return RunOutcome(tracked.run_id, metrics, tracked.artifact_uri, result.history, result.best_epoch)
@@ -228,12 +234,14 @@ def run(
     epoch_callbacks: list[EpochCallback] | None = None,
     on_start: Callable[[str], None] | None = None,
     name: str | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> RunOutcome:
     """Train and evaluate one run, recording everything in `tracker`; raises what
     ended it (a failure, a pruner's decision, RunStopped after Ctrl-C). Bad input
     (data, model shape) raises before any MLflow run is created."""
     (outcome,) = run_group([run_spec], experiment, tracker, show_progress, [extra_tags or {}],
-                           [list(epoch_callbacks or [])], [on_start] if on_start else None, [name] if name else None)
+                           [list(epoch_callbacks or [])], [on_start] if on_start else None, [name] if name else None,
+                           [guard] if guard else None)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
@@ -247,12 +255,22 @@ def run_stack(
     extra_tags: list[dict[str, str]] | None = None,
     on_start: list[Callable[[str], None]] | None = None,
     names: list[str] | None = None,
+    guards: list[Callable[[], None]] | None = None,
 ) -> list[RunOutcome | BaseException]:
     """Train runs that differ only in stackable keys (vaelab.training.stacked) as one
     stacked model, each recorded as its own MLflow run with its own metrics, figures,
     checkpoint and resume state. Returns, per run, its outcome or the error that ended
     it alone (RunStopped for a run stopped by Ctrl-C, which resumes)."""
-    return run_group(run_specs, experiment, tracker, show_progress, extra_tags, None, on_start, names)
+    return run_group(run_specs, experiment, tracker, show_progress, extra_tags, None, on_start, names, guards)
+
+
+def system_metrics_wanted(setting: bool | str, tracking_uri: str) -> bool:
+    """train.system_metrics: auto samples the machine when runs go to a tracking server (their overhead is
+    under 1 % of a run: bench/RESULTS.md), not into a local SQLite file, where the sampler thread would be
+    a second writer on one file beside every local sweep worker's."""
+    if setting == "auto":
+        return tracking_uri.startswith(("http://", "https://"))
+    return bool(setting)
 
 
 @dataclass
@@ -271,7 +289,8 @@ class _Opened:
 
 
 def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags: dict,
-          on_start: Callable[[str], None] | None, datasets: list[dict]) -> _Opened:
+          on_start: Callable[[str], None] | None, datasets: list[dict],
+          guard: Callable[[], None] | None = None) -> _Opened:
     """The run's MLflow run: the one its resume state names (RUNNING again), else a new one."""
     started = time.perf_counter()
     run_hash = tags["vaelab.run_hash"]
@@ -281,11 +300,13 @@ def _open(tracker: Tracker, run_spec: RunSpec, experiment: str, name: str, tags:
     if tracked is None:  # nothing to resume (or its MLflow run is gone): a fresh run
         prior = None
         tracked = tracker.open_run(experiment, name, tags)
+    if guard is not None:
+        tracked.guard = guard
     opened = _Opened(tracked, _TimedRun(tracked), folder, run_hash, prior)
     try:
         if on_start is not None:
             on_start(tracked.run_id)
-        if run_spec.train.system_metrics:
+        if system_metrics_wanted(run_spec.train.system_metrics, tracker.uri):
             tracked.start_system_metrics(run_spec.train.system_metrics_s)
         if prior is None:
             unused = unused_keys(run_spec)
@@ -310,12 +331,14 @@ def run_group(
     epoch_callbacks: list[list[EpochCallback]] | None = None,
     on_start: list[Callable[[str], None]] | None = None,
     names: list[str] | None = None,
+    guards: list[Callable[[], None]] | None = None,
 ) -> list[RunOutcome | BaseException]:
     """The one tracked path: one run, or several that share a stack key, trained by
     vaelab.training.fit_group and each finished (test metrics, figures, checkpoint)
     in its own MLflow run. Runs resuming from different epochs train one group after
     another. An error that stops them all (bad data, a second Ctrl-C) ends every open
-    run and raises."""
+    run and raises. `guards[i]` is called before every write to run i's MLflow run (a
+    sweep's fencing: it raises LeaseLost once the run is another worker's)."""
     k = len(run_specs)
     forget_stop()
     device = resolve_device(run_specs[0].train.device)
@@ -334,7 +357,7 @@ def run_group(
                 tags = {**_tags(r, data, device, flight, extra_tags[i]), **({"vaelab.stacked": k} if k > 1 else {})}
                 held.enter_context(holding(state_dir(tracker.resume_root, experiment, tags["vaelab.run_hash"])))
                 opened[i] = _open(tracker, r, experiment, names[i], tags, on_start[i] if on_start else None,
-                                  datasets)
+                                  datasets, guards[i] if guards else None)
                 prior = opened[i].prior
                 if show_progress and prior is not None:
                     tqdm.write(f"resuming run {opened[i].tracked.run_id} ({names[i]}) after epoch {prior.epoch} of "
@@ -385,6 +408,9 @@ def _settle(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: I
     """End a trained member's MLflow run: finished with its test metrics, figures and
     checkpoint, or with the error that ended it. A stopped run keeps its resume state."""
     tracked = opened.tracked
+    if isinstance(member.error, LeaseLost):  # another worker's run now: not one more write
+        clear_state(opened.folder)
+        return member.error
     if member.result.notes:
         tracked.set_tags({"vaelab.notes": "; ".join(member.result.notes)})
     if isinstance(member.error, KeyboardInterrupt):  # stopped on request: resumable from its saved state
@@ -395,10 +421,13 @@ def _settle(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: I
             raise member.error
         outcome = _finish(run_spec, experiment, model, data, member.result, tracked, opened.timed.seconds,
                           show_progress)
+        tracker.end_run(tracked)
+    except LeaseLost as err:  # the run is another worker's now: nothing more is written to it
+        clear_state(opened.folder)
+        return err
     except Exception as err:  # this run fails alone
         tracker.end_run(tracked, err)
         clear_state(opened.folder)
         return err
-    tracker.end_run(tracked)
     clear_state(opened.folder)
     return outcome

@@ -16,11 +16,12 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from vaelab.errors import TrackingError
+from vaelab.errors import LeaseLost, TrackingError
 
 DEFAULT_STORE_DIR = Path("runs")
 FAILURE_TAG = "failure_reason"
@@ -148,6 +149,61 @@ def _param_text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+SERVER_CHECK_TIMEOUT_S = 15
+
+
+def check_server(uri: str) -> None:
+    """One request to an http(s) tracking server, with no retries, before anything is recorded: a server
+    that cannot be reached, that does not speak TLS when https:// was asked, or that refuses the
+    credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD, or ~/.mlflow/credentials) is one TrackingError
+    naming the server (never the credentials). Later requests get MLflow's own retries, which ride out a
+    server restart."""
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    shown = without_credentials(uri)
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
+                                json={"max_results": 1}, max_retries=0, timeout=SERVER_CHECK_TIMEOUT_S)
+    except requests.exceptions.SSLError as err:
+        hint = " (it speaks plain HTTP?)" if "wrong version number" in str(err).lower() else ""
+        raise TrackingError(f"MLflow server {shown}: the TLS handshake failed{hint}") from None
+    except requests.exceptions.ConnectionError as err:
+        raise TrackingError(f"MLflow server {shown} is unreachable ({_connection_reason(err)})") from None
+    except requests.exceptions.Timeout:
+        raise TrackingError(f"MLflow server {shown} did not answer within {SERVER_CHECK_TIMEOUT_S} s") from None
+    except Exception as err:  # noqa: BLE001 - MLflow wraps what urllib3 gave up on
+        reason = _connection_reason(err)
+        if reason in _UNREACHABLE:
+            raise TrackingError(f"MLflow server {shown} is unreachable ({reason})") from None
+        raise TrackingError(f"MLflow server {shown}: {reason}") from None
+    if response.status_code == 401:
+        raise TrackingError(f"MLflow server {shown} refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME "
+                            "and MLFLOW_TRACKING_PASSWORD, or put them in ~/.mlflow/credentials")
+    if response.status_code == 403:
+        raise TrackingError(f"MLflow server {shown}: this user may not read experiments (HTTP 403)")
+    if response.status_code != 200:
+        raise TrackingError(f"MLflow server {shown} answered HTTP {response.status_code} (is it an MLflow server?)")
+
+
+_UNREACHABLE = ("connection refused", "no route to host", "network unreachable", "unknown host name",
+                "connection timed out")
+
+
+def _connection_reason(err: BaseException) -> str:
+    """The innermost cause of a failed connection, in a few words (no URL: the caller names the server)."""
+    text = str(err)
+    for marker, reason in (("Connection refused", "connection refused"), ("No route to host", "no route to host"),
+                           ("Network is unreachable", "network unreachable"),
+                           ("Name or service not known", "unknown host name"),
+                           ("timed out", "connection timed out"),
+                           ("wrong version number", "the TLS handshake failed (it speaks plain HTTP?)")):
+        if marker in text:
+            return reason
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 class TrackedRun:
     """Handle on one MLflow run; all writes go through MlflowClient."""
 
@@ -155,11 +211,15 @@ class TrackedRun:
         self.client = client
         self.run_id = run_id
         self.monitor: Any = None  # MLflow's system-metrics sampler, while the run trains
+        # Called before every write: a sweep's fencing check (vaelab.sweeps.queue.TrialQueue.check_lease)
+        # raises there once the run is no longer this process's to write.
+        self.guard: Callable[[], None] = lambda: None
         # A resumed run repeats the epochs after its last saved state; those it had
         # already logged before it was killed are not logged a second time.
         self.logged_through = logged_through
 
     def log_params(self, params: dict[str, Any]) -> None:
+        self.guard()
         from mlflow.entities import Param
 
         items = [Param(k, _param_text(v)) for k, v in params.items()]
@@ -167,12 +227,14 @@ class TrackedRun:
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        self.guard()
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """All values in one call (one database transaction)."""
+        self.guard()
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -185,6 +247,7 @@ class TrackedRun:
     def log_datasets(self, records: list[dict[str, Any]]) -> None:
         """The run's data as MLflow dataset inputs, one per split, tagged with its context
         (train / validation / test), so the UI shows what a run trained and was tested on."""
+        self.guard()
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -225,6 +288,7 @@ class TrackedRun:
     def start_model(self, params: dict[str, Any]) -> str:
         """A LoggedModel (MLflow 3's model object) for this run's weights, PENDING until `finish_model`; the
         test metrics logged with `log_model_metrics` are linked to it. Returns its model id."""
+        self.guard()
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
         model = self.client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=self.run_id,
                                                 params={k: _param_text(v) for k, v in params.items()},
@@ -245,6 +309,7 @@ class TrackedRun:
 
     def log_model_metrics(self, model_id: str, metrics: dict[str, float], step: int) -> None:
         """Metrics of the run that belong to its model too (the UI shows them on the model's page)."""
+        self.guard()
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -254,6 +319,7 @@ class TrackedRun:
     def finish_model(self, model_id: str, folder: Path | None, step: int) -> None:
         """Upload the checkpoint folder into the model and mark it READY (FAILED when there is no folder),
         and record it as the run's output."""
+        self.guard()
         from mlflow.entities import LoggedModelOutput
 
         if folder is None:
@@ -265,15 +331,18 @@ class TrackedRun:
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         """A picture under `key` at `step` (MLflow's image logging): the UI shows a slider over the steps."""
+        self.guard()
         from PIL import Image
 
         with Image.open(path) as image:
             self.client.log_image(self.run_id, image.convert("RGB"), key=key, step=step, synchronous=True)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.guard()
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.guard()
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
     @property
@@ -291,6 +360,8 @@ class Tracker:
         root = _artifact_root(self.uri)
         self.artifact_root = root
         if root is None:
+            if self.uri.startswith(("http://", "https://")):
+                check_server(self.uri)
             self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             return
         try:
@@ -343,6 +414,9 @@ class Tracker:
         """FINISHED without an error; KILLED on Ctrl-C; otherwise the error's
         `mlflow_status` (vaelab.errors: a pruned run is KILLED) or FAILED, with the reason as a tag."""
         try:
+            if isinstance(error, LeaseLost):  # the run is another worker's now: it marked it KILLED
+                return
+            run.guard()
             self._mark_ended(run, error)  # the status first: a sampler that is slow to stop must not delay it
         finally:
             try:

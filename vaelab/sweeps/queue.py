@@ -7,6 +7,12 @@ enqueued the same point at once) steps aside as a duplicate. Resume: RUNNING tri
 whose worker died (its pid is gone on this host, or its heartbeat is older than the
 grace period) are failed and their point is enqueued again; finished trials are
 never re-run.
+
+Fencing: a worker holds a claimed trial as a lease that each heartbeat the storage takes
+renews. Before anything is written to the trial's MLflow run (`check_lease`), a lease
+not renewed for half the grace period is renewed first, and a trial found reaped
+meanwhile (a worker cut off from the network longer than the grace period, whose point
+another worker took over) raises LeaseLost: the old worker writes nothing more.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
+
+from vaelab.errors import LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,15 @@ def is_replaced(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and (DIED in trial.user_attrs or DUPLICATE in trial.user_attrs)
 
 
+@dataclass
+class Lease:
+    """This worker's hold on one claimed trial: when the storage last took a heartbeat for it (monotonic
+    seconds), and why it was lost, once it is."""
+
+    renewed: float = field(default_factory=time.monotonic)
+    lost: str | None = None
+
+
 class TrialQueue:
     """Claim, beat for, finish and re-queue the trials of one study.
 
@@ -101,6 +118,7 @@ class TrialQueue:
         self.study, self.storage = study, storage
         self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
         self.on_reaped = on_reaped
+        self._leases: dict[int, Lease] = {}  # trial id -> lease, while this worker runs the trial
 
     # ---- reading -----------------------------------------------------------------------------
     def trials(self) -> list[FrozenTrial]:
@@ -278,8 +296,8 @@ class TrialQueue:
         while alive and not stop.wait(self.heartbeat_s):
             for trial in list(alive):
                 try:
-                    self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
-                except UpdateFinishedTrialError:
+                    self._renew(trial)
+                except (UpdateFinishedTrialError, LeaseLost):
                     alive.remove(trial)  # finished, or reaped: nothing more to beat for
                 except Exception as err:
                     if trial.number not in warned:
@@ -287,15 +305,51 @@ class TrialQueue:
                         log.warning("trial %d: heartbeat not recorded (%s: %s); retrying every %g s",
                                     trial.number, type(err).__name__, err, self.heartbeat_s)
 
+    def _renew(self, trial: Trial) -> None:
+        """Record a heartbeat for `trial`, renewing its lease; LeaseLost (the lease marked lost) if the storage
+        says the trial is finished: reaped while this worker could not reach it."""
+        lease = self._leases.get(trial._trial_id)
+        if lease is not None and lease.lost:
+            raise LeaseLost(lease.lost)
+        try:
+            self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
+        except UpdateFinishedTrialError:
+            if lease is None:
+                raise
+            current = self.storage.get_trial(trial._trial_id)
+            why = current.user_attrs.get(DIED, f"it is {current.state.name}")
+            lease.lost = (f"trial {trial.number} was taken from this worker ({why}); its point runs again "
+                          "elsewhere, so this worker stops it and writes nothing more to its run")
+            raise LeaseLost(lease.lost) from None
+        if lease is not None:
+            lease.renewed = time.monotonic()
+
+    def check_lease(self, trial: Trial) -> None:
+        """Before a write to `trial`'s run: pass if this worker still holds the trial. A lease the storage
+        has not renewed for half the grace period (the network or the database was away) is renewed now,
+        waiting for the storage if need be; LeaseLost if the trial was reaped meanwhile."""
+        lease = self._leases.get(trial._trial_id)
+        if lease is None:
+            return
+        if lease.lost:
+            raise LeaseLost(lease.lost)
+        if time.monotonic() - lease.renewed < self.grace_s / 2:
+            return
+        self._renew(trial)
+
     @contextmanager
     def beating(self, trials: list[Trial]) -> Iterator[None]:
-        """Heartbeats for `trials` while the block runs."""
+        """Heartbeats (and leases, see check_lease) for `trials` while the block runs."""
+        for trial in trials:
+            self._leases[trial._trial_id] = Lease()
         stop = threading.Event()
         threading.Thread(target=self._beat, args=(trials, stop), daemon=True, name="vaelab-heartbeat").start()
         try:
             yield
         finally:
             stop.set()
+            for trial in trials:
+                self._leases.pop(trial._trial_id, None)
 
     # ---- finishing -----------------------------------------------------------------------------
     def _tell(self, trial: Trial, values: float | None = None, state: TrialState | None = None) -> FrozenTrial:

@@ -1,26 +1,40 @@
 """Where a study lives: an Optuna RDB storage (PostgreSQL, MySQL, SQLite) named by a
-URL, or a journal file under studies/<name>/ that local processes share."""
+URL, or a journal file under studies/<name>/ that local processes share.
+
+A database shared by workers on several machines restarts, fails over and drops connections; every
+call a sweep makes to it is retried through such an outage (RetryingStorage) for up to
+VAELAB_STORAGE_RETRY_S seconds (default 300), so a running trial keeps training instead of failing."""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, _CachedStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from vaelab.errors import SweepError
 from vaelab.spec import Spec
 from vaelab.tracking import without_credentials
 
-__all__ = ["STUDIES_DIR", "SweepError", "open_storage", "storage_url", "study_dir"]
+__all__ = ["STORAGE_ENV", "STUDIES_DIR", "RetryingStorage", "SweepError", "open_storage", "storage_url",
+           "study_dir"]
+
+log = logging.getLogger(__name__)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STUDIES_DIR = Path("studies")
+STORAGE_ENV = "VAELAB_STORAGE"  # the shared storage's URL, for workers that all use the same one
+RETRY_ENV = "VAELAB_STORAGE_RETRY_S"
+CONNECT_TIMEOUT_S = 10
 
 
 def study_dir(name: str, root: Path = STUDIES_DIR) -> Path:
@@ -32,8 +46,9 @@ def study_dir(name: str, root: Path = STUDIES_DIR) -> Path:
 
 
 def storage_url(spec: Spec, url: str | None) -> str | None:
-    """The RDB URL a sweep uses: `--storage`, else the spec's search.storage, else None (a journal)."""
-    return url or (spec.search.storage if spec.search is not None else None)
+    """The RDB URL a sweep uses: `--storage`, else $VAELAB_STORAGE, else the spec's search.storage, else
+    None (a journal)."""
+    return url or os.environ.get(STORAGE_ENV) or (spec.search.storage if spec.search is not None else None)
 
 
 def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR) -> BaseStorage:
@@ -44,7 +59,10 @@ def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR) -> BaseS
         if url.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql", "sqlite"):
             raise SweepError(f"--storage: expected an RDB URL (postgresql://, mysql://, sqlite:///), "
                              f"got {without_credentials(url)!r}")
-        return _open_rdb(url)
+        rdb = _open_rdb(url)
+        if url.startswith("sqlite"):  # one machine's file: its errors (a full disk) are not outages to wait out
+            return rdb
+        return RetryingStorage(_CachedStorage(rdb), without_credentials(url))  # type: ignore[abstract]  # forwarded below
     folder = study_dir(spec.name, root)
     folder.mkdir(parents=True, exist_ok=True)
     path = str(folder / "optuna.journal")
@@ -59,17 +77,116 @@ def _open_rdb(url: str, attempts: int = 8) -> RDBStorage:
     finds the tables."""
     for attempt in range(attempts):
         try:
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return RDBStorage(url, engine_kwargs=_engine_kwargs(url))
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             if not _lost_schema_race(err):
-                raise SweepError(f"--storage {without_credentials(url)}: cannot connect ({_first_line(err)})") from None
+                raise SweepError(f"Optuna storage {without_credentials(url)}: {_db_reason(err)}") from None
             if attempt == attempts - 1:
-                raise SweepError(f"--storage {without_credentials(url)}: cannot create Optuna's tables "
+                raise SweepError(f"Optuna storage {without_credentials(url)}: cannot create Optuna's tables "
                                  f"({_first_line(err)})") from None
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
         except Exception as err:
-            raise SweepError(f"--storage {without_credentials(url)}: cannot connect ({_first_line(err)})") from None
+            raise SweepError(f"Optuna storage {without_credentials(url)}: {_db_reason(err)}") from None
     raise AssertionError("unreachable")
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """A connection checked before each use (a database restart leaves dead ones in the pool), and a host
+    that does not answer given up on after CONNECT_TIMEOUT_S instead of the TCP default of minutes."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+def _db_reason(err: BaseException) -> str:
+    """Why a database refused a worker, in words that name no credential (the server's own message
+    names the user at most)."""
+    text = _first_line(getattr(err, "orig", None) or err)
+    state = getattr(getattr(err, "orig", None), "sqlstate", None)
+    if state == "42501" or "permission denied" in text:
+        return f"the user may not create or change Optuna's tables ({text})"
+    if "password authentication failed" in text or state == "28P01":
+        return f"the password was refused ({text}); set it in ~/.pgpass or PGPASSFILE"
+    if "no password supplied" in text:
+        return "the server asks for a password and none was found (~/.pgpass or PGPASSFILE)"
+    if "does not exist" in text and "database" in text:
+        return f"no such database ({text})"
+    return f"cannot connect ({text})"
+
+
+# Errors that mean "the database is not there right now", not "the request is wrong": a restart,
+# a failover, a dropped connection, a network outage.
+_TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006", "40001", "40P01"}
+
+
+def _transient(err: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if getattr(current, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class RetryingStorage(BaseStorage):
+    """An Optuna storage whose every call is retried, with backoff, while the database is unreachable
+    (restarting, failing over, the network down), for up to `retry_s` seconds of one outage; one warning
+    says so, one line says when it is back. Errors of the request itself pass straight through."""
+
+    def __init__(self, inner: BaseStorage, shown_url: str, retry_s: float | None = None):
+        self._inner, self._shown = inner, shown_url
+        self._retry_s = float(os.environ.get(RETRY_ENV, 300)) if retry_s is None else retry_s
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        started: float | None = None
+        delay = 0.5
+        while True:
+            try:
+                result = getattr(self._inner, name)(*args, **kwargs)
+            except Exception as err:
+                if not _transient(err):
+                    raise
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    log.warning("Optuna storage %s: %s; retrying for up to %.0f s", self._shown,
+                                _first_line(getattr(err, "orig", None) or err), self._retry_s)
+                if now - started > self._retry_s:
+                    raise SweepError(f"Optuna storage {self._shown}: unreachable for {now - started:.0f} s "
+                                     f"({_first_line(getattr(err, 'orig', None) or err)})") from None
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 10.0)
+                continue
+            if started is not None:
+                log.warning("Optuna storage %s: reachable again after %.0f s", self._shown,
+                            time.monotonic() - started)
+            return result
+
+    def __getattr__(self, name: str) -> Any:  # the backend's own extras (e.g. _CachedStorage's helpers)
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in [n for n in vars(BaseStorage) if not n.startswith("_") and callable(getattr(BaseStorage, n))]:
+    setattr(RetryingStorage, _name, _forward(_name))
+RetryingStorage.__abstractmethods__ = frozenset()
 
 
 # PostgreSQL's duplicate_object (an enum type such as studydirection) and duplicate_table.

@@ -4,13 +4,14 @@ child run under the sweep's parent run, and its outcome goes back to the queue."
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from optuna.trial import FrozenTrial, Trial
 
 from vaelab import runner
-from vaelab.errors import RunPruned
+from vaelab.errors import LeaseLost, RunPruned
 from vaelab.search import OptunaSearch, Point, own_keys
 from vaelab.spec import Spec
 from vaelab.sweeps.points import child_run_name, trial_point
@@ -46,6 +47,15 @@ class TrialRunner:
 
         return record
 
+    def _guard(self, trial: Trial) -> Callable[[], None]:
+        return lambda: self.queue.check_lease(trial)
+
+    def _fenced(self, trial: Trial, err: LeaseLost) -> FrozenTrial:
+        """A trial taken from this worker while it could not reach the storage: said in one line; its
+        record, its run and its point are the reaper's and the new owner's."""
+        print(f"vaelab: {err}", file=sys.stderr, flush=True)
+        return self.queue.storage.get_trial(trial._trial_id)
+
     def _pruning(self, trial: Trial, on_epoch: Callable[[int, dict], None] | None) -> Callable[[int, dict], None]:
         metric = self.search.metric
         pruner = self.search.pruner if isinstance(self.search, OptunaSearch) else "none"
@@ -69,7 +79,10 @@ class TrialRunner:
                 outcome = runner.run(point.run, self.spec.name, self.tracker, show_progress=False,
                                      extra_tags=self._tags(trial, point, parent),
                                      name=self._name(trial.number, point.values),
-                                     epoch_callbacks=[self._pruning(trial, on_epoch)], on_start=self._on_start(trial))
+                                     epoch_callbacks=[self._pruning(trial, on_epoch)], on_start=self._on_start(trial),
+                                     guard=self._guard(trial))
+            except LeaseLost as err:
+                return self._fenced(trial, err)
             except RunPruned:
                 return self.queue.prune(trial)
             except KeyboardInterrupt:
@@ -90,7 +103,10 @@ class TrialRunner:
                 outcomes = runner.run_stack([p.run for p in points], self.spec.name, self.tracker, show_progress=False,
                                             extra_tags=[self._tags(t, p, parent) for t, p in pairs],
                                             names=[self._name(t.number, p.values) for t, p in pairs],
-                                            on_start=[self._on_start(t) for t in trials])
+                                            on_start=[self._on_start(t) for t in trials],
+                                            guards=[self._guard(t) for t in trials])
+            except LeaseLost as err:  # every member's lease went together (the network was away)
+                return [self._fenced(t, err) for t in trials]
             except KeyboardInterrupt:
                 for trial in trials:
                     self.queue.give_back(trial, INTERRUPTED)
@@ -99,7 +115,9 @@ class TrialRunner:
                 return [self.queue.fail(t, _reason(err)) for t in trials]
         finished, stopped = [], None
         for trial, outcome in zip(trials, outcomes, strict=True):
-            if isinstance(outcome, KeyboardInterrupt):  # this run stopped on Ctrl-C: its point goes back
+            if isinstance(outcome, LeaseLost):
+                finished.append(self._fenced(trial, outcome))
+            elif isinstance(outcome, KeyboardInterrupt):  # this run stopped on Ctrl-C: its point goes back
                 self.queue.give_back(trial, INTERRUPTED)
                 stopped = outcome
             elif isinstance(outcome, BaseException):
