@@ -156,13 +156,16 @@ def tracking_row(settings: Settings, system_metrics: bool = True) -> dict:
         outcome = tracked_run(run, "bench", tracker, show_progress=False)
         total = time.perf_counter() - started
     m = outcome.metrics
-    overhead = m["time/tracking_s"] + m["time/artifacts_s"]
-    print(f"  tracking: {overhead:.2f} s of {total:.1f} s", flush=True)
+    # Tracking = MLflow writes (run, params, per-epoch metrics, LoggedModel) + checkpoint and its upload.
+    # Figure drawing is reported beside it: it is a run's output, switched off by eval.figures=false.
+    tracking = m["time/tracking_s"] + m["time/upload_s"]
+    print(f"  tracking: {tracking:.2f} s, figures {m['time/figures_s']:.2f} s of {total:.1f} s", flush=True)
     return {"system metrics": "on (every 10 s)" if system_metrics else "off",
             "epochs": settings.tracked_epochs, "run wall s": total, "train s": m["time/train_s"],
-            "test eval s": m["time/eval_s"], "tracking s": m["time/tracking_s"],
-            "figures+checkpoint s": m["time/artifacts_s"], "overhead share": overhead / total,
-            "share without eval": overhead / (total - m["time/eval_s"])}
+            "test eval s": m["time/eval_s"], "MLflow writes s": m["time/tracking_s"],
+            "checkpoint+upload s": m["time/upload_s"], "figures s": m["time/figures_s"],
+            "tracking share": tracking / total,
+            "figures share": m["time/figures_s"] / total}
 
 
 READING = """## Reading the numbers
@@ -297,10 +300,11 @@ def write_results(path: Path, settings: Settings, epochs: list[dict], sweeps: li
             "## Tracking and figures overhead",
             "",
             f"`examples_baseline` for {settings.tracked_epochs} epochs through the `vaelab train` code path "
-            f"(eval.iw_samples={settings.iw_samples}) into a fresh SQLite MLflow store. Overhead = MLflow writes "
-            "(run, params, per-epoch metrics) + figures + checkpoint and their upload, as logged by the run "
-            "itself (time/tracking_s, time/artifacts_s); shown as a share of the whole run and of the run "
-            "without its test evaluation.",
+            f"(eval.iw_samples={settings.iw_samples}) into a fresh SQLite MLflow store, as logged by the run "
+            "itself. Tracking = MLflow writes (run, params, per-epoch metrics, the LoggedModel: time/tracking_s) "
+            "+ writing the checkpoint and uploading it with the figures (time/upload_s); its share of the whole "
+            "run is what the 5 % tracking budget is about. Drawing the figures (time/figures_s) is shown beside "
+            "it: it is the run's output, not its bookkeeping, and `eval.figures: false` switches it off.",
             "",
             "The two rows differ only in `train.system_metrics` (MLflow's sampler of CPU, memory and, through "
             "NVML, GPU): its cost is the difference in train seconds.",

@@ -10,7 +10,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_run
-from vaelab.runner import run
+from vaelab.runner import run, system_metrics_wanted
 from vaelab.spec import with_values
 from vaelab.tracking import Tracker
 
@@ -25,11 +25,19 @@ def test_a_run_samples_the_machine_and_stops_sampling_when_it_ends(mnist_root: P
     assert not [t for t in threading.enumerate() if "SystemMetricsMonitor" in t.name]  # stopped with the run
     # Where the images live and how the machine is watched do not change what the run is.
     assert with_values(spec, {"train.system_metrics": False}).hash() == spec.hash()
-    assert not tiny_run(mnist_root).train.system_metrics
+
+
+def test_system_metrics_are_on_by_default_with_a_tracking_server_only():
+    assert system_metrics_wanted("auto", "http://10.0.0.1:5000")
+    assert system_metrics_wanted("auto", "https://mlflow.lab.example")
+    assert not system_metrics_wanted("auto", "sqlite:///runs/mlflow.db")
+    assert system_metrics_wanted(True, "sqlite:///runs/mlflow.db")
+    assert not system_metrics_wanted(False, "http://10.0.0.1:5000")
 
 
 def test_system_metrics_off_logs_none(mnist_root: Path, tracking_uri: str):
-    # Off by default: several processes writing one SQLite store do not also get a sampler thread each.
+    # Auto, with a local SQLite store: several processes writing one file do not also get a sampler thread each.
+    assert tiny_run(mnist_root).train.system_metrics == "auto"
     spec = with_values(tiny_run(mnist_root), {"train.system_metrics_s": 0.5, "eval.iw_samples": 0})
     outcome = run(spec, "system_off", Tracker(tracking_uri), show_progress=False)
     metrics = MlflowClient(tracking_uri).get_run(outcome.run_id).data.metrics

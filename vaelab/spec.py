@@ -197,8 +197,9 @@ class TrainSpec:
                         "bf16: training matmuls in bfloat16 autocast (weights, loss and evaluation stay fp32)")
     compile: bool = _f(False, Bool(), "torch.compile the training step (CUDA graphs on GPU); eager if it fails")
     checkpoint_every: int = _f(1, Int(0, 100_000), "save the resumable training state every N epochs; 0 = never")
-    system_metrics: bool = _f(False, Bool(), "log the machine's CPU, memory (and GPU utilisation and memory, by "
-                                             "NVML) as system/* metrics of the run (MLflow's system metrics)")
+    system_metrics: bool | str = _f("auto", AutoBool(), "log the machine's CPU, memory (and GPU utilisation and "
+                                    "memory, by NVML) as system/* metrics of the run (MLflow's system metrics); "
+                                    "auto = on with a tracking server, off with a local SQLite store")
     system_metrics_s: float = _f(10.0, Float(0.5, 3600.0), "seconds between system-metric samples")
     nan_policy: str = _f("fail", Choice(("fail", "retry")),
                          "on a non-finite epoch: fail the run, or roll back once to the last good epoch at lr/10")
