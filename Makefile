@@ -6,7 +6,7 @@ SPEC   ?= quickstart
 EXP    ?= beta_study
 ARGS   ?=
 
-.PHONY: help install test test-slow lint bench train sweep worker report dashboard ui clean
+.PHONY: help install test test-slow test-cluster services lint bench bench-cluster train sweep worker report dashboard ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,10 +21,19 @@ $(BIN)/vaelab: pyproject.toml
 test: install  ## ruff and mypy, then the test suite (slow tests excluded)
 	$(BIN)/ruff check vaelab tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not cluster" -q
 
 test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills)
 	$(BIN)/python -m pytest -m slow -q -s
+
+test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected (root; ~10 min)
+	$(BIN)/python -m pytest -m cluster -q -s tests/test_cluster.py
+
+bench-cluster: install  ## 16 workers with tiny runs on the shared stack: claims/s, claim latency -> bench/CLUSTER.md
+	$(BIN)/python -m bench.cluster $(ARGS)
+
+services: install  ## a lab's shared stack: PostgreSQL + MLflow server with basic auth [ARGS="--host 10.0.0.5"]
+	$(BIN)/vaelab services $(ARGS)
 
 lint: install  ## ruff over the package and tests, mypy over the package
 	$(BIN)/ruff check vaelab tests bench

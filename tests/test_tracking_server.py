@@ -130,10 +130,13 @@ def test_train_against_a_server_prints_the_runs_address(tmp_path: Path, mnist_ro
 
 
 def test_printed_addresses_carry_no_credentials():
+    from vaelab.errors import TrackingError
     from vaelab.tracking import Tracker, ui_base_for, without_credentials
 
     assert without_credentials("https://bob:pw@mlflow.example.org:8443/") == "https://mlflow.example.org:8443/"
     assert ui_base_for("https://bob:pw@mlflow.example.org:8443/") == "https://mlflow.example.org:8443"
     assert ui_base_for("sqlite:////data/runs/mlflow.db") == "http://127.0.0.1:5000"  # `make ui`
-    # No request is made to build a Tracker for a server, so an address that answers nothing will do.
-    assert Tracker("http://bob:pw@127.0.0.1:1").shown_uri == "http://127.0.0.1:1"
+    # A Tracker checks its server once; the error that says it is not there names it without the password.
+    with pytest.raises(TrackingError) as refused:
+        Tracker("http://bob:pw@127.0.0.1:1")
+    assert "http://127.0.0.1:1 is unreachable" in str(refused.value) and "pw" not in str(refused.value)

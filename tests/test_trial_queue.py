@@ -3,20 +3,20 @@ trial reaped while it ran, with real tiny training runs on a journal storage."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy.exc
+from mlflow.tracking import MlflowClient
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from tests.test_sweep import BASE, write_spec
 from vaelab.spec import load_spec
 from vaelab.sweeps.coordinator import Sweep
-from vaelab.sweeps.queue import DIED, HEARTBEAT, RETRY_OF
+from vaelab.sweeps.queue import DIED, HEARTBEAT, MLFLOW_RUN, RETRY_OF
 from vaelab.tracking import Tracker
 
 ONE_POINT = {"kind": "grid", "params": {"loss.beta": [1.0]}}
@@ -75,24 +75,30 @@ def test_heartbeat_survives_transient_storage_errors(tmp_path: Path, mnist_root:
     assert len(warnings) == 1 and "OperationalError" in warnings[0], warnings  # said once, not per beat
 
 
-def test_trial_reaped_while_it_ran_keeps_its_record_and_says_so(tmp_path: Path, mnist_root: Path, heartbeats,
-                                                               caplog):
-    path = write_spec(tmp_path, mnist_root, ONE_POINT, train={**BASE["train"], "epochs": 2})
+def test_a_worker_whose_trial_was_reaped_while_it_ran_is_fenced(tmp_path: Path, mnist_root: Path, heartbeats,
+                                                                capsys):
+    path = write_spec(tmp_path, mnist_root, ONE_POINT, train={**BASE["train"], "epochs": 3})
     sweep = new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=30)
     parent = sweep.prepare()
     reaped = []
 
     def on_epoch(trial, epoch: int, metrics: dict) -> None:
-        if epoch == 1:  # a worker with no patience at all takes this trial for dead
+        if epoch == 1:  # a worker with no patience at all takes this trial for dead, and re-queues it
             reaped.append(new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=0).reap_dead())
-            time.sleep(0.5)  # the heartbeat thread learns from the storage that the trial is finished
+            time.sleep(0.5)  # the heartbeat thread learns from the storage that the trial is not ours any more
 
-    with caplog.at_level(logging.WARNING, logger="vaelab.sweeps"):
-        assert sweep.work(parent, on_epoch=on_epoch, max_trials=1) == 1
+    assert sweep.work(parent, on_epoch=on_epoch, max_trials=1) == 1
     assert reaped == [1]
     first, retry = sweep.trials()
     assert first.state == TrialState.FAIL and "no heartbeat" in first.user_attrs[DIED]
     assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_OF] == first.number
     assert heartbeats["finished"] == 1  # the heartbeat stopped when the storage said the trial was finished
-    lines = [r.getMessage() for r in caplog.records if "reaped meanwhile" in r.getMessage()]
-    assert len(lines) == 1 and f"trial {first.number} " in lines[0], [r.getMessage() for r in caplog.records]
+    said = [line for line in capsys.readouterr().err.splitlines() if "was taken from this worker" in line]
+    assert len(said) == 1 and f"trial {first.number} " in said[0], said
+    # Fenced: after the reap the old worker wrote nothing more to the run (no epoch 2 or 3, no test metrics)
+    # and did not end it: it stays KILLED, as the reaper left it.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(first.user_attrs[MLFLOW_RUN])
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1]
+    assert not [k for k in run.data.metrics if k.startswith("test/")]

@@ -278,7 +278,8 @@ def _cmd_services(args: argparse.Namespace) -> int:
     from vaelab.services import Layout, run_services
 
     layout = Layout(args.dir.resolve(), args.host, args.pg_port, args.mlflow_port)
-    return run_services(layout, (args.only,) if args.only else ("postgres", "mlflow"), workers=args.workers)
+    return run_services(layout, (args.only,) if args.only else ("postgres", "mlflow"), workers=args.workers,
+                        names=tuple(args.name))
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -301,6 +302,12 @@ def _add_spec_args(parser: argparse.ArgumentParser, storage: bool = False) -> No
         parser.add_argument("--allow-spec-change", action="store_true",
                             help="run this spec in a study made from another one (its stored spec is replaced "
                                  "and the new points join the study); without it such a run is refused")
+        parser.add_argument("--heartbeat-s", type=float, default=10.0,
+                            help="seconds between a running trial's heartbeats (default 10)")
+        parser.add_argument("--grace-s", type=float, default=60.0,
+                            help="a trial whose heartbeat is older than this is re-queued, and a worker cut off "
+                                 "that long stops it (default 60; keep it above the longest network outage "
+                                 "you expect)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="state and credentials files (default ./services)")
     services.add_argument("--only", choices=["postgres", "mlflow"], help="start one of the two")
     services.add_argument("--workers", type=int, default=2, help="MLflow server worker processes (default 2)")
+    services.add_argument("--name", action="append", default=[], metavar="HOSTNAME",
+                          help="a DNS name workers reach the MLflow server by (repeatable; its own address and "
+                               "loopback are always accepted)")
     services.set_defaults(func=_cmd_services)
 
     keys = sub.add_parser("keys", help="list every spec key with its default and allowed values")

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy
+import sqlalchemy.exc
 import sqlalchemy.pool
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -39,23 +45,45 @@ def database_lock(url: str, name: str) -> Iterator[None]:
             yield
         return
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    postgres = address.get_backend_name() == "postgresql"
+    key: int | str = int.from_bytes(digest, "big", signed=True) if postgres else f"vaelab-{digest.hex()}"
+    take, give = (("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)") if postgres
+                  else ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)"))  # mysql: names <= 64 chars
     engine = sqlalchemy.create_engine(address, poolclass=sqlalchemy.pool.NullPool)
     try:
-        with engine.connect() as connection:
-            if address.get_backend_name() == "postgresql":
-                key = int.from_bytes(digest, "big", signed=True)
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        connection = _locked_connection(engine, take, key)
+        try:
+            yield
+        finally:
+            try:
+                connection.execute(sqlalchemy.text(give), {"key": key})
                 connection.commit()
-                yield
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-            else:  # mysql: lock names are at most 64 characters
-                lock_name = f"vaelab-{digest.hex()}"
-                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, -1)"), {"key": lock_name})
-                yield
-                connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": lock_name})
-            connection.commit()
+            except sqlalchemy.exc.OperationalError as err:
+                # The connection went (a bad network, a restart): the server let the lock go with it.
+                log.warning("lock %r: its connection was lost (%s); the server released it", name,
+                            str(err).splitlines()[0][:200])
+            finally:
+                connection.close()
     finally:
         engine.dispose()
+
+
+def _locked_connection(engine: sqlalchemy.Engine, take: str, key: int | str, attempts: int = 6):
+    """A connection holding the lock; a connection cut while it waits for the lock is made again."""
+    for attempt in range(attempts):
+        connection = None
+        try:
+            connection = engine.connect()
+            connection.execute(sqlalchemy.text(take), {"key": key})
+            connection.commit()
+            return connection
+        except sqlalchemy.exc.OperationalError:
+            if connection is not None:
+                connection.close()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.2, 0.6) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @contextmanager

@@ -42,10 +42,10 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """End the server's whole process group: SIGTERM, then SIGKILL after a grace period."""
+def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM) -> None:
+    """End the server's whole process group: `first` (SIGTERM), then SIGKILL after a grace period."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, first)
     except ProcessLookupError:
         return
     try:

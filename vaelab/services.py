@@ -16,6 +16,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -211,10 +212,12 @@ def write_auth_config(layout: Layout) -> None:
         config.write(out)
 
 
-def mlflow_command(layout: Layout, workers: int) -> list[str]:
-    hosts = ",".join(dict.fromkeys([layout.host, f"{layout.host}:{layout.mlflow_port}", "localhost",
-                                    f"localhost:{layout.mlflow_port}", "127.0.0.1",
-                                    f"127.0.0.1:{layout.mlflow_port}"]))
+def mlflow_command(layout: Layout, workers: int, names: tuple[str, ...] = ()) -> list[str]:
+    """The server's command line (no secret on it). It answers requests addressed to its own address, to
+    loopback and to `names` (the DNS names workers use), on any port (a proxy may sit in between): MLflow's
+    guard against DNS rebinding stays on."""
+    hosts = ",".join(dict.fromkeys(h for name in (layout.host, "localhost", "127.0.0.1", *names)
+                                   for h in (name, f"{name}:*")))
     return [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", layout.host,
             "--port", str(layout.mlflow_port), "--workers", str(workers),
             "--backend-store-uri", layout.db_url("mlflow"), "--serve-artifacts",
@@ -263,7 +266,8 @@ def _wait_ready(proc: subprocess.Popen, host: str, port: int, what: str, log_pat
         time.sleep(0.2)
 
 
-def run_services(layout: Layout, which: tuple[str, ...] = ("postgres", "mlflow"), workers: int = 2) -> int:
+def run_services(layout: Layout, which: tuple[str, ...] = ("postgres", "mlflow"), workers: int = 2,
+                 names: tuple[str, ...] = ()) -> int:
     """Start the chosen services, say how workers reach them, and keep them up until stopped.
     A service that exits on its own ends the others and the command (exit 1)."""
     for name, port in (("postgres", layout.pg_port), ("mlflow", layout.mlflow_port)):
@@ -287,7 +291,7 @@ def run_services(layout: Layout, which: tuple[str, ...] = ("postgres", "mlflow")
             write_auth_config(layout)
             log_path = layout.folder / "mlflow.log"
             with open(log_path, "a") as log_file:
-                procs["mlflow"] = subprocess.Popen(mlflow_command(layout, workers), start_new_session=True,
+                procs["mlflow"] = subprocess.Popen(mlflow_command(layout, workers, names), start_new_session=True,
                                                    env={**os.environ, **mlflow_env(layout, mlflow_password)},
                                                    stdout=log_file, stderr=log_file)
             _wait_ready(procs["mlflow"], layout.host, layout.mlflow_port, "MLflow server", log_path)
@@ -304,8 +308,9 @@ def run_services(layout: Layout, which: tuple[str, ...] = ("postgres", "mlflow")
         print("\nservices: stopped", file=sys.stderr)
         return 0
     finally:
-        for proc in reversed(list(procs.values())):  # the MLflow server before the database it writes to
-            stop_group(proc)
+        for name, proc in reversed(list(procs.items())):  # the MLflow server before the database it writes to
+            # PostgreSQL's fast shutdown (SIGINT) ends its sessions cleanly; SIGTERM would wait for every client.
+            stop_group(proc, signal.SIGINT if name == "postgres" else signal.SIGTERM)
 
 
 def _how_to_connect(layout: Layout) -> str:

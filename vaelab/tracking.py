@@ -51,6 +51,15 @@ def quiet_mlflow() -> None:
     run's address itself: Tracker.run_url). A user's own settings win."""
     for noisy in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A tracking server that is away (restarting, the network down) is retried by MLflow's client for
+    # minutes; each retry is said in a line, so a worker that waits is seen waiting, not hung.
+    retries = logging.getLogger("urllib3.connectionpool")
+    if not any(getattr(h, "vaelab", False) for h in retries.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("vaelab: tracking server unreachable, %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler.vaelab = True  # type: ignore[attr-defined]
+        retries.addHandler(handler)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
@@ -159,13 +168,10 @@ def check_server(uri: str) -> None:
     naming the server (never the credentials). Later requests get MLflow's own retries, which ride out a
     server restart."""
     import requests
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
 
     shown = without_credentials(uri)
     try:
-        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
-                                json={"max_results": 1}, max_retries=0, timeout=SERVER_CHECK_TIMEOUT_S)
+        response = _ask_once(uri)
     except requests.exceptions.SSLError as err:
         hint = " (it speaks plain HTTP?)" if "wrong version number" in str(err).lower() else ""
         raise TrackingError(f"MLflow server {shown}: the TLS handshake failed{hint}") from None
@@ -185,6 +191,27 @@ def check_server(uri: str) -> None:
         raise TrackingError(f"MLflow server {shown}: this user may not read experiments (HTTP 403)")
     if response.status_code != 200:
         raise TrackingError(f"MLflow server {shown} answered HTTP {response.status_code} (is it an MLflow server?)")
+
+
+def _ask_once(uri: str, attempts: int = 4):
+    """The check's request. A connection that was made and then cut (a bad network, a proxy restarting) is
+    tried again a few times; a refusal, a timeout or a TLS failure is the answer."""
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    for attempt in range(attempts):
+        try:
+            return http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
+                                json={"max_results": 1}, max_retries=0, timeout=SERVER_CHECK_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - sorted below
+            text = str(err)
+            cut = any(m in text for m in ("Connection aborted", "RemoteDisconnected", "Connection reset",
+                                          "ConnectionResetError", "BrokenPipe", "IncompleteRead"))
+            if isinstance(err, requests.exceptions.SSLError) or not cut or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 _UNREACHABLE = ("connection refused", "no route to host", "network unreachable", "unknown host name",

@@ -97,7 +97,8 @@ def _amount(seconds: float) -> str:
 def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
     from vaelab.sweeps.coordinator import Sweep
 
-    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, allow_spec_change=args.allow_spec_change)
+    sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, allow_spec_change=args.allow_spec_change,
+                  heartbeat_s=args.heartbeat_s, grace_s=args.grace_s)
     parent = sweep.prepare()
     _say_spec_changes(sweep)
     counts = sweep.counts()
@@ -181,6 +182,7 @@ def worker_command(args: argparse.Namespace, threads: int) -> list[str]:
         command += ["--tracking-uri", args.tracking_uri]
     if args.allow_spec_change:
         command += ["--allow-spec-change"]
+    command += ["--heartbeat-s", str(args.heartbeat_s), "--grace-s", str(args.grace_s)]
     return command
 
 
@@ -216,7 +218,7 @@ def run_worker(spec: Spec, args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, sampler_seed_offset=os.getpid(),
-                  allow_spec_change=args.allow_spec_change)
+                  allow_spec_change=args.allow_spec_change, heartbeat_s=args.heartbeat_s, grace_s=args.grace_s)
     parent = sweep.prepare()
     if not args.quiet:
         _say_spec_changes(sweep)

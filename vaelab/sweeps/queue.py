@@ -46,6 +46,7 @@ DIED = "worker_died"  # why the trial was reaped; its point was enqueued again
 DUPLICATE = "duplicate_of"  # the number of the older trial that holds the same point
 TEST_ELBO = "test_elbo"
 RETRY_OF = "retry_of"  # the number of the reaped trial this one runs again
+CLAIM_S = "claim_s"  # seconds the worker's winning look at the queue took (reaping included): `make bench-cluster`
 # Study user attributes.
 PARENT_RUN = "mlflow_parent_run_id"
 SPEC_HASH = "vaelab.spec_hash"
@@ -266,9 +267,11 @@ class TrialQueue:
         """A claimed trial to run, or None when nothing is left for this worker. `budget`:
         an Optuna search's n_trials (the sampler proposes trials up to it); None for a grid."""
         while True:
+            looked = time.monotonic()
             self.reap_dead()
             claimed = self.claim()
             if claimed:
+                self.set_attr(claimed[0], CLAIM_S, round(time.monotonic() - looked, 4))
                 return claimed[0]
             counts = self.counts()
             if budget is not None and counts.done + counts.queued < budget:

@@ -69,24 +69,28 @@ def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR) -> BaseS
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def _open_rdb(url: str, attempts: int = 8) -> RDBStorage:
+def _open_rdb(url: str, attempts: int = 30) -> RDBStorage:
     """Optuna creates its tables on first use; workers that start together on an empty
     database race to create them, and the losers get a unique violation or an "already
     exists" for a table or an enum type (PostgreSQL's DDL takes no lock on an object that
     does not exist yet). The winner has committed by then, so a loser that tries again
-    finds the tables."""
+    finds the tables. A connection cut while it opens (a bad network, a restart under way) is
+    tried again too; a refused password, a missing database, a host that does not answer are
+    said at once."""
     for attempt in range(attempts):
         try:
             return RDBStorage(url, engine_kwargs=_engine_kwargs(url))
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             if not _lost_schema_race(err):
                 raise SweepError(f"Optuna storage {without_credentials(url)}: {_db_reason(err)}") from None
-            if attempt == attempts - 1:
+            if attempt >= 7:
                 raise SweepError(f"Optuna storage {without_credentials(url)}: cannot create Optuna's tables "
                                  f"({_first_line(err)})") from None
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
         except Exception as err:
-            raise SweepError(f"Optuna storage {without_credentials(url)}: {_db_reason(err)}") from None
+            if not _cut_short(err) or attempt == attempts - 1:
+                raise SweepError(f"Optuna storage {without_credentials(url)}: {_db_reason(err)}") from None
+            time.sleep(random.uniform(0.2, 0.6) * min(attempt + 1, 5))
     raise AssertionError("unreachable")
 
 
@@ -113,6 +117,26 @@ def _db_reason(err: BaseException) -> str:
     if "does not exist" in text and "database" in text:
         return f"no such database ({text})"
     return f"cannot connect ({text})"
+
+
+# A connection that was there and went (or a server between restarts), as opposed to one never made.
+_CUT_SHORT = ("server closed the connection unexpectedly", "connection reset", "terminating connection",
+              "the database system is starting up", "the database system is shutting down", "consuming input failed",
+              "eof detected", "ssl syscall error", "connection to server was lost")
+
+
+def _cut_short(err: BaseException) -> bool:
+    """True if `err`, or what caused it, is a connection cut short (not a refusal)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if any(marker in str(current).lower() for marker in _CUT_SHORT):
+            return True
+        if getattr(current, "sqlstate", None) in ("57P01", "57P02", "57P03"):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # Errors that mean "the database is not there right now", not "the request is wrong": a restart,
