@@ -224,6 +224,27 @@ def test_a_worker_with_bad_credentials_or_address_is_refused_in_one_line(stack: 
     assert not stack.inspect(name)["study"]  # nothing recorded half-way
 
 
+def test_a_database_user_without_privileges_is_refused_in_one_line(stack: Stack):
+    # A role that may log in to a database of the stack but not create tables in it (PostgreSQL 15's
+    # default for the public schema), as a lab's read-only account would be.
+    env, host = stack.host_env(0)
+    setup = ["CREATE ROLE reader LOGIN PASSWORD 'reader-pw'", "CREATE DATABASE optuna_ro",
+             "GRANT CONNECT ON DATABASE optuna_ro TO reader"]
+    done = stack.net.run(stack.net.svc, ["psql", "-h", stack.net.svc_ip, "-U", "vaelab", "-d", "postgres", "-v",
+                                         "ON_ERROR_STOP=1", *[a for sql in setup for a in ("-c", sql)]], env, host)
+    assert done.returncode == 0, done.stderr
+    pgpass = Path(env["HOME"]) / ".pgpass"
+    pgpass.write_text(pgpass.read_text() + f"{stack.net.svc_ip}:*:*:reader:reader-pw\n")
+    spec = stack.spec("no_privileges")
+    storage = f"postgresql://reader@{stack.net.svc_ip}:5432/optuna_ro"
+    proc = stack.net.start(stack.net.workers[0], [sys.executable, "-m", "vaelab", "worker", str(spec)],
+                           {**env, "VAELAB_STORAGE": storage}, host, host / "no_privileges.log")
+    proc.wait(timeout=180)
+    output = (host / "no_privileges.log").read_text().strip()
+    assert proc.returncode == 2 and output.count("\n") == 0, output
+    assert "may not create or change Optuna's tables" in output and "reader-pw" not in output, output
+
+
 def test_the_mlflow_server_killed_and_back_30_s_later_costs_no_trial(stack: Stack):
     spec = stack.spec("mlflow_restart")
     started = time.monotonic()

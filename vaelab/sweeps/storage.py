@@ -69,29 +69,36 @@ def open_storage(spec: Spec, url: str | None, root: Path = STUDIES_DIR) -> BaseS
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def _open_rdb(url: str, attempts: int = 30) -> RDBStorage:
+def _open_rdb(url: str) -> RDBStorage:
     """Optuna creates its tables on first use; workers that start together on an empty
     database race to create them, and the losers get a unique violation or an "already
     exists" for a table or an enum type (PostgreSQL's DDL takes no lock on an object that
     does not exist yet). The winner has committed by then, so a loser that tries again
-    finds the tables. A connection cut while it opens (a bad network, a restart under way) is
-    tried again too; a refused password, a missing database, a host that does not answer are
-    said at once."""
-    for attempt in range(attempts):
+    finds the tables. A connection cut while it opens (a bad network, a restart under way: the
+    server is there) is tried again for up to VAELAB_STORAGE_RETRY_S, as any call later is; a
+    refused password, a missing database, a host that does not answer are said at once."""
+    races, cuts, deadline = 0, 0, time.monotonic() + float(os.environ.get(RETRY_ENV, 300))
+    while True:
         try:
             return RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
-            if not _lost_schema_race(err):
-                raise SweepError(f"Optuna storage {without_credentials(url)}: {_db_reason(err)}") from None
-            if attempt >= 7:
-                raise SweepError(f"Optuna storage {without_credentials(url)}: cannot create Optuna's tables "
-                                 f"({_first_line(err)})") from None
-            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
         except Exception as err:
-            if not _cut_short(err) or attempt == attempts - 1:
-                raise SweepError(f"Optuna storage {without_credentials(url)}: {_db_reason(err)}") from None
-            time.sleep(random.uniform(0.2, 0.6) * min(attempt + 1, 5))
-    raise AssertionError("unreachable")
+            shown = without_credentials(url)
+            if _cut_short(err) and time.monotonic() < deadline:
+                cuts += 1
+                if cuts == 1:
+                    log.warning("Optuna storage %s: %s; trying again for up to %s s", shown, _outage_reason(err),
+                                os.environ.get(RETRY_ENV, 300))
+                time.sleep(random.uniform(0.2, 0.6) * min(cuts, 5))
+                continue
+            if isinstance(err, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) \
+                    and _lost_schema_race(err):
+                races += 1
+                if races >= 8:
+                    raise SweepError(f"Optuna storage {shown}: cannot create Optuna's tables "
+                                     f"({_first_line(err)})") from None
+                time.sleep(random.uniform(0.05, 0.3) * races)
+                continue
+            raise SweepError(f"Optuna storage {shown}: {_db_reason(err)}") from None
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -159,6 +166,18 @@ def _transient(err: BaseException) -> bool:
     return False
 
 
+def _outage_reason(err: BaseException) -> str:
+    """The database's own words for an outage (Optuna wraps them in a generic "error during the commit")."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.DBAPIError):
+            return _first_line(current.orig or current)
+        current = current.__cause__ or current.__context__
+    return _first_line(err)
+
+
 class RetryingStorage(BaseStorage):
     """An Optuna storage whose every call is retried, with backoff, while the database is unreachable
     (restarting, failing over, the network down), for up to `retry_s` seconds of one outage; one warning
@@ -181,10 +200,10 @@ class RetryingStorage(BaseStorage):
                 if started is None:
                     started = now
                     log.warning("Optuna storage %s: %s; retrying for up to %.0f s", self._shown,
-                                _first_line(getattr(err, "orig", None) or err), self._retry_s)
+                                _outage_reason(err), self._retry_s)
                 if now - started > self._retry_s:
                     raise SweepError(f"Optuna storage {self._shown}: unreachable for {now - started:.0f} s "
-                                     f"({_first_line(getattr(err, 'orig', None) or err)})") from None
+                                     f"({_outage_reason(err)})") from None
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 10.0)
                 continue
