@@ -10,6 +10,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="vaelab-bench-cluster-"))
     root.chmod(0o755)  # PostgreSQL runs as the postgres user when this runs as root
-    row = measure(args.workers, args.points, root)
+    try:
+        row = measure(args.workers, args.points, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     print(row)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.node()}"
     args.out.write_text("\n".join([
