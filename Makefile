@@ -27,7 +27,7 @@ test-slow: install  ## run only the slow tests (the 200-trial soak test with ran
 	$(BIN)/python -m pytest -m slow -q -s
 
 test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected (root; ~10 min)
-	$(BIN)/python -m pytest -m cluster -q -s tests/test_cluster.py
+	$(BIN)/python -m pytest -m cluster -q -s tests/test_cluster.py tests/test_slurm.py
 
 bench-cluster: install  ## 16 workers with tiny runs on the shared stack: claims/s, claim latency -> bench/CLUSTER.md
 	$(BIN)/python -m bench.cluster $(ARGS)

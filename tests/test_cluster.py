@@ -53,6 +53,7 @@ class Stack:
                     if not k.startswith(("MLFLOW_", "VAELAB_", "PG")) and k not in ("HOME",)}
         self.env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", HOME=str(root / "svc-home"))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.starts: dict[str, int] = {}
 
     # ---- the services ------------------------------------------------------------------------------
     def start(self, which: str) -> None:
@@ -61,9 +62,9 @@ class Stack:
         self.procs[which] = self.net.start(
             self.net.svc, [sys.executable, "-m", "vaelab", "services", "--only", which, "--host", self.net.svc_ip,
                            *port, "--dir", str(self.services), "--workers", "2"], self.env, self.root, log)
-        wait_for_line(log, "PostgreSQL: ready" if which == "postgres" else "MLflow server: ready",
-                      self.procs[which], timeout=180)
-        log.write_text("")  # the next start waits for its own ready line
+        ready = "PostgreSQL: ready" if which == "postgres" else "MLflow server: ready"
+        wait_for_line(log, ready, self.procs[which], timeout=180, count=self.starts.get(which, 0) + 1)
+        self.starts[which] = self.starts.get(which, 0) + 1  # a restart waits for its own ready line
 
     def kill(self, which: str, sig: int = signal.SIGKILL) -> None:
         """The service's process group (the server and its workers) goes, as when its machine fails."""
@@ -180,19 +181,6 @@ def stack():
         if TIMINGS:
             print("\ncluster sweep timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in TIMINGS.items()))
         shutil.rmtree(root, ignore_errors=True)
-
-
-def test_the_services_need_passwords_and_keep_them_out_of_sight(stack: Stack):
-    modes = {p.name: p.stat().st_mode & 0o777 for p in stack.services.iterdir() if p.is_file()}
-    assert modes["pgpass"] == modes["mlflow-credentials"] == 0o600
-    password = (stack.services / "pgpass").read_text().split(":")[-1].strip()
-    for proc_dir in Path("/proc").glob("[0-9]*"):  # no process of the stack has a secret on its command line
-        try:
-            assert password not in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    for log in stack.root.glob("*.log"):
-        assert password not in log.read_text(errors="replace")
 
 
 def test_workers_on_two_hosts_share_the_stack(stack: Stack):
@@ -320,3 +308,22 @@ def test_latency_and_dropped_connections_on_the_way_to_both_services(stack: Stac
     print("\n" + "; ".join(said))
     assert all(int(line.split(", ")[1].split()[0]) > 0 for line in said), said  # both services lost connections
     assert_each_point_finished_once(stack.inspect("bad_network"))
+
+
+def test_the_services_need_passwords_and_keep_them_out_of_sight(stack: Stack):
+    # Last in the module: every worker's output and every restart's log is there to be read.
+    modes = {p.name: p.stat().st_mode & 0o777 for p in stack.services.iterdir() if p.is_file()}
+    assert modes["pgpass"] == modes["mlflow-credentials"] == 0o600
+    secrets = [(stack.services / "pgpass").read_text().split(":")[-1].strip(),
+               (stack.services / "mlflow-credentials").read_text().split("mlflow_tracking_password = ")[1].split()[0]]
+    for proc_dir in Path("/proc").glob("[0-9]*"):  # no process of the stack has a secret on its command line
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        assert not [s for s in secrets if s in cmdline], cmdline
+    logs = list(stack.root.rglob("*.log"))  # the services' own logs, the workers' output, the test's
+    assert any(p.name == "mlflow.log" for p in logs) and any(p.name == "postgres.log" for p in logs), logs
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert not [s for s in secrets if s in text], log

@@ -34,3 +34,22 @@ def test_a_missing_run_is_gone_but_an_unreachable_server_is_an_error(tracking_ur
     for ask in (offline.reopen_run, offline.run_exists):
         with pytest.raises(MlflowException, match="(?i)connect"):
             ask(run.run_id)
+
+
+def test_a_server_that_is_not_what_was_asked_is_one_line_without_the_password():
+    import http.server
+    import threading
+
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    port = plain.server_address[1]
+    try:
+        with pytest.raises(TrackingError) as tls:  # https:// asked of a server that speaks plain HTTP
+            Tracker(f"https://bob:s3cret@127.0.0.1:{port}")
+        assert str(tls.value) == (f"MLflow server https://127.0.0.1:{port}: the TLS handshake failed "
+                                  "(it speaks plain HTTP?)")
+        with pytest.raises(TrackingError) as other:  # an HTTP server, not MLflow's
+            Tracker(f"http://bob:s3cret@127.0.0.1:{port}")
+        assert "is it an MLflow server?" in str(other.value) and "s3cret" not in str(other.value)
+    finally:
+        plain.shutdown()

@@ -102,3 +102,15 @@ def test_a_worker_whose_trial_was_reaped_while_it_ran_is_fenced(tmp_path: Path, 
     assert run.info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1]
     assert not [k for k in run.data.metrics if k.startswith("test/")]
+
+
+def test_a_heartbeat_slower_than_a_third_of_the_grace_period_is_refused():
+    import argparse
+
+    from vaelab.errors import UsageError
+    from vaelab.sweeps.commands import check_timing
+
+    check_timing(argparse.Namespace(heartbeat_s=10.0, grace_s=60.0))
+    for heartbeat, grace in ((30.0, 60.0), (0.0, 60.0), (61.0, 60.0)):
+        with pytest.raises(UsageError, match="--heartbeat-s"):
+            check_timing(argparse.Namespace(heartbeat_s=heartbeat, grace_s=grace))

@@ -406,11 +406,22 @@ def _member_callbacks(run_spec: RunSpec, model, data: ImageData, tracked: Tracke
 def _settle(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: ImageData, member,
             opened: _Opened, show_progress: bool) -> RunOutcome | BaseException:
     """End a trained member's MLflow run: finished with its test metrics, figures and
-    checkpoint, or with the error that ended it. A stopped run keeps its resume state."""
-    tracked = opened.tracked
-    if isinstance(member.error, LeaseLost):  # another worker's run now: not one more write
+    checkpoint, or with the error that ended it. A stopped run keeps its resume state.
+    A member whose lease is lost (a sweep's fencing) at any point here writes nothing more:
+    its sampler stops, its state goes, and the LeaseLost is its outcome alone."""
+    try:
+        return _settle_member(tracker, run_spec, experiment, model, data, member, opened, show_progress)
+    except LeaseLost as err:
+        opened.tracked.stop_system_metrics()
         clear_state(opened.folder)
-        return member.error
+        return err
+
+
+def _settle_member(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: ImageData, member,
+                   opened: _Opened, show_progress: bool) -> RunOutcome | BaseException:
+    tracked = opened.tracked
+    if isinstance(member.error, LeaseLost):
+        raise member.error
     if member.result.notes:
         tracked.set_tags({"vaelab.notes": "; ".join(member.result.notes)})
     if isinstance(member.error, KeyboardInterrupt):  # stopped on request: resumable from its saved state
@@ -422,9 +433,8 @@ def _settle(tracker: Tracker, run_spec: RunSpec, experiment: str, model, data: I
         outcome = _finish(run_spec, experiment, model, data, member.result, tracked, opened.timed.seconds,
                           show_progress)
         tracker.end_run(tracked)
-    except LeaseLost as err:  # the run is another worker's now: nothing more is written to it
-        clear_state(opened.folder)
-        return err
+    except LeaseLost:
+        raise
     except Exception as err:  # this run fails alone
         tracker.end_run(tracked, err)
         clear_state(opened.folder)

@@ -5,13 +5,17 @@ artifacts — bound to one chosen interface, in the foreground until Ctrl-C or S
 Secrets never travel on a command line or into output: the database password sits in a libpq pgpass
 file and the MLflow password in an MLflow credentials file, both mode 0600 in the services folder, and
 the child processes get them through files and their environment. Every connection needs a password
-(scram-sha-256 for PostgreSQL, HTTP basic auth for MLflow), so binding beyond loopback is not an open
-door. Workers copy the two files (or set the environment variables) and export the URLs printed here.
+(scram-sha-256 for PostgreSQL, HTTP basic auth for MLflow). Neither service encrypts its traffic here:
+basic auth sends the password with every request, readable to anyone on the path, so listen beyond
+loopback only on a network you trust (a cluster's private network), or put TLS in front (a reverse
+proxy for MLflow, PostgreSQL's ssl settings). Workers copy the two files (or set the environment
+variables) and export the URLs printed here.
 """
 
 from __future__ import annotations
 
 import configparser
+import io
 import os
 import pwd
 import secrets
@@ -77,29 +81,38 @@ def _url_host(host: str) -> str:
 
 
 def _write_secret(path: Path, text: str) -> None:
-    """A file only its owner can read, created so (no moment with wider permissions)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A file only its owner can read: written to a new 0600 file beside it, then moved into place (a file
+    that was there with wider permissions never holds the secret)."""
+    fresh = path.with_name(f".{path.name}.{os.getpid()}.new")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
+    os.replace(fresh, path)
 
 
 def ensure_secrets(layout: Layout) -> tuple[str, str]:
-    """The database and MLflow passwords: the environment's, else those kept in the services folder,
-    else new random ones written there (pgpass and MLflow credentials file formats, mode 0600)."""
+    """The database and MLflow passwords: those kept in the services folder, else the environment's, else
+    new random ones, written there (pgpass and MLflow credentials file formats, mode 0600). Once the stack
+    exists its passwords are the ones it was made with: an environment asking for others is refused."""
     layout.folder.mkdir(parents=True, exist_ok=True)
-    db_password = os.environ.get(PASSWORD_ENV) or _pgpass_password(layout.pgpass) or secrets.token_urlsafe(24)
-    mlflow_password = (os.environ.get(MLFLOW_PASSWORD_ENV) or _credentials_password(layout.credentials)
-                       or secrets.token_urlsafe(24))
+    kept_db, kept_mlflow = _pgpass_password(layout.pgpass), _credentials_password(layout.credentials)
+    for kept, name in ((kept_db, PASSWORD_ENV), (kept_mlflow, MLFLOW_PASSWORD_ENV)):
+        wanted = os.environ.get(name)
+        if kept and wanted and wanted != kept:
+            raise UsageError(f"{name}: the stack in {layout.folder} was made with another password; change it "
+                             "in the service itself, or unset the variable")
+    db_password = kept_db or os.environ.get(PASSWORD_ENV) or secrets.token_urlsafe(24)
+    mlflow_password = kept_mlflow or os.environ.get(MLFLOW_PASSWORD_ENV) or secrets.token_urlsafe(24)
     for bad in (":", "\\", "\n"):
         if bad in db_password:
             raise UsageError(f"{PASSWORD_ENV}: a pgpass file cannot hold {bad!r}; choose a password without it")
-    # One line per way a client names the host: the chosen address, and loopback for this machine.
-    hosts = dict.fromkeys([layout.host, "127.0.0.1", "localhost"])
-    _write_secret(layout.pgpass, "".join(f"{h}:{layout.pg_port}:*:{DB_USER}:{db_password}\n" for h in hosts))
+    # Any host name and port: workers reach the database by whatever name or proxy they use.
+    _write_secret(layout.pgpass, f"*:*:*:{DB_USER}:{db_password}\n")
     config = configparser.ConfigParser()
     config["mlflow"] = {"mlflow_tracking_username": DB_USER, "mlflow_tracking_password": mlflow_password}
-    with open(os.open(layout.credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-        config.write(out)
+    text = io.StringIO()
+    config.write(text)
+    _write_secret(layout.credentials, text.getvalue())
     return db_password, mlflow_password
 
 
@@ -208,8 +221,9 @@ def write_auth_config(layout: Layout) -> None:
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
         "auth_cache_ttl_seconds": "60",
     }
-    with open(os.open(layout.auth_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-        config.write(out)
+    text = io.StringIO()
+    config.write(text)
+    _write_secret(layout.auth_config, text.getvalue())
 
 
 def mlflow_command(layout: Layout, workers: int, names: tuple[str, ...] = ()) -> list[str]:

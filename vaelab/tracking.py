@@ -58,6 +58,7 @@ def quiet_mlflow() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("vaelab: tracking server unreachable, %(message)s"))
         handler.setLevel(logging.WARNING)
+        handler.addFilter(lambda record: record.getMessage().startswith("Retrying"))
         handler.vaelab = True  # type: ignore[attr-defined]
         retries.addHandler(handler)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -167,20 +168,12 @@ def check_server(uri: str) -> None:
     credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD, or ~/.mlflow/credentials) is one TrackingError
     naming the server (never the credentials). Later requests get MLflow's own retries, which ride out a
     server restart."""
-    import requests
-
     shown = without_credentials(uri)
     try:
         response = _ask_once(uri)
-    except requests.exceptions.SSLError as err:
-        hint = " (it speaks plain HTTP?)" if "wrong version number" in str(err).lower() else ""
-        raise TrackingError(f"MLflow server {shown}: the TLS handshake failed{hint}") from None
-    except requests.exceptions.ConnectionError as err:
-        raise TrackingError(f"MLflow server {shown} is unreachable ({_connection_reason(err)})") from None
-    except requests.exceptions.Timeout:
-        raise TrackingError(f"MLflow server {shown} did not answer within {SERVER_CHECK_TIMEOUT_S} s") from None
-    except Exception as err:  # noqa: BLE001 - MLflow wraps what urllib3 gave up on
-        reason = _connection_reason(err)
+    except Exception as err:  # noqa: BLE001 - MLflow wraps what requests and urllib3 gave up on
+        # MLflow's message names the URL as given, user:password@ included: never repeat it.
+        reason = _connection_reason(str(err).replace(uri, shown).replace(uri.rstrip("/"), shown))
         if reason in _UNREACHABLE:
             raise TrackingError(f"MLflow server {shown} is unreachable ({reason})") from None
         raise TrackingError(f"MLflow server {shown}: {reason}") from None
@@ -196,7 +189,6 @@ def check_server(uri: str) -> None:
 def _ask_once(uri: str, attempts: int = 4):
     """The check's request. A connection that was made and then cut (a bad network, a proxy restarting) is
     tried again a few times; a refusal, a timeout or a TLS failure is the answer."""
-    import requests
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
@@ -208,7 +200,7 @@ def _ask_once(uri: str, attempts: int = 4):
             text = str(err)
             cut = any(m in text for m in ("Connection aborted", "RemoteDisconnected", "Connection reset",
                                           "ConnectionResetError", "BrokenPipe", "IncompleteRead"))
-            if isinstance(err, requests.exceptions.SSLError) or not cut or attempt == attempts - 1:
+            if not cut or attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -218,9 +210,8 @@ _UNREACHABLE = ("connection refused", "no route to host", "network unreachable",
                 "connection timed out")
 
 
-def _connection_reason(err: BaseException) -> str:
-    """The innermost cause of a failed connection, in a few words (no URL: the caller names the server)."""
-    text = str(err)
+def _connection_reason(text: str) -> str:
+    """The cause of a failed connection, in a few words (no URL: the caller names the server)."""
     for marker, reason in (("Connection refused", "connection refused"), ("No route to host", "no route to host"),
                            ("Network is unreachable", "network unreachable"),
                            ("Name or service not known", "unknown host name"),
@@ -228,7 +219,7 @@ def _connection_reason(err: BaseException) -> str:
                            ("wrong version number", "the TLS handshake failed (it speaks plain HTTP?)")):
         if marker in text:
             return reason
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    return text.splitlines()[0][:200] if text else "no answer"
 
 
 class TrackedRun:

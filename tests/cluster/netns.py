@@ -150,10 +150,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30)
         proc.wait()
 
 
-def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120, count: int = 1) -> None:
+    """Until `log` holds `text` `count` times (a restarted server appends to the same log)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        if log.is_file() and text in log.read_text(errors="replace"):
+        if log.is_file() and log.read_text(errors="replace").count(text) >= count:
             return
         if proc.poll() is not None:
             raise AssertionError(f"exited {proc.returncode} before saying {text!r}:\n{log.read_text()[-3000:]}")

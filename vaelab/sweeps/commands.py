@@ -94,9 +94,19 @@ def _amount(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def check_timing(args: argparse.Namespace) -> None:
+    """A heartbeat must come well within the grace period, or live trials are taken for dead."""
+    from vaelab.errors import UsageError
+
+    if not 0 < args.heartbeat_s <= args.grace_s / 3:
+        raise UsageError(f"--heartbeat-s {args.heartbeat_s:g} must be positive and at most a third of --grace-s "
+                         f"({args.grace_s:g})")
+
+
 def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
     from vaelab.sweeps.coordinator import Sweep
 
+    check_timing(args)
     sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, allow_spec_change=args.allow_spec_change,
                   heartbeat_s=args.heartbeat_s, grace_s=args.grace_s)
     parent = sweep.prepare()
@@ -215,6 +225,7 @@ def run_worker(spec: Spec, args: argparse.Namespace) -> int:
 
     from vaelab.sweeps.coordinator import Sweep
 
+    check_timing(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, sampler_seed_offset=os.getpid(),

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -176,7 +176,12 @@ class TrialQueue:
         return None
 
     def reap_dead(self) -> int:
-        """Fail RUNNING trials whose worker died and re-queue their points; returns how many."""
+        """Fail RUNNING trials whose worker died and re-queue their points; returns how many. A worker that
+        has just got its storage back (an outage that every worker saw) judges no heartbeat for a grace
+        period: the others' heartbeats could not land either."""
+        recovered = getattr(self.storage, "recovered_at", None)
+        if recovered is not None and time.monotonic() - recovered < self.grace_s:
+            return 0
         now, reaped = time.time(), 0
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             reason = self._death(trial, now)
@@ -308,37 +313,55 @@ class TrialQueue:
                         log.warning("trial %d: heartbeat not recorded (%s: %s); retrying every %g s",
                                     trial.number, type(err).__name__, err, self.heartbeat_s)
 
-    def _renew(self, trial: Trial) -> None:
-        """Record a heartbeat for `trial`, renewing its lease; LeaseLost (the lease marked lost) if the storage
-        says the trial is finished: reaped while this worker could not reach it."""
+    def _renew(self, trial: Trial, wait: bool = False) -> None:
+        """Record a heartbeat for `trial` with the time it is sent, renewing its lease from that moment;
+        LeaseLost (the lease marked lost) if the storage says the trial is finished: reaped while this
+        worker could not reach it. One try, unless `wait`: a heartbeat is worth sending only fresh (the
+        beat loop tries again each heartbeat_s), so it does not go through the storage's long retries."""
         lease = self._leases.get(trial._trial_id)
         if lease is not None and lease.lost:
             raise LeaseLost(lease.lost)
+        storage = self.storage if wait else getattr(self.storage, "inner", self.storage)
+        sent = time.monotonic()
         try:
-            self.storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
+            storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
         except UpdateFinishedTrialError:
             if lease is None:
                 raise
             current = self.storage.get_trial(trial._trial_id)
             why = current.user_attrs.get(DIED, f"it is {current.state.name}")
-            lease.lost = (f"trial {trial.number} was taken from this worker ({why}); its point runs again "
-                          "elsewhere, so this worker stops it and writes nothing more to its run")
-            raise LeaseLost(lease.lost) from None
+            self._lose(lease, f"trial {trial.number} was taken from this worker ({why})")
         if lease is not None:
-            lease.renewed = time.monotonic()
+            lease.renewed = max(lease.renewed, sent)
+
+    @staticmethod
+    def _lose(lease: Lease, why: str) -> NoReturn:
+        lease.lost = (f"{why}; its point runs again elsewhere, so this worker stops it and writes nothing more "
+                      "to its run")
+        raise LeaseLost(lease.lost)
 
     def check_lease(self, trial: Trial) -> None:
-        """Before a write to `trial`'s run: pass if this worker still holds the trial. A lease the storage
-        has not renewed for half the grace period (the network or the database was away) is renewed now,
-        waiting for the storage if need be; LeaseLost if the trial was reaped meanwhile."""
+        """Before a write to `trial`'s run: pass if this worker still holds the trial. A lease the storage has
+        not renewed for half the grace period is renewed now. While it is younger than the grace period no
+        one can have re-queued the trial, so an unreachable storage is waited out only past that: then the
+        renewal waits (up to the storage's retry budget) and says whether the trial is still this worker's;
+        LeaseLost if it is not, or if the storage stayed away."""
         lease = self._leases.get(trial._trial_id)
         if lease is None:
             return
         if lease.lost:
             raise LeaseLost(lease.lost)
-        if time.monotonic() - lease.renewed < self.grace_s / 2:
+        age = time.monotonic() - lease.renewed
+        if age < self.grace_s / 2:
             return
-        self._renew(trial)
+        try:
+            self._renew(trial, wait=age >= self.grace_s)
+        except LeaseLost:
+            raise
+        except Exception as err:
+            if time.monotonic() - lease.renewed >= self.grace_s:
+                self._lose(lease, f"trial {trial.number}: its lease could not be renewed ({type(err).__name__})")
+            # else: still within the grace period; the next write tries again
 
     @contextmanager
     def beating(self, trials: list[Trial]) -> Iterator[None]:

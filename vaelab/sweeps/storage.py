@@ -186,6 +186,12 @@ class RetryingStorage(BaseStorage):
     def __init__(self, inner: BaseStorage, shown_url: str, retry_s: float | None = None):
         self._inner, self._shown = inner, shown_url
         self._retry_s = float(os.environ.get(RETRY_ENV, 300)) if retry_s is None else retry_s
+        self.recovered_at: float | None = None  # monotonic time the last outage ended (TrialQueue.reap_dead)
+
+    @property
+    def inner(self) -> BaseStorage:
+        """The storage without retries, for a call that is only worth making now (a heartbeat)."""
+        return self._inner
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         started: float | None = None
@@ -208,8 +214,9 @@ class RetryingStorage(BaseStorage):
                 delay = min(delay * 2, 10.0)
                 continue
             if started is not None:
+                self.recovered_at = time.monotonic()
                 log.warning("Optuna storage %s: reachable again after %.0f s", self._shown,
-                            time.monotonic() - started)
+                            self.recovered_at - started)
             return result
 
     def __getattr__(self, name: str) -> Any:  # the backend's own extras (e.g. _CachedStorage's helpers)

@@ -54,7 +54,14 @@ class TrialRunner:
         """A trial taken from this worker while it could not reach the storage: said in one line; its
         record, its run and its point are the reaper's and the new owner's."""
         print(f"vaelab: {err}", file=sys.stderr, flush=True)
-        return self.queue.storage.get_trial(trial._trial_id)
+        current = self.queue.storage.get_trial(trial._trial_id)
+        run_id = current.user_attrs.get(MLFLOW_RUN)
+        if run_id:  # the reaper marks it KILLED, at best effort: no RUNNING run is left behind either way
+            try:  # (the point's retry always opens a run of its own, so this one is no one else's)
+                self.tracker.kill_run(run_id, str(err))
+            except Exception as failure:  # noqa: BLE001 - housekeeping, as the reaper's is
+                print(f"vaelab: could not mark run {run_id} KILLED ({type(failure).__name__})", file=sys.stderr)
+        return current
 
     def _pruning(self, trial: Trial, on_epoch: Callable[[int, dict], None] | None) -> Callable[[int, dict], None]:
         metric = self.search.metric
