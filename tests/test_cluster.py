@@ -257,7 +257,8 @@ def test_postgresql_restarted_mid_sweep_costs_no_trial(stack: Stack):
     stack.start("postgres")
     outputs = finish(workers)
     TIMINGS["PostgreSQL restarted (10 s down)"] = time.monotonic() - started
-    assert any("Optuna storage" in o and "retrying" in o for o in outputs), outputs
+    # The outage reached the running trials: their heartbeats, or the storage calls, waited it out.
+    assert any("heartbeat not recorded" in o or ("Optuna storage" in o and "retrying" in o) for o in outputs), outputs
     assert_each_point_finished_once(stack.inspect("pg_restart"))
 
 

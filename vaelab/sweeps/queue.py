@@ -100,6 +100,18 @@ def is_replaced(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and (DIED in trial.user_attrs or DUPLICATE in trial.user_attrs)
 
 
+def _database_cause(err: BaseException) -> BaseException:
+    """The database's own error behind `err` (Optuna wraps it in a generic "error during the commit")."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith("sqlalchemy"):
+            return current
+        current = current.__cause__ or current.__context__
+    return err
+
+
 @dataclass
 class Lease:
     """This worker's hold on one claimed trial: when the storage last took a heartbeat for it (monotonic
@@ -310,8 +322,10 @@ class TrialQueue:
                 except Exception as err:
                     if trial.number not in warned:
                         warned.add(trial.number)
+                        cause = _database_cause(err)
                         log.warning("trial %d: heartbeat not recorded (%s: %s); retrying every %g s",
-                                    trial.number, type(err).__name__, err, self.heartbeat_s)
+                                    trial.number, type(cause).__name__, str(cause).splitlines()[0][:300],
+                                    self.heartbeat_s)
 
     def _renew(self, trial: Trial, wait: bool = False) -> None:
         """Record a heartbeat for `trial` with the time it is sent, renewing its lease from that moment;
