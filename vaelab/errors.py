@@ -13,6 +13,8 @@ instead of keeping lists of types.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class VaelabError(Exception):
     """Base of vaelab's own errors."""
@@ -103,3 +105,13 @@ class RunStopped(KeyboardInterrupt):
 
     exit_code = 130
     mlflow_status = "KILLED"
+
+
+def causes(err: BaseException) -> Iterator[BaseException]:
+    """`err`, then what caused it (its __cause__ or __context__), and so on, each once."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

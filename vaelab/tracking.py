@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from vaelab.errors import LeaseLost, TrackingError
+from vaelab.errors import LeaseLost, TrackingError, causes
 
 DEFAULT_STORE_DIR = Path("runs")
 FAILURE_TAG = "failure_reason"
@@ -96,19 +96,14 @@ _STORAGE_MESSAGES = ("database or disk is full", "readonly database", "unable to
 
 def storage_problem(err: BaseException) -> str | None:
     """A one-line description if `err` (or what caused it) is a storage failure, else None."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        err = current
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
-            where = f" ({err.filename})" if err.filename else ""
-            return f"cannot write{where}: {err.strerror or err}"
-        text = str(err).lower()
+    for cause in causes(err):
+        if isinstance(cause, OSError) and cause.errno in _STORAGE_ERRNOS:
+            where = f" ({cause.filename})" if cause.filename else ""
+            return f"cannot write{where}: {cause.strerror or cause}"
+        text = str(cause).lower()
         for message in _STORAGE_MESSAGES:
             if message in text:
                 return f"the tracking store refused a write: {message}"
-        current = err.__cause__ or err.__context__
     return None
 
 

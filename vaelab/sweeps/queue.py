@@ -33,6 +33,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from vaelab.errors import LeaseLost
+from vaelab.sweeps.storage import database_cause
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +99,6 @@ class Counts:
 def is_replaced(trial: FrozenTrial) -> bool:
     """A trial of a dead worker, or a duplicate: another trial holds its point."""
     return trial.state == TrialState.FAIL and (DIED in trial.user_attrs or DUPLICATE in trial.user_attrs)
-
-
-def _database_cause(err: BaseException) -> BaseException:
-    """The database's own error behind `err` (Optuna wraps it in a generic "error during the commit")."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if type(current).__module__.startswith("sqlalchemy"):
-            return current
-        current = current.__cause__ or current.__context__
-    return err
 
 
 @dataclass
@@ -322,7 +311,7 @@ class TrialQueue:
                 except Exception as err:
                     if trial.number not in warned:
                         warned.add(trial.number)
-                        cause = _database_cause(err)
+                        cause = database_cause(err)
                         log.warning("trial %d: heartbeat not recorded (%s: %s); retrying every %g s",
                                     trial.number, type(cause).__name__, str(cause).splitlines()[0][:300],
                                     self.heartbeat_s)

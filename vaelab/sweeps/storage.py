@@ -20,7 +20,7 @@ import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, _CachedStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from vaelab.errors import SweepError
+from vaelab.errors import SweepError, causes
 from vaelab.spec import Spec
 from vaelab.tracking import without_credentials
 
@@ -86,7 +86,7 @@ def _open_rdb(url: str) -> RDBStorage:
             if _cut_short(err) and time.monotonic() < deadline:
                 cuts += 1
                 if cuts == 1:
-                    log.warning("Optuna storage %s: %s; trying again for up to %s s", shown, _outage_reason(err),
+                    log.warning("Optuna storage %s: %s; trying again for up to %s s", shown, outage_reason(err),
                                 os.environ.get(RETRY_ENV, 300))
                 time.sleep(random.uniform(0.2, 0.6) * min(cuts, 5))
                 continue
@@ -134,16 +134,8 @@ _CUT_SHORT = ("server closed the connection unexpectedly", "connection reset", "
 
 def _cut_short(err: BaseException) -> bool:
     """True if `err`, or what caused it, is a connection cut short (not a refusal)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if any(marker in str(current).lower() for marker in _CUT_SHORT):
-            return True
-        if getattr(current, "sqlstate", None) in ("57P01", "57P02", "57P03"):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(any(marker in str(c).lower() for marker in _CUT_SHORT)
+               or getattr(c, "sqlstate", None) in ("57P01", "57P02", "57P03") for c in causes(err))
 
 
 # Errors that mean "the database is not there right now", not "the request is wrong": a restart,
@@ -152,30 +144,20 @@ _TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "08000", "08001", "08003", "0
 
 
 def _transient(err: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if getattr(current, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any((isinstance(c, sqlalchemy.exc.DBAPIError) and c.connection_invalidated)
+               or isinstance(c, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+               or getattr(c, "sqlstate", None) in _TRANSIENT_SQLSTATES for c in causes(err))
 
 
-def _outage_reason(err: BaseException) -> str:
+def outage_reason(err: BaseException) -> str:
     """The database's own words for an outage (Optuna wraps them in a generic "error during the commit")."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, sqlalchemy.exc.DBAPIError):
-            return _first_line(current.orig or current)
-        current = current.__cause__ or current.__context__
-    return _first_line(err)
+    cause = database_cause(err)
+    return _first_line(cause.orig or cause if isinstance(cause, sqlalchemy.exc.DBAPIError) else cause)
+
+
+def database_cause(err: BaseException) -> BaseException:
+    """The database driver's error behind `err` (SQLAlchemy's), else `err`."""
+    return next((c for c in causes(err) if isinstance(c, sqlalchemy.exc.SQLAlchemyError)), err)
 
 
 class RetryingStorage(BaseStorage):
@@ -206,10 +188,10 @@ class RetryingStorage(BaseStorage):
                 if started is None:
                     started = now
                     log.warning("Optuna storage %s: %s; retrying for up to %.0f s", self._shown,
-                                _outage_reason(err), self._retry_s)
+                                outage_reason(err), self._retry_s)
                 if now - started > self._retry_s:
                     raise SweepError(f"Optuna storage {self._shown}: unreachable for {now - started:.0f} s "
-                                     f"({_outage_reason(err)})") from None
+                                     f"({outage_reason(err)})") from None
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 10.0)
                 continue
