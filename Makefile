@@ -26,8 +26,8 @@ test: install  ## ruff and mypy, then the test suite (slow tests excluded)
 test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills)
 	$(BIN)/python -m pytest -m slow -q -s
 
-test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected (root; ~10 min)
-	$(BIN)/python -m pytest -m cluster -q -s tests/test_cluster.py tests/test_slurm.py
+test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected, the services' privileges (root; ~12 min)
+	$(BIN)/python -m pytest -m cluster -q -s tests/test_cluster.py tests/test_slurm.py tests/test_services.py
 
 bench-cluster: install  ## 16 workers with tiny runs on the shared stack: claims/s, claim latency -> bench/CLUSTER.md
 	$(BIN)/python -m bench.cluster $(ARGS)

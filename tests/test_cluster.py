@@ -25,6 +25,7 @@ import yaml
 
 from tests.cluster.netns import Network, can_make_namespaces, stop, wait_for_line
 from tests.conftest import REPO, make_idx_folder
+from tests.test_services import services_skip_reason
 
 pytestmark = pytest.mark.cluster
 
@@ -37,9 +38,7 @@ def _skip_reason() -> str | None:
     reason = can_make_namespaces()
     if reason:
         return reason
-    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")) and shutil.which("postgres") is None:
-        return "needs PostgreSQL's server binaries (apt-get install postgresql)"
-    return None
+    return services_skip_reason()
 
 
 class Stack:

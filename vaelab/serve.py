@@ -18,10 +18,11 @@ READY_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 
 
-def check_port_free(host: str, port: int) -> None:
-    """UsageError if nothing can listen on host:port (another server has it, or the address is not ours)."""
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """UsageError if nothing can listen on host:port (another server has it, or the address is not ours);
+    `flag` is the option that chose the port."""
     if not 1 <= port <= 65535:
-        raise UsageError(f"--port: expected 1..65535, got {port}")
+        raise UsageError(f"{flag}: expected 1..65535, got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         # As the servers themselves bind: a port whose old connections linger in TIME_WAIT is free.
@@ -30,7 +31,7 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as err:
             why = "already in use" if err.errno == 98 else (err.strerror or str(err))
-            raise UsageError(f"--port {port}: {host}:{port} is {why}; stop what holds it or pass another --port") \
+            raise UsageError(f"{flag} {port}: {host}:{port} is {why}; stop what holds it or pass another {flag}") \
                 from None
 
 

@@ -2,14 +2,20 @@
 MLflow's backend store) and an MLflow tracking server with MLflow's basic authentication and proxied
 artifacts — bound to one chosen interface, in the foreground until Ctrl-C or SIGTERM.
 
-Secrets never travel on a command line or into output: the database password sits in a libpq pgpass
-file and the MLflow password in an MLflow credentials file, both mode 0600 in the services folder, and
-the child processes get them through files and their environment. Every connection needs a password
+Least privilege: the workers' database role owns the Optuna database and nothing else, the MLflow server
+has a role of its own, and the superuser is used by this command alone, through the data folder's socket
+(`vaelab.pg_roles`). Started as root, neither server runs as root or with root's group: PostgreSQL as
+`postgres`, MLflow as `vaelab-mlflow` (`vaelab.server_user`). Both stop when this command dies, even by
+kill -9, and a next start ends any that outlived it.
+
+Secrets never travel on a command line or into output: each role's password sits in a libpq pgpass file
+and the MLflow password in an MLflow credentials file, all mode 0600 in the services folder, and the child
+processes get them through files and their environment. Every connection needs a password
 (scram-sha-256 for PostgreSQL, HTTP basic auth for MLflow). Neither service encrypts its traffic here:
 basic auth sends the password with every request, readable to anyone on the path, so listen beyond
 loopback only on a network you trust (a cluster's private network), or put TLS in front (a reverse
-proxy for MLflow, PostgreSQL's ssl settings). Workers copy the two files (or set the environment
-variables) and export the URLs printed here.
+proxy for MLflow, PostgreSQL's ssl settings). Workers copy two files (`pgpass`, `mlflow-credentials`) and
+export the URLs printed here.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import configparser
 import io
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -28,13 +33,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vaelab import pg_roles
 from vaelab.errors import UsageError
 from vaelab.serve import check_port_free, stop_group
+from vaelab.server_user import (
+    ServerUser,
+    check_reachable,
+    die_with_parent,
+    first_blocked,
+    forget,
+    reap_leftovers,
+    record,
+    system_user,
+)
 
-DB_USER = "vaelab"
-DATABASES = ("optuna", "mlflow", "mlflow_auth")
-PASSWORD_ENV = "VAELAB_DB_PASSWORD"  # the database role's password, when a lab sets it itself
+MLFLOW_USER = "vaelab"  # the MLflow basic-auth account in the credentials file
+DATABASES = tuple(pg_roles.OWNERS)
+PASSWORD_ENV = "VAELAB_DB_PASSWORD"  # the workers' database password, when a lab sets it itself
 MLFLOW_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's own name for the first admin's password
+MLFLOW_SYSTEM_USER = "vaelab-mlflow"  # the account the MLflow server runs as when services start as root
 READY_TIMEOUT_S = 120.0
 
 
@@ -49,7 +66,18 @@ class Layout:
 
     @property
     def pgpass(self) -> Path:
+        """The workers' database credentials (role `vaelab`): the file the README has them copy."""
         return self.folder / "pgpass"
+
+    @property
+    def mlflow_pgpass(self) -> Path:
+        """The MLflow server's database credentials (role `vaelab_mlflow`)."""
+        return self.folder / "mlflow-pgpass"
+
+    @property
+    def admin_pgpass(self) -> Path:
+        """The database superuser's credentials: `vaelab services` alone reads them; no worker gets them."""
+        return self.folder / "admin-pgpass"
 
     @property
     def credentials(self) -> Path:
@@ -64,12 +92,21 @@ class Layout:
         return self.folder / "artifacts"
 
     @property
+    def mlflow_home(self) -> Path:
+        return self.folder / "mlflow-home"
+
+    @property
     def auth_config(self) -> Path:
         return self.folder / "basic_auth.ini"
 
-    def db_url(self, database: str) -> str:
+    @property
+    def pids(self) -> Path:
+        """The servers this stack started, so a next start can end any that outlived a killed one."""
+        return self.folder / "pids.json"
+
+    def db_url(self, database: str, user: str = pg_roles.WORKER) -> str:
         """A database's URL, without a password (libpq reads it from PGPASSFILE)."""
-        return f"postgresql://{DB_USER}@{_url_host(self.host)}:{self.pg_port}/{database}"
+        return f"postgresql://{user}@{_url_host(self.host)}:{self.pg_port}/{database}"
 
     @property
     def tracking_uri(self) -> str:
@@ -77,25 +114,35 @@ class Layout:
 
 
 def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):  # listening on every interface: workers use the machine's name
+        host = socket.getfqdn()
     return f"[{host}]" if ":" in host else host
 
 
-def _write_secret(path: Path, text: str) -> None:
+def _write_secret(path: Path, text: str, owner: ServerUser | None = None) -> None:
     """A file only its owner can read: written to a new 0600 file beside it, then moved into place (a file
     that was there with wider permissions never holds the secret)."""
     fresh = path.with_name(f".{path.name}.{os.getpid()}.new")
     fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
+    if owner is not None:
+        owner.own(fresh)
     os.replace(fresh, path)
 
 
-def ensure_secrets(layout: Layout) -> tuple[str, str]:
-    """The database and MLflow passwords: those kept in the services folder, else the environment's, else
-    new random ones, written there (pgpass and MLflow credentials file formats, mode 0600). Once the stack
-    exists its passwords are the ones it was made with: an environment asking for others is refused."""
+def _pgpass_line(role: str, password: str) -> str:
+    # Any host name and port: workers reach the database by whatever name or proxy they use.
+    return f"*:*:*:{role}:{password}\n"
+
+
+def ensure_secrets(layout: Layout) -> tuple[pg_roles.Passwords, str]:
+    """The database roles' passwords and the MLflow password: those kept in the services folder, else the
+    environment's (the workers' role and MLflow), else new random ones, written there (pgpass and MLflow
+    credentials formats, mode 0600). Once the stack exists its passwords are the ones it was made with: an
+    environment asking for others is refused."""
     layout.folder.mkdir(parents=True, exist_ok=True)
-    kept_db, kept_mlflow = _pgpass_password(layout.pgpass), _credentials_password(layout.credentials)
+    kept_db, kept_mlflow = _pgpass_password(layout.pgpass, pg_roles.WORKER), _credentials_password(layout.credentials)
     for kept, name in ((kept_db, PASSWORD_ENV), (kept_mlflow, MLFLOW_PASSWORD_ENV)):
         wanted = os.environ.get(name)
         if kept and wanted and wanted != kept:
@@ -106,22 +153,27 @@ def ensure_secrets(layout: Layout) -> tuple[str, str]:
     for bad in (":", "\\", "\n"):
         if bad in db_password:
             raise UsageError(f"{PASSWORD_ENV}: a pgpass file cannot hold {bad!r}; choose a password without it")
-    # Any host name and port: workers reach the database by whatever name or proxy they use.
-    _write_secret(layout.pgpass, f"*:*:*:{DB_USER}:{db_password}\n")
+    passwords = pg_roles.Passwords(
+        admin=_pgpass_password(layout.admin_pgpass, pg_roles.ADMIN) or secrets.token_urlsafe(24),
+        worker=db_password,
+        mlflow=_pgpass_password(layout.mlflow_pgpass, pg_roles.MLFLOW) or secrets.token_urlsafe(24))
+    _write_secret(layout.pgpass, _pgpass_line(pg_roles.WORKER, passwords.worker))
+    _write_secret(layout.admin_pgpass, _pgpass_line(pg_roles.ADMIN, passwords.admin))
+    _write_secret(layout.mlflow_pgpass, _pgpass_line(pg_roles.MLFLOW, passwords.mlflow))
     config = configparser.ConfigParser()
-    config["mlflow"] = {"mlflow_tracking_username": DB_USER, "mlflow_tracking_password": mlflow_password}
+    config["mlflow"] = {"mlflow_tracking_username": MLFLOW_USER, "mlflow_tracking_password": mlflow_password}
     text = io.StringIO()
     config.write(text)
     _write_secret(layout.credentials, text.getvalue())
-    return db_password, mlflow_password
+    return passwords, mlflow_password
 
 
-def _pgpass_password(path: Path) -> str | None:
+def _pgpass_password(path: Path, role: str) -> str | None:
     if not path.is_file():
         return None
     for line in path.read_text().splitlines():
         fields = line.split(":")
-        if len(fields) == 5 and fields[3] == DB_USER:
+        if len(fields) == 5 and fields[3] == role:
             return fields[4]
     return None
 
@@ -132,6 +184,42 @@ def _credentials_password(path: Path) -> str | None:
     config = configparser.ConfigParser()
     config.read(path)
     return config.get("mlflow", "mlflow_tracking_password", fallback=None)
+
+
+# ---- who the servers run as ----------------------------------------------------------------------------
+
+def _postgres_user() -> ServerUser | None:
+    """PostgreSQL refuses to run as root: as root, the server runs as the `postgres` system user (with its
+    own groups, not root's)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return ServerUser.named("postgres")
+    except KeyError:
+        raise UsageError("services: PostgreSQL cannot run as root and there is no `postgres` user "
+                         "(Debian's postgresql package makes it)") from None
+
+
+def _mlflow_user() -> ServerUser | None:
+    """As root, the MLflow server runs as a system user of its own, never as root."""
+    return system_user(MLFLOW_SYSTEM_USER) if os.geteuid() == 0 else None
+
+
+def _check_reachable(layout: Layout, which: tuple[str, ...], pg_user: ServerUser | None,
+                     mlflow_user: ServerUser | None) -> None:
+    """Before anything starts: each server's user can reach the services folder, and the MLflow server's
+    user the Python that runs it."""
+    if pg_user is not None and "postgres" in which:
+        check_reachable(pg_user, layout.folder, "database server", "--dir")
+    if mlflow_user is not None and "mlflow" in which:
+        check_reachable(mlflow_user, layout.folder, "MLflow server", "--dir")
+        # The interpreter's real home (a venv's python is a link to it) and the installed packages.
+        for path in (Path(sys.executable).resolve().parent, Path(sys.base_prefix), Path(__file__).parent):
+            blocked = first_blocked(mlflow_user, path)
+            if blocked is not None:
+                raise UsageError(f"services: the MLflow server runs as the user {mlflow_user.name!r}, which "
+                                 f"cannot enter {blocked} on the way to vaelab's Python ({path}); install vaelab "
+                                 f"where other users can read it, or `chmod o+x {blocked}`")
 
 
 # ---- PostgreSQL ------------------------------------------------------------------------------------------
@@ -148,44 +236,36 @@ def postgres_bin() -> Path:
     raise UsageError("services: no PostgreSQL server found (Debian: apt-get install postgresql)")
 
 
-def _server_user() -> str | None:
-    """PostgreSQL refuses to run as root: as root, the server runs as the `postgres` system user."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        raise UsageError("services: PostgreSQL cannot run as root and there is no `postgres` user") from None
-    return "postgres"
-
-
-def init_postgres(layout: Layout, password: str) -> None:
-    """A new database cluster in the services folder (once): the `vaelab` role with `password`, and every
-    connection, local or remote, authenticated by scram-sha-256."""
+def init_postgres(layout: Layout, admin_password: str, user: ServerUser | None) -> None:
+    """A new database cluster in the services folder (once), its bootstrap superuser the admin role."""
     if (layout.pgdata / "PG_VERSION").is_file():
         return
-    user = _server_user()
     layout.pgdata.mkdir(parents=True, exist_ok=True)
     pwfile = layout.folder / ".initdb-password"
-    _write_secret(pwfile, password + "\n")
+    _write_secret(pwfile, admin_password + "\n", owner=user)
     try:
         if user:
-            owner = pwd.getpwnam(user)
-            for path in (layout.pgdata, pwfile):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
+            user.own(layout.pgdata)
         os.chmod(layout.pgdata, 0o700)
-        subprocess.run([str(postgres_bin() / "initdb"), "-D", str(layout.pgdata), "-U", DB_USER, "-A",
+        subprocess.run([str(postgres_bin() / "initdb"), "-D", str(layout.pgdata), "-U", pg_roles.ADMIN, "-A",
                         "scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-instructions"],
-                       check=True, capture_output=True, text=True, user=user)
+                       check=True, capture_output=True, text=True, **(user.popen_kwargs() if user else {}))
     except subprocess.CalledProcessError as err:
         raise UsageError(f"services: initdb failed: {(err.stderr or err.stdout).strip().splitlines()[-1]}") \
             from None
     finally:
         pwfile.unlink(missing_ok=True)
-    with open(layout.pgdata / "pg_hba.conf", "w") as hba:
-        # No trust and no peer: every client, on this machine or another, gives the password.
-        hba.write("local all all scram-sha-256\nhost all all 0.0.0.0/0 scram-sha-256\n"
-                  "host all all ::/0 scram-sha-256\n")
+
+
+def write_hba(layout: Layout, user: ServerUser | None) -> None:
+    """Who may connect from where, rewritten on every start (so an older stack's open rules go)."""
+    path = layout.pgdata / "pg_hba.conf"
+    fresh = path.with_name("pg_hba.conf.new")
+    fresh.write_text(pg_roles.hba_rules())
+    fresh.chmod(0o600)
+    if user:
+        user.own(fresh)
+    os.replace(fresh, path)
 
 
 def postgres_command(layout: Layout) -> list[str]:
@@ -194,47 +274,35 @@ def postgres_command(layout: Layout) -> list[str]:
             "-c", "max_connections=200", "-c", "password_encryption=scram-sha-256"]
 
 
-def create_databases(layout: Layout, password: str) -> None:
-    """The Optuna, MLflow and MLflow-auth databases, if missing, owned by the vaelab role."""
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(host=layout.host, port=layout.pg_port, user=DB_USER, password=password,
-                         dbname="postgres", connect_timeout=10, autocommit=True) as conn:
-        have = {row[0] for row in conn.execute("SELECT datname FROM pg_database").fetchall()}
-        for name in DATABASES:
-            if name not in have:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
 # ---- MLflow ----------------------------------------------------------------------------------------------
 
-def write_auth_config(layout: Layout) -> None:
-    """MLflow's basic-auth settings: the vaelab user as the admin, users in the auth database, credential
-    checks cached for a minute (each check is a PBKDF2 hash: without the cache, workers' per-epoch writes
-    spend most of a small server's CPU on it)."""
+def write_auth_config(layout: Layout, user: ServerUser | None) -> None:
+    """MLflow's basic-auth settings: the vaelab user as the admin, users in the auth database (reached as
+    the MLflow server's own role), credential checks cached for a minute (each check is a PBKDF2 hash:
+    without the cache, workers' per-epoch writes spend most of a small server's CPU on it)."""
     config = configparser.ConfigParser()
     config["mlflow"] = {
         "default_permission": "READ",
-        "database_uri": layout.db_url("mlflow_auth"),
-        "admin_username": DB_USER,
+        "database_uri": layout.db_url("mlflow_auth", pg_roles.MLFLOW),
+        "admin_username": MLFLOW_USER,
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
         "auth_cache_ttl_seconds": "60",
     }
     text = io.StringIO()
     config.write(text)
-    _write_secret(layout.auth_config, text.getvalue())
+    _write_secret(layout.auth_config, text.getvalue(), owner=user)
 
 
 def mlflow_command(layout: Layout, workers: int, names: tuple[str, ...] = ()) -> list[str]:
     """The server's command line (no secret on it). It answers requests addressed to its own address, to
     loopback and to `names` (the DNS names workers use), on any port (a proxy may sit in between): MLflow's
     guard against DNS rebinding stays on."""
-    hosts = ",".join(dict.fromkeys(h for name in (layout.host, "localhost", "127.0.0.1", *names)
+    own = [layout.host] if layout.host not in ("0.0.0.0", "::") else [socket.gethostname(), socket.getfqdn()]
+    hosts = ",".join(dict.fromkeys(h for name in (*own, "localhost", "127.0.0.1", *names)
                                    for h in (name, f"{name}:*")))
     return [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", layout.host,
             "--port", str(layout.mlflow_port), "--workers", str(workers),
-            "--backend-store-uri", layout.db_url("mlflow"), "--serve-artifacts",
+            "--backend-store-uri", layout.db_url("mlflow", pg_roles.MLFLOW), "--serve-artifacts",
             "--artifacts-destination", layout.artifacts.resolve().as_uri(), "--allowed-hosts", hosts]
 
 
@@ -248,14 +316,26 @@ def _flask_secret(layout: Layout) -> str:
 
 
 def mlflow_env(layout: Layout, mlflow_password: str) -> dict[str, str]:
-    return {"MLFLOW_FLASK_SERVER_SECRET_KEY": _flask_secret(layout), "PGPASSFILE": str(layout.pgpass.resolve()),
+    return {"MLFLOW_FLASK_SERVER_SECRET_KEY": _flask_secret(layout),
+            "PGPASSFILE": str(layout.mlflow_pgpass.resolve()), "HOME": str(layout.mlflow_home.resolve()),
             "MLFLOW_AUTH_CONFIG_PATH": str(layout.auth_config.resolve()), MLFLOW_PASSWORD_ENV: mlflow_password,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def _prepare_mlflow_files(layout: Layout, user: ServerUser | None) -> None:
+    """The folders and the one credentials file the MLflow server needs, owned by the user it runs as."""
+    for folder in (layout.artifacts, layout.mlflow_home):
+        folder.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        user.own(layout.mlflow_pgpass, layout.mlflow_home)
+        for path in [layout.artifacts, *layout.artifacts.rglob("*")]:  # an older stack's artifacts were root's
+            os.lchown(path, user.uid, user.gid)
 
 
 # ---- running them ----------------------------------------------------------------------------------------
 
 def _answers(host: str, port: int) -> bool:
+    host = "127.0.0.1" if host == "0.0.0.0" else "::1" if host == "::" else host
     try:
         with socket.create_connection((host, port), timeout=1):
             return True
@@ -280,35 +360,53 @@ def _wait_ready(proc: subprocess.Popen, host: str, port: int, what: str, log_pat
         time.sleep(0.2)
 
 
+def _start(layout: Layout, name: str, command: list[str], user: ServerUser | None, stop_signal: int,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A server in a process group of its own, as `user`, that stops when this process dies (even by
+    kill -9), and is recorded so a next start can end it should it outlive us anyway."""
+    with open(layout.folder / f"{name}.log", "a") as log_file:
+        proc = subprocess.Popen(command, start_new_session=True, stdout=log_file, stderr=log_file, env=env,
+                                cwd=layout.folder, preexec_fn=die_with_parent(stop_signal),
+                                **(user.popen_kwargs() if user else {}))
+    record(layout.pids, name, proc)
+    return proc
+
+
 def run_services(layout: Layout, which: tuple[str, ...] = ("postgres", "mlflow"), workers: int = 2,
                  names: tuple[str, ...] = ()) -> int:
     """Start the chosen services, say how workers reach them, and keep them up until stopped.
     A service that exits on its own ends the others and the command (exit 1)."""
-    for name, port in (("postgres", layout.pg_port), ("mlflow", layout.mlflow_port)):
+    pg_user = _postgres_user() if "postgres" in which else None
+    mlflow_user = _mlflow_user() if "mlflow" in which else None
+    layout.folder.mkdir(parents=True, exist_ok=True)
+    _check_reachable(layout, which, pg_user, mlflow_user)
+    ended = reap_leftovers(layout.pids)
+    if ended:
+        print(f"services: ended what an earlier start left running: {', '.join(ended)}", flush=True)
+    for name, port, flag in (("postgres", layout.pg_port, "--pg-port"), ("mlflow", layout.mlflow_port,
+                                                                           "--mlflow-port")):
         if name in which:
-            check_port_free(layout.host, port)
-    db_password, mlflow_password = ensure_secrets(layout)
-    layout.artifacts.mkdir(parents=True, exist_ok=True)
+            check_port_free(layout.host, port, flag)
+    passwords, mlflow_password = ensure_secrets(layout)
     procs: dict[str, subprocess.Popen] = {}
     try:
         if "postgres" in which:
-            init_postgres(layout, db_password)
-            log_path = layout.folder / "postgres.log"
-            with open(log_path, "a") as log_file:
-                procs["postgres"] = subprocess.Popen(postgres_command(layout), start_new_session=True,
-                                                     user=_server_user(), stdout=log_file, stderr=log_file)
-            _wait_ready(procs["postgres"], layout.host, layout.pg_port, "PostgreSQL", log_path)
-            create_databases(layout, db_password)
-            print(f"PostgreSQL: ready on {layout.host}:{layout.pg_port} (data in {layout.pgdata}, log "
-                  f"{layout.folder / 'postgres.log'})", flush=True)
+            init_postgres(layout, passwords.admin, pg_user)
+            write_hba(layout, pg_user)
+            procs["postgres"] = _start(layout, "postgres", postgres_command(layout), pg_user, signal.SIGINT)
+            _wait_ready(procs["postgres"], layout.host, layout.pg_port, "PostgreSQL",
+                        layout.folder / "postgres.log")
+            pg_roles.provision(layout.pgdata, layout.pg_port, passwords)
+            print(f"PostgreSQL: ready on {_url_host(layout.host)}:{layout.pg_port} (data in {layout.pgdata}, log "
+                  f"{layout.folder / 'postgres.log'}; workers log in as {pg_roles.WORKER}, which owns the "
+                  f"optuna database and nothing else)", flush=True)
         if "mlflow" in which:
-            write_auth_config(layout)
-            log_path = layout.folder / "mlflow.log"
-            with open(log_path, "a") as log_file:
-                procs["mlflow"] = subprocess.Popen(mlflow_command(layout, workers, names), start_new_session=True,
-                                                   env={**os.environ, **mlflow_env(layout, mlflow_password)},
-                                                   stdout=log_file, stderr=log_file)
-            _wait_ready(procs["mlflow"], layout.host, layout.mlflow_port, "MLflow server", log_path)
+            write_auth_config(layout, mlflow_user)
+            _prepare_mlflow_files(layout, mlflow_user)
+            procs["mlflow"] = _start(layout, "mlflow", mlflow_command(layout, workers, names), mlflow_user,
+                                     signal.SIGTERM, env={**os.environ, **mlflow_env(layout, mlflow_password)})
+            _wait_ready(procs["mlflow"], layout.host, layout.mlflow_port, "MLflow server",
+                        layout.folder / "mlflow.log")
             print(f"MLflow server: ready on {layout.tracking_uri} (basic auth; artifacts in {layout.artifacts}, "
                   f"log {layout.folder / 'mlflow.log'})", flush=True)
         print(_how_to_connect(layout), flush=True)
@@ -325,6 +423,7 @@ def run_services(layout: Layout, which: tuple[str, ...] = ("postgres", "mlflow")
         for name, proc in reversed(list(procs.items())):  # the MLflow server before the database it writes to
             # PostgreSQL's fast shutdown (SIGINT) ends its sessions cleanly; SIGTERM would wait for every client.
             stop_group(proc, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+            forget(layout.pids, name)
 
 
 def _how_to_connect(layout: Layout) -> str:
@@ -335,5 +434,7 @@ def _how_to_connect(layout: Layout) -> str:
         f"  export VAELAB_STORAGE={layout.db_url('optuna')}",
         f"  export MLFLOW_TRACKING_URI={layout.tracking_uri}",
         "  vaelab worker experiments/<name>.yaml",
+        f"Keep {layout.admin_pgpass.name} and {layout.mlflow_pgpass.name} on this machine: they are the database's "
+        "superuser and the MLflow server's own role.",
         "Ctrl-C stops the services.",
     ])
