@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +67,30 @@ def load_cached(cache_dir: Path, key: str) -> CachedSplit | None:
         return None
 
 
+def check_writable(cache_dir: Path) -> None:
+    """data.cache_dir created and written to once (a probe file, removed at once): a folder that
+    cannot take an entry is one line before any image is decoded, not a traceback after."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir, prefix=".probe"):
+            pass
+    except OSError as err:
+        raise DataError(f"data.cache_dir: cannot write to {cache_dir} ({_why(err)})") from None
+
+
+def _why(err: OSError) -> str:
+    if isinstance(err, FileExistsError):  # mkdir(exist_ok=True) on a path that is not a folder
+        return "it is a file, not a folder"
+    if isinstance(err, NotADirectoryError):
+        return "a part of the path is a file, not a folder"
+    return (err.strerror or str(err)).lower()
+
+
 def write_cache(cache_dir: Path, key: str, images: Iterable[np.ndarray | None], labels: Sequence[int] | np.ndarray,
                 shape: tuple[int, int, int], what: str) -> CachedSplit:
     """Stream `images` (uint8 (C, H, W) each, or None for one that could not be read, which
     is dropped with its label) into the entry `key`; never holds more than one image."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(cache_dir)
     tmp = f".tmp{os.getpid()}"
     data_path = cache_dir / f"{key}.u8"
     digest, kept = hashlib.sha256(), []
@@ -124,6 +144,7 @@ def decoded(sources: Sequence[Any], labels: Sequence[int] | np.ndarray, key_part
     found = load_cached(cache_dir, key)
     if found is not None:
         return found
+    check_writable(cache_dir)  # before decoding: an unusable folder would waste all of it
     shape = (spec.channels, spec.image_size, spec.image_size)
     images = decode_many(sources, spec.channels, spec.image_size, spec.resize, names=names,
                          workers=spec.decode_workers, desc=f"decoding {what}", progress=progress)

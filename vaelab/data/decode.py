@@ -11,11 +11,13 @@ and memory per worker matter.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import multiprocessing
 import os
 import signal
+import stat
 import sys
 import warnings
 from collections import deque
@@ -23,6 +25,7 @@ from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 
 from vaelab.errors import DataError
 
-__all__ = ["EXTENSIONS", "decode_image", "decode_many", "walk_images"]
+__all__ = ["EXTENSIONS", "decode_file", "decode_image", "decode_many", "walk_images"]
 
 EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 RESIZES = ("crop", "stretch")
@@ -66,6 +69,18 @@ def decode_image(source: Source, channels: int, size: int, resize: str,
     return array
 
 
+def decode_file(path: str | os.PathLike[str], channels: int, size: int, resize: str = "crop",
+                max_pixels: int | None = None) -> np.ndarray:
+    """One image file a user named (not one of a folder's many): decoded as decode_image does, with
+    the same checks (a regular file, the pixel limit read from the header), but a file that cannot
+    be used raises a one-line DataError instead of being skipped."""
+    _check_args(channels, size, resize)
+    array, reason = _decode(path, channels, size, resize, max_pixels)
+    if array is None:
+        raise DataError(f"{os.fspath(path)}: cannot read as an image ({reason})")
+    return array
+
+
 def _check_args(channels: int, size: int, resize: str) -> None:
     if channels not in (1, 3):
         raise DataError(f"channels={channels!r}: images decode to 1 (grey) or 3 (RGB) channels")
@@ -92,17 +107,57 @@ def _decode(source: Source, channels: int, size: int, resize: str, max_pixels: i
     return array, None
 
 
-def _open(source: Source) -> Image.Image:
+@contextlib.contextmanager
+def _open(source: Source) -> Iterator[Image.Image]:
+    """`source` opened by PIL (header only): encoded bytes, or a file that passed `_checked_file`."""
     if isinstance(source, bytes | bytearray | memoryview):
         if not source:
             raise _Skip("empty file")
-        return _quiet_open(io.BytesIO(source))
-    if os.path.isfile(source) and os.path.getsize(source) == 0:
-        raise _Skip("empty file")
-    return _quiet_open(source)
+        with _quiet_open(io.BytesIO(source)) as image:
+            yield image
+        return
+    # PIL does not close a file object it was given: this `with` does.
+    with _checked_file(source) as file, _quiet_open(file) as image:
+        yield image
 
 
-def _quiet_open(source: str | os.PathLike[str] | io.BytesIO) -> Image.Image:
+def _checked_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """`path` opened for reading if it is a non-empty regular file.
+
+    Opened without blocking, then checked by its open descriptor: a FIFO (which would wait for
+    a writer forever) or a device (endless) is refused, even one swapped in after a folder was
+    listed. (O_NONBLOCK changes nothing for reading a regular file.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise _Skip(f"a broken symlink (to {os.readlink(path)})") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Skip(f"{_file_kind(info.st_mode)}, not an image file")
+        if info.st_size == 0:
+            raise _Skip("empty file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _quiet_open(source: BinaryIO) -> Image.Image:
     # Our own pixel limit replaces PIL's warning; PIL's DecompressionBombError (2x its limit) still raises.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -117,11 +117,20 @@ def cache_split(split: FolderSplit, names: tuple[str, ...], spec: Any, progress:
     modification times and labels."""
     index = {name: i for i, name in enumerate(names)}
     labels = [index[c] if c is not None else 0 for c in split.classes]
-    parts: list[object] = ["folder"]
-    for path, label in zip(split.files, labels, strict=True):
-        stat = path.stat()
-        parts.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}")
+    parts: list[object] = ["folder", *(_identity(path, label) for path, label in zip(split.files, labels, strict=True))]
     return decoded(split.files, labels, parts, spec, str(split.folder), progress=progress)
+
+
+def _identity(path: Path, label: int) -> str:
+    """A file's part of its split's cache key: its name, size, modification time and label."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        # A dangling symlink, or a file removed since the folder was listed: decoding skips it with
+        # a warning naming it, like any unreadable file; the key notes it, so a file that comes back
+        # is a new entry.
+        return f"{path}|unreadable {err.errno}|{label}"
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}"
 
 
 def _listed(spec: Any) -> dict[str, FolderSplit]:
