@@ -6,6 +6,9 @@ says where they are wrong, and never fails in any other way."""
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vaelab import cli
-from vaelab.checks import SpecError
+from vaelab.checks import SpecError, show
+from vaelab.search import MAX_POINTS, expand_grid
 from vaelab.spec import SECTIONS, parse_spec
 
 VALID = {
@@ -30,6 +34,11 @@ VALID = {
 }
 
 
+# An int of 6000 digits, written as YAML reads it without Python's 4300-digit limit on decimal text.
+HUGE = "__huge_int__"
+HUGE_YAML = "0x" + "f" * 5000
+
+
 def mutated(path: str, value, delete: bool = False) -> str:
     spec = copy.deepcopy(VALID)
     *parents, leaf = path.split(".")
@@ -40,7 +49,7 @@ def mutated(path: str, value, delete: bool = False) -> str:
         del node[leaf]
     else:
         node[leaf] = value
-    return yaml.safe_dump(spec)
+    return yaml.safe_dump(spec).replace(HUGE, HUGE_YAML)
 
 
 def optuna(search: dict) -> str:
@@ -59,12 +68,26 @@ CASES = [
     ("name-int", mutated("name", 7), "name:"),
     ("name-null-byte", mutated("name", "a\x00b"), "name:"),
     ("name-missing", mutated("name", None, delete=True), "name: missing"),
+    ("name-trailing-newline", mutated("name", "abc\n"), "name:"),  # `$` matched before the newline
+    ("name-trailing-newline-quoted", 'name: "abc\\n"\n', "name:"),
     # YAML that is not data
     ("tag-python-object", "name: x\nbase: !!python/object:os.system {}\n", "invalid YAML"),
     ("tag-python-apply", "name: !!python/object/apply:os.system ['true']\n", "invalid YAML"),
     ("tag-python-name", "name: x\nbase: {train: {seed: !!python/name:os.getcwd }}\n", "invalid YAML"),
     ("yaml-syntax", "name: x\nbase: {train: [1, 2\n", "invalid YAML"),
     ("yaml-tabs", "name: x\nbase:\n\ttrain: {}\n", "invalid YAML"),
+    # what PyYAML's constructors refuse outside YAMLError, and what it nests too deeply to compose
+    ("int-5000-digits", f"name: x\nbase: {{model: {{z_dim: {'9' * 5000}}}}}\n", "invalid YAML"),
+    ("date-out-of-range", "name: x\ndescription: 2019-02-30\n", "invalid YAML"),
+    ("nested-3000-deep", f"name: x\ndescription: {'[' * 3000}{']' * 3000}\n", "invalid YAML"),
+    # ints of any length (YAML reads 0x... without the 4300-digit limit): never printed, floated or hashed
+    ("z-dim-hex-huge", mutated("base.model.z_dim", HUGE), "model.z_dim"),
+    ("split-seed-hex-huge", mutated("base.data.split_seed", HUGE), "data.split_seed"),
+    ("beta-hex-huge", mutated("base.loss.beta", HUGE), "loss.beta"),
+    ("revision-hex-huge", mutated("base.data.hf", {"revision": HUGE}), "data.hf.revision"),
+    ("memory-budget-hex-huge", mutated("base.data.memory_budget", HUGE), "data.memory_budget"),
+    ("memory-budget-inf", mutated("base.data.memory_budget", "9" * 400 + "GB"), "data.memory_budget"),
+    ("key-hex-huge", f"name: x\nbase:\n  model:\n    ? {HUGE_YAML}\n    : 1\n", "model.an int of about"),
     ("top-level-list", "- name: x\n", "(top level)"),
     ("top-level-scalar", "just words\n", "(top level)"),
     ("empty-file", "", "(top level)"),
@@ -202,3 +225,103 @@ def test_damaged_specs_are_accepted_or_refused_with_a_path(data):
         # added, control characters escaped as SpecError does), a run section (model.z_dim), or the top level.
         places = {str(SpecError(str(key))) for key in spec} | set(SECTIONS) | {"(top level)"}
         assert any(message.startswith(place) for place in places), message
+
+
+# ---- what a spec error costs: the file, not what its aliases expand to ------------------------------------
+
+def alias_bomb(levels: int, width: int) -> str:
+    """A YAML flow list of `levels` lists, each `width` aliases of the one before: the last one has
+    width**levels leaves (9 x 9: 387 million) in a file of a few hundred bytes, since aliases share."""
+    parts = [f"&l0 [{', '.join(['x'] * width)}]"]
+    parts += [f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]"
+
+
+# Runs one command in a fresh process and reports its exit code, seconds and the growth of its peak memory.
+# Its address space is capped, so a value that is expanded after all fails fast instead of taking the machine.
+MEASURED = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+from vaelab import cli
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+rc = cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "s": time.perf_counter() - start,
+                  "mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def measured(tmp_path: Path, text: str, *args: str) -> tuple[dict, str]:
+    (tmp_path / "experiments").mkdir(exist_ok=True)
+    (tmp_path / "experiments" / "bad.yaml").write_text(text)
+    done = subprocess.run([sys.executable, "-c", MEASURED, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize("size", [9, 10])
+@pytest.mark.parametrize(("where", "path"), [
+    ("description: {}", "description:"),
+    ("base: {{model: {{hidden: [{}]}}}}", "model.hidden[0]:"),  # the first item is the bomb
+    ("base: {{loss: {{beta: {}}}}}", "loss.beta:"),
+])
+def test_an_alias_bomb_costs_what_its_file_costs(tmp_path: Path, where: str, path: str, size: int):
+    text = f"name: bomb\n{where.format(alias_bomb(size, size))}\n"
+    assert len(text) < 2000
+    result, err = measured(tmp_path, text, "train", "bad", "--dry-run")
+    assert result["rc"] == 2, err[-2000:]
+    assert err.count("\n") == 1 and err.startswith("vaelab: error: ") and path in err, err[:500]
+    assert f"(a list of {size})" in err and len(err) < 300, err[:500]
+    assert result["s"] < 1.0 and result["mb"] < 200, result
+
+
+def test_show_walks_a_bounded_part_of_any_value():
+    leaf: list = ["x"] * 9
+    for _ in range(8):
+        leaf = [leaf] * 9  # 9**9 leaves, 9 lists
+    itself: list = [1]
+    itself.append(itself)
+    for value in (leaf, itself, {"a": leaf}, 16**5000, "y" * 10**6, b"z" * 10**6):
+        text = show(value)
+        assert len(text) < 120 and "\n" not in text, text
+    assert show(leaf).endswith("(a list of 9)") and show(16**5000) == "an int of about 6020 digits"
+    assert show([1, -2]) == "[1, -2]" and show("ten") == "'ten'"  # short values read as before
+
+
+# ---- a grid is refused by its size before it is expanded --------------------------------------------------
+
+def grid(params, seeds: list[int], **search) -> dict:
+    return {**VALID, "search": {"kind": "grid", "params": params, "seeds": seeds, **search}}
+
+
+def test_a_grid_of_10_to_the_8_points_is_refused_by_its_size(tmp_path: Path):
+    keys = ["loss.beta", "loss.free_bits", "loss.sigma", "loss.gamma", "loss.factor_gamma", "loss.dip_lambda_od",
+            "loss.capacity_max", "train.lr"]
+    text = yaml.safe_dump(grid({key: [0.1 * i for i in range(1, 11)] for key in keys}, [0, 1]))
+    result, err = measured(tmp_path, text, "sweep", "bad", "--dry-run")
+    assert result["rc"] == 2 and err.count("\n") == 1, err[-2000:]
+    assert "200,000,000 runs (10 x 10 x 10 x 10 x 10 x 10 x 10 x 10 values x 2 seeds)" in err, err
+    assert "search.max_points" in err and "10,000" in err, err
+    assert result["s"] < 1.0, result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments"]
+
+
+@pytest.mark.parametrize(("params", "runs"), [
+    ({"loss.beta": [1.0, 2.0, 3.0], "model.z_dim": [2, 4, 8], "train.lr": [0.1, 0.01, 0.001]}, 54),
+    ([{"loss.beta": [1.0, 2.0, 3.0], "train.lr": [0.1, 0.01]},  # a union: the grids' points add up
+      {"loss.objective": ["beta_tcvae"], "loss.beta": [1.0, 2.0, 4.0, 8.0]}], 20),
+])
+def test_search_max_points_caps_a_grid_and_raising_it_lets_it_through(params, runs: int):
+    with pytest.raises(SpecError, match=rf"^search\.max_points: the grid expands to {runs} runs .* cap of {runs - 1};"):
+        parse_spec(grid(params, [0, 1], max_points=runs - 1))
+    spec = parse_spec(grid(params, [0, 1], max_points=runs))
+    assert len(expand_grid(spec.search, spec.base)) == runs
+    with pytest.raises(SpecError, match=r"^search\.max_points: expected int > 0"):
+        parse_spec(grid(params, [0, 1], max_points=0))
+
+
+def test_vaelab_keys_documents_search_max_points(capsys):
+    assert cli.main(["keys"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("search.max_points "))
+    assert str(MAX_POINTS) in line and "refused" in line, line

@@ -9,20 +9,71 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vaelab.errors import SpecError
 
+SHOWN_CHARS = 60  # how much of a bad value an error message echoes
+_INT_SHOWN_BITS = 200  # a longer int is described by its size (str() of a huge int is refused, or slow)
 
-def _show(value: Any) -> str:
+
+def show(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A value as an error message echoes it: about `limit` characters, found by walking at most
+    about that many nodes. A YAML alias bomb (nine levels of nine aliases: 387 million leaves
+    sharing nine lists) then costs what its file costs; repr() would expand it all first."""
+    text = _brief(value, limit)
+    if len(text) > limit + 20:  # each nesting level may close past its budget: cap the sum
+        text = text[:limit] + "..."
+    if isinstance(value, (list, tuple, set, frozenset, Mapping)) and "..." in text:
+        kind = "mapping" if isinstance(value, Mapping) else type(value).__name__
+        text += f" (a {kind} of {len(value)}{' keys' if kind == 'mapping' else ''})"
+    return text
+
+
+def _brief(value: Any, budget: int) -> str:
+    """Up to about `budget` characters of `value`; containers are walked item by item and stop when
+    the budget is spent, so no call looks at more than about `budget` nodes."""
+    if budget <= 0:
+        return "..."
+    if isinstance(value, Mapping):
+        return "{" + _items((f"{_brief(k, budget // 2)}: " for k in value), value.values(), budget - 1) + "}"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        # budget - 1: the bracket counts, so even a list that holds itself (`&a [*a]`) ends
+        left, right = ("[", "]") if isinstance(value, list) else ("(", ")") if isinstance(value, tuple) else "{}"
+        return left + _items(None, value, budget - 1) + right
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _INT_SHOWN_BITS:
+        return f"an int of about {int(value.bit_length() * 0.30103)} digits"
+    if isinstance(value, (str, bytes)) and len(value) > budget:
+        return repr(value[:budget])[:budget] + "..."
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= budget else text[:budget] + "..."
+
+
+def _items(keys: Iterator[str] | None, values: Iterable[Any], budget: int) -> str:
+    parts: list[str] = []
+    used = 0
+    for value in values:
+        if used >= budget:
+            parts.append("...")
+            break
+        prefix = next(keys) if keys is not None else ""
+        part = prefix + _brief(value, budget - used - len(prefix))
+        parts.append(part)
+        used += len(part) + 2
+    return ", ".join(parts)
+
+
+def show_key(key: Any) -> str:
+    """A mapping key in a dotted path: text as it is (cut when long), anything else as `show` gives it."""
+    if isinstance(key, str):
+        return key if len(key) <= SHOWN_CHARS else key[:SHOWN_CHARS] + "..."
+    return show(key)
 
 
 def fail(path: str, allowed: str, value: Any) -> SpecError:
-    return SpecError(f"{path}: expected {allowed}, got {_show(value)}")
+    return SpecError(f"{path}: expected {allowed}, got {show(value)}")
 
 
 class Check:
@@ -33,6 +84,11 @@ class Check:
 
     def describe(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+# No int a spec sets (a size, a count, a seed) is wider than 64 bits; a bigger one (YAML reads
+# `0xfff...` of any length) could not be printed, hashed as JSON or handed to numpy.
+INT_LIMIT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -51,12 +107,14 @@ class Int(Check):
         # bool is an int subclass in Python; `true` is never a size.
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail(path, self.describe(), value)
+        if self.max is None and abs(value) > INT_LIMIT:
+            raise fail(path, f"{self.describe()} below 2**63", value)
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
             raise fail(path, self.describe(), value)
         return value
 
 
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # fullmatch: `$` lets "1\n" through
 
 
 @dataclass(frozen=True)
@@ -76,11 +134,14 @@ class Float(Check):
 
     def parse(self, value: Any, path: str) -> float:
         # PyYAML reads `1e-3` (no dot) as a string; accept plain numeric text.
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(path, self.describe(), value)
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too big for a float (YAML reads `0xfff...` of any length)
+            raise fail(path, self.describe(), value) from None
         if not math.isfinite(number):
             raise fail(path, self.describe(), value)
         if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
@@ -149,6 +210,8 @@ class Text(Check):
 
     def parse(self, value: Any, path: str) -> str:
         if self.numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > INT_LIMIT:  # str() refuses ints over 4300 digits
+                raise fail(path, self.describe() + f" of at most {self.max_len} characters", value)
             value = str(value)
         if not isinstance(value, str) or len(value) > self.max_len:
             raise fail(path, self.describe() + f" of at most {self.max_len} characters", value)
@@ -157,7 +220,8 @@ class Text(Check):
 
 # Names become directory names and MLflow experiment names, so they must not
 # contain separators or start with a dot (no `..`, no hidden files).
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched whole (fullmatch): `$` would also match before a trailing newline, "abc\n".
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +230,7 @@ class Name(Check):
         return "a name of letters, digits, '_', '-', '.' (max 64, not starting with '.' or '-')"
 
     def parse(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+        if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
             raise fail(path, self.describe(), value)
         return value
 
@@ -202,7 +266,7 @@ class IntList(Check):
         return tuple(self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
           "tb": 10**12, "tib": 2**40}
 
@@ -220,12 +284,12 @@ class ByteSize(Check):
     def parse(self, value: Any, path: str) -> int | str:
         if self.allow_auto and value == "auto":
             return "auto"
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= INT_LIMIT:
             return value
-        match = _SIZE.match(value) if isinstance(value, str) else None
+        match = _SIZE.fullmatch(value) if isinstance(value, str) else None
         if match is None:
             raise fail(path, self.describe(), value)
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
-        if size <= 0:
+        size = float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]  # inf for 400 nines
+        if not 1 <= size <= INT_LIMIT:  # under one byte was refused as int(size) == 0
             raise fail(path, self.describe(), value)
-        return size
+        return int(size)

@@ -9,11 +9,12 @@ fails at `search.params.model.arch[1]` before anything runs.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vaelab.checks import Choice, Float, Int, IntList, SpecError, Text, fail
+from vaelab.checks import Check, Choice, Float, Int, IntList, SpecError, Text, fail, show, show_key
 from vaelab.spec import RunSpec, check_run, field_check, with_values
 
 KINDS = ("grid", "optuna")
@@ -21,6 +22,39 @@ SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 # Optimise on validation metrics only: choosing by test numbers leaks the test set.
 METRICS = ("val/loss", "val/elbo", "val/recon", "val/kl", "val/mse")
+# The most runs a grid may expand to unless search.max_points says more: a grid is expanded (and
+# `--dry-run` prints it) point by point, so 8 keys x 10 values would take minutes and gigabytes.
+MAX_POINTS = 10_000
+
+
+@dataclass(frozen=True)
+class SearchKey:
+    """A key of the search section that has a default: its check and its help (`vaelab keys`)."""
+
+    name: str
+    default: Any
+    check: Check
+    doc: str
+
+
+SEARCH_KEYS = (
+    SearchKey("metric", "val/loss", Choice(METRICS), "the validation metric a search optimises and ranks runs by"),
+    SearchKey("direction", "minimize", Choice(("minimize", "maximize")), "minimize or maximize search.metric"),
+    SearchKey("stack", 1, Int(1, 4096), "grid: up to this many points that differ only in loss.beta, train.seed "
+                                        "or train.lr train together as one stacked model"),
+    SearchKey("max_points", MAX_POINTS, Int(1), "grid: the most runs (points x seeds, summed over a union of "
+                                                "grids) a grid may expand to; a bigger one is refused before it is "
+                                                "expanded"),
+    SearchKey("sampler", "tpe", Choice(SAMPLERS), "optuna: the sampler"),
+    SearchKey("pruner", "median", Choice(PRUNERS), "optuna: the pruner of unpromising trials"),
+    SearchKey("seed", 0, Int(0, 2**32 - 1), "optuna: the sampler's seed"),
+)
+
+
+def _setting(raw: Mapping, name: str) -> Any:
+    """search.<name>, checked, or its default."""
+    key = next(key for key in SEARCH_KEYS if key.name == name)
+    return key.check.parse(raw.get(name, key.default), f"search.{name}")
 
 
 @dataclass(frozen=True)
@@ -98,7 +132,7 @@ class Point:
 
 COMMON_KEYS = {"kind", "params", "metric", "direction", "storage", "evaluate"}
 EVALUATE_KEYS = {"top", "by", "set"}
-GRID_KEYS = COMMON_KEYS | {"seeds", "stack"}
+GRID_KEYS = COMMON_KEYS | {"seeds", "stack", "max_points"}
 OPTUNA_KEYS = COMMON_KEYS | {"n_trials", "sampler", "pruner", "seed"}
 DISTRIBUTION_KEYS = {"low", "high", "log", "step", "choices"}
 
@@ -106,7 +140,7 @@ DISTRIBUTION_KEYS = {"low", "high", "log", "step", "choices"}
 def _check_keys(raw: Mapping, allowed: set[str], path: str) -> None:
     for key in raw:
         if key not in allowed:
-            raise SpecError(f"{path}.{key}: unknown key; allowed: {', '.join(sorted(allowed))}")
+            raise SpecError(f"{path}.{show_key(key)}: unknown key; allowed: {', '.join(sorted(allowed))}")
 
 
 def _param_check(key: Any, path: str):
@@ -122,32 +156,59 @@ def _grid_params(raw: Any, where: str = "search.params") -> GridParams:
         raise fail(where, "a non-empty mapping of dotted keys to lists of values (or a list of such mappings)", raw)
     params = []
     for key, values in raw.items():
-        path = f"{where}.{key}"
+        path = f"{where}.{show_key(key)}"
         check = _param_check(key, path)
         if not isinstance(values, list) or not values:
             raise fail(path, "a non-empty list of values", values)
         parsed = tuple(check.parse(v, f"{path}[{i}]") for i, v in enumerate(values))
         if len(set(map(repr, parsed))) != len(parsed):
-            raise SpecError(f"{path}: repeated value in {list(values)!r}")
+            raise SpecError(f"{path}: repeated value in {show(values)}")
         params.append((key, parsed))
     return tuple(params)
 
 
-def _grid_union(raw: list, base: RunSpec) -> tuple[GridParams, tuple[GridParams, ...]]:
-    """The grids of a list-valued search.params, and every key with the values it takes in any of them
-    (a key a grid does not sweep keeps the base value there, so that value counts too)."""
+def _grids(raw: Any) -> tuple[GridParams, ...]:
+    """search.params: one grid, or (a list) the grids of a union."""
+    if not isinstance(raw, list):
+        return (_grid_params(raw),)
     if not raw:
         raise fail("search.params", "a non-empty list of grids", raw)
-    grids = tuple(_grid_params(part, f"search.params[{i}]") for i, part in enumerate(raw))
+    return tuple(_grid_params(part, f"search.params[{i}]") for i, part in enumerate(raw))
+
+
+def _check_size(grids: tuple[GridParams, ...], seeds: int, cap: int) -> None:
+    """Refuse a grid of more than `cap` runs by its size, a product of list lengths, before any
+    point of it is made."""
+    sizes = [math.prod(len(values) for _, values in grid) for grid in grids]
+    runs = sum(sizes) * seeds
+    if runs <= cap:
+        return
+    if len(grids) == 1:
+        how = " x ".join(str(len(values)) for _, values in grids[0]) + " values"
+    elif len(grids) <= 8:
+        how = "(" + " + ".join(map(str, sizes)) + ") points"
+    else:
+        how = f"the points of {len(grids)} grids"
+    how += f" x {seeds} seed" + ("s" if seeds > 1 else "")
+    raise SpecError(f"search.max_points: the grid expands to {runs:,} runs ({how}), more than the cap "
+                    f"of {cap:,}; sweep fewer values, or raise search.max_points to run them all")
+
+
+def _grid_union(grids: tuple[GridParams, ...], base: RunSpec) -> GridParams:
+    """Every key of a union of grids with the values it takes in any of them (a key a grid does not
+    sweep keeps the base value there, so that value counts too)."""
     keys = list(dict.fromkeys(key for grid in grids for key, _ in grid))
     union = []
     for key in keys:
         values: list[Any] = []
+        seen: set[str] = set()  # reprs: 1 and 1.0 (or True) are different values here
         for grid in grids:
-            taken = dict(grid).get(key, (_base_value(base, key),))
-            values += [v for v in taken if repr(v) not in map(repr, values)]
+            for value in dict(grid).get(key, (_base_value(base, key),)):
+                if repr(value) not in seen:
+                    seen.add(repr(value))
+                    values.append(value)
         union.append((key, tuple(values)))
-    return tuple(union), grids
+    return tuple(union)
 
 
 def _base_value(base: RunSpec, key: str) -> Any:
@@ -201,7 +262,7 @@ def _numeric(path: str, raw: Mapping, check) -> Distribution:
 def _optuna_params(raw: Any) -> tuple[tuple[str, Distribution], ...]:
     if not isinstance(raw, Mapping) or not raw:
         raise fail("search.params", "a non-empty mapping of dotted keys to distributions", raw)
-    return tuple((key, _distribution(key, value, _param_check(key, f"search.params.{key}")))
+    return tuple((key, _distribution(key, value, _param_check(key, f"search.params.{show_key(key)}")))
                  for key, value in raw.items())
 
 
@@ -216,7 +277,7 @@ def _final_evaluation(raw: Any, metric: str) -> FinalEvaluation | None:
         raise fail("search.evaluate.set", "a mapping of eval.* keys to values", settings)
     overrides = []
     for key, value in settings.items():
-        path = f"search.evaluate.set.{key}"
+        path = f"search.evaluate.set.{show_key(key)}"
         check = field_check(key) if isinstance(key, str) and key.startswith("eval.") else None
         if check is None:
             raise SpecError(f"{path}: not an eval.* key (only evaluation settings change after training)")
@@ -232,10 +293,10 @@ def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
         raise fail("search", "a mapping with kind: grid or kind: optuna", raw)
     kind = Choice(KINDS).parse(raw.get("kind"), "search.kind")
     _check_keys(raw, GRID_KEYS if kind == "grid" else OPTUNA_KEYS, "search")
-    metric = Choice(METRICS).parse(raw.get("metric", "val/loss"), "search.metric")
+    metric = _setting(raw, "metric")
     common: dict[str, Any] = {
         "metric": metric,
-        "direction": Choice(("minimize", "maximize")).parse(raw.get("direction", "minimize"), "search.direction"),
+        "direction": _setting(raw, "direction"),
         "storage": Text(2000).parse(raw["storage"], "search.storage") if raw.get("storage") else None,
         "evaluate": _final_evaluation(raw.get("evaluate"), metric),
     }
@@ -245,22 +306,24 @@ def parse_search(raw: Any, base: RunSpec) -> GridSearch | OptunaSearch:
             raise fail("search.seeds", "a non-empty list of ints", seeds)
         parsed_seeds = tuple(Int(0, 2**32 - 1).parse(s, f"search.seeds[{i}]") for i, s in enumerate(seeds))
         if len(set(parsed_seeds)) != len(parsed_seeds):
-            raise SpecError(f"search.seeds: repeated seed in {seeds}")
-        stack = Int(1, 4096).parse(raw.get("stack", 1), "search.stack")
-        if isinstance(raw.get("params"), list):
-            union, grids = _grid_union(raw["params"], base)
-            search = GridSearch(params=union, seeds=parsed_seeds, stack=stack, grids=grids, **common)
-            expand_grid(search, base)  # a point two grids share is refused here, before anything runs
-            return search
-        return GridSearch(params=_grid_params(raw.get("params")), seeds=parsed_seeds, stack=stack, **common)
+            raise SpecError(f"search.seeds: repeated seed in {show(seeds)}")
+        stack = _setting(raw, "stack")
+        grids = _grids(raw.get("params"))
+        # max_points is not kept in GridSearch: a cap is no part of what a study runs (its fingerprint).
+        _check_size(grids, len(parsed_seeds), _setting(raw, "max_points"))
+        if not isinstance(raw.get("params"), list):
+            return GridSearch(params=grids[0], seeds=parsed_seeds, stack=stack, **common)
+        search = GridSearch(params=_grid_union(grids, base), seeds=parsed_seeds, stack=stack, grids=grids, **common)
+        expand_grid(search, base)  # a point two grids share is refused here, before anything runs
+        return search
     if "n_trials" not in raw:
         raise SpecError("search.n_trials: missing; an optuna search needs a number of trials")
     return OptunaSearch(
         params=_optuna_params(raw.get("params")),
         n_trials=Int(1, 100_000).parse(raw["n_trials"], "search.n_trials"),
-        sampler=Choice(SAMPLERS).parse(raw.get("sampler", "tpe"), "search.sampler"),
-        pruner=Choice(PRUNERS).parse(raw.get("pruner", "median"), "search.pruner"),
-        seed=Int(0, 2**32 - 1).parse(raw.get("seed", 0), "search.seed"),
+        sampler=_setting(raw, "sampler"),
+        pruner=_setting(raw, "pruner"),
+        seed=_setting(raw, "seed"),
         **common,
     )
 

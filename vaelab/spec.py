@@ -32,6 +32,7 @@ from vaelab.checks import (
     SpecError,
     Text,
     fail,
+    show_key,
 )
 from vaelab.objectives import OBJECTIVES, SCHEDULES
 
@@ -273,7 +274,7 @@ def _parse_section(cls: type, raw: Any, path: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     for key in raw:
         if key not in known:
-            raise SpecError(f"{path}.{key}: unknown key; allowed: {', '.join(known)}")
+            raise SpecError(f"{path}.{show_key(key)}: unknown key; allowed: {', '.join(known)}")
     values = {}
     for name, f in known.items():
         if name in raw and "section" in f.metadata:
@@ -290,7 +291,7 @@ def parse_run(raw: Any, path: str = "base") -> RunSpec:
         raise fail(path or "(run)", "a mapping with sections " + ", ".join(SECTIONS), raw)
     for key in raw:
         if key not in SECTIONS:
-            raise SpecError(f"{_join(path, str(key))}: unknown section; allowed: {', '.join(SECTIONS)}")
+            raise SpecError(f"{_join(path, show_key(key))}: unknown section; allowed: {', '.join(SECTIONS)}")
     run = RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
     check_run(run)
     return run
@@ -357,7 +358,7 @@ def parse_spec(raw: Any) -> Spec:
         raise fail("(top level)", "a mapping with keys " + ", ".join(TOP_LEVEL), raw)
     for key in raw:
         if key not in TOP_LEVEL:
-            raise SpecError(f"{key}: unknown key; allowed: {', '.join(TOP_LEVEL)}")
+            raise SpecError(f"{show_key(key)}: unknown key; allowed: {', '.join(TOP_LEVEL)}")
     if "name" not in raw:
         raise SpecError("name: missing; every spec needs a name (it names the MLflow experiment)")
     from vaelab.search import parse_search  # search checks values against this module's fields
@@ -386,6 +387,10 @@ def read_yaml(path: Path) -> Any:
         line = f" line {where.line + 1}" if where else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(f"{path}:{line}: invalid YAML ({problem})") from None
+    except RecursionError:  # [[[[...]]]] a few thousand deep: PyYAML's composer recurses per level
+        raise SpecError(f"{path}: invalid YAML (nested too deeply)") from None
+    except ValueError as err:  # what a scalar's constructor refuses: 2019-02-30, an int of 5000 digits
+        raise SpecError(f"{path}: invalid YAML ({str(err).split(';')[0][:120]})") from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
@@ -508,9 +513,13 @@ def run_to_yaml(run: RunSpec, name: str) -> str:
 
 
 def describe_fields() -> list[tuple[str, Any, str, str]]:
-    """(dotted path, default, allowed, doc) for every field: used by `vaelab keys`."""
+    """(dotted path, default, allowed, doc) for every field, then the search section's keys that
+    have a default: used by `vaelab keys`."""
+    from vaelab.search import SEARCH_KEYS  # search.py imports this module
+
     rows = []
     for section, cls in SECTIONS.items():
         for dotted, f in _leaves(cls, f"{section}."):
             rows.append((dotted, f.default, f.metadata["check"].describe(), f.metadata["doc"]))
+    rows += [(f"search.{key.name}", key.default, key.check.describe(), key.doc) for key in SEARCH_KEYS]
     return rows
