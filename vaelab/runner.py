@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vaelab import figures, preflight
-from vaelab.checkpoint import save_checkpoint
+from vaelab.checkpoint import DIGEST_TAG, read_run_record, save_checkpoint
 from vaelab.data import ImageData
 from vaelab.errors import LeaseLost, RunStopped
 from vaelab.evaluate import kl_per_dimension, latent_means
@@ -204,7 +204,12 @@ def _finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: 
                     if (Path(tmp) / FIGURES_DIR / name).is_file():
                         shutil.copyfile(Path(tmp) / FIGURES_DIR / name, Path(tmp) / name)
                 figures_s = time.perf_counter() - started
-            save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics, run_id=tracked.run_id)
+            folder = save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics,
+                                     run_id=tracked.run_id)
+            # The run names the weights it logged, so a later evaluation can refuse any others (run.json says it too).
+            written = read_run_record(folder)
+            if written is not None and written.digest:
+                tracked.set_tags({DIGEST_TAG: written.digest})
             bar.update(1)
             bar.set_description("uploading figures and checkpoint")
             tracked.log_artifacts(Path(tmp))

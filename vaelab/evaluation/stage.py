@@ -1,11 +1,14 @@
 """Evaluation as a stage: the chosen evaluators run one after another, each with a
 progress bar (rate and ETA) and its seconds logged as time/eval/<name>_s; one that
 does not apply to the data is skipped with a note instead of failing the run; each
-metric family's estimator settings go with it as a tag (vaelab.eval.<name>)."""
+metric family's estimator settings go with it as a tag (vaelab.eval.<name>). A value that is
+not finite (NaN, inf) is not logged: one warning line says so, and vaelab.eval.not_finite keeps it."""
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +18,8 @@ from vaelab.errors import UserInputError
 from vaelab.evaluation.evaluators import EVALUATORS, EvalContext, Evaluator
 
 SKIPPED_TAG = "vaelab.eval.skipped"
+NOT_FINITE_TAG = "vaelab.eval.not_finite"  # "test/nll_iw = nan (iwae)": metrics computed but not logged
+NOTES_SHOWN = 8  # non-finite metrics named in the tag and the warning (a NaN model's kl_dim/* are many)
 # The metrics whose value depends on estimator settings a later `vaelab evaluate` may change.
 SETTINGS_DEPENDENT = {"iwae": ("test/nll_iw", "test/nll_iw_se", "test/bits_per_dim")}
 
@@ -25,6 +30,7 @@ class Evaluation:
     tags: dict[str, str] = field(default_factory=dict)  # vaelab.eval.<name>: its settings; the skipped ones
     skipped: list[str] = field(default_factory=list)  # "probe: the data has fewer than 2 classes ..."
     ran: list[str] = field(default_factory=list)
+    not_finite: list[str] = field(default_factory=list)  # "test/nll_iw = nan (iwae)"
 
     @property
     def seconds(self) -> float:
@@ -80,12 +86,30 @@ def evaluate(ctx: EvalContext, evaluators: list[Evaluator] | None = None, show_p
         if done_tags is not None and text in (done_tags.get(tag), done_tags.get(own)):
             out.skipped.append(f"{evaluator.name}: already evaluated with these settings")
             continue
-        out.metrics.update(_run_one(ctx, evaluator, settings, suffix, show_progress))
+        out.metrics.update(_finite(_run_one(ctx, evaluator, settings, suffix, show_progress), evaluator.name,
+                                   out.not_finite))
         out.tags[tag] = text
         out.ran.append(evaluator.name)
     if out.skipped:
         out.tags[SKIPPED_TAG] = "; ".join(out.skipped)
+    if out.not_finite:  # a NaN logged without a word reads as a result: said once, and kept as a tag
+        shown = out.not_finite[:NOTES_SHOWN] + ([f"{len(out.not_finite) - NOTES_SHOWN} more"]
+                                                 if len(out.not_finite) > NOTES_SHOWN else [])
+        out.tags[NOT_FINITE_TAG] = "; ".join(shown)
+        tqdm.write(f"vaelab: warning: not finite, so not logged: {out.tags[NOT_FINITE_TAG]} (noted in "
+                   f"{NOT_FINITE_TAG})", file=sys.stderr)
     return out
+
+
+def _finite(metrics: dict[str, float], name: str, notes: list[str]) -> dict[str, float]:
+    """The finite values of `metrics`; each other one is noted in `notes` ("test/elbo = nan (elbo)")."""
+    kept = {}
+    for key, value in metrics.items():
+        if math.isfinite(float(value)):
+            kept[key] = value
+        else:
+            notes.append(f"{key} = {float(value)} ({name})")
+    return kept
 
 
 def _run_one(ctx: EvalContext, evaluator: Evaluator, settings: dict, suffix: str,
