@@ -337,13 +337,17 @@ def run_group(
     on_start: list[Callable[[str], None]] | None = None,
     names: list[str] | None = None,
     guards: list[Callable[[], None]] | None = None,
+    on_settled: list[Callable[[RunOutcome | BaseException], None]] | None = None,
 ) -> list[RunOutcome | BaseException]:
     """The one tracked path: one run, or several that share a stack key, trained by
     vaelab.training.fit_group and each finished (test metrics, figures, checkpoint)
     in its own MLflow run. Runs resuming from different epochs train one group after
     another. An error that stops them all (bad data, a second Ctrl-C) ends every open
-    run and raises. `guards[i]` is called before every write to run i's MLflow run (a
-    sweep's fencing: it raises LeaseLost once the run is another worker's)."""
+    run and raises; runs settled before it keep their outcome. `guards[i]` is called
+    before every write to run i's MLflow run (a sweep's fencing: it raises LeaseLost
+    once the run is another worker's). `on_settled[i]` gets run i's outcome as soon as
+    its MLflow run is ended, before the next run is settled: a sweep tells Optuna there,
+    so an error that comes later gives back only the runs not yet told."""
     k = len(run_specs)
     forget_stop()
     device = resolve_device(run_specs[0].train.device)
@@ -376,6 +380,8 @@ def run_group(
                     outcomes[i] = _settle(tracker, run_specs[i], experiment, models[i], data, member, opened[i],
                                           show_progress)
                     del opened[i]
+                    if on_settled is not None:
+                        on_settled[i](outcomes[i])
         except BaseException as err:
             for o in opened.values():
                 tracker.end_run(o.tracked, err)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass, replace
+from html import escape  # not `import html`: the submodule report.html would take that name
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,7 @@ class StudyRuns:
     parent: pd.Series | None
     swept: list[str]  # dotted keys that vary between configurations (train.seed excluded)
     ui_base: str = UI_BASE  # where run links point: the tracking server itself, else `make ui`
+    left_out: int = 0  # runs of earlier specs of the study (children of older parent runs), not reported
 
 
 def _outcome(row: pd.Series) -> str:
@@ -60,18 +63,48 @@ def _outcome(row: pd.Series) -> str:
     return {"FAILED": "failed", "RUNNING": "running"}.get(status, status.lower())
 
 
+# Tags of a sweep's parent run, written by vaelab.sweeps.coordinator (the report imports no optuna): the
+# study's generation (a spec replaced with --allow-spec-change starts the next), and the runs of earlier
+# generations that are points of its spec too (comma-separated ids in tags GENERATION_CARRIED<n>).
+GENERATION_COLUMN = "tags.vaelab.sweep.generation"
+GENERATION_CARRIED = "tags.vaelab.sweep.carried."
+
+
+def _carried(parent: pd.Series) -> set[str]:
+    return {run_id for column, value in parent.items() if str(column).startswith(GENERATION_CARRIED)
+            and isinstance(value, str) for run_id in value.split(",") if run_id}
+
+
 def select_runs(name: str, experiment_id: str, frame: pd.DataFrame) -> StudyRuns:
+    """The runs of the study's current spec: the children of its newest parent run (the latest generation)
+    and the earlier runs that parent names as points of its spec too; the children of older parent runs
+    (earlier specs) are left out, and counted."""
     is_parent = frame["tags.vaelab.sweep"].notna() if "tags.vaelab.sweep" in frame else pd.Series(False, frame.index)
-    parents = frame[is_parent].sort_values("start_time")
+    parents = frame[is_parent].copy()
+    generation = parents[GENERATION_COLUMN] if GENERATION_COLUMN in parents else pd.Series(1, parents.index)
+    parents["generation"] = pd.to_numeric(generation, errors="coerce").fillna(1)  # a parent from before: 1
+    parents = parents.sort_values(["generation", "start_time"])
     parent = parents.iloc[-1] if len(parents) else None
     runs = frame[~is_parent].copy()
+    left_out = 0
     if parent is not None and "tags.mlflow.parentRunId" in runs:
-        runs = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]].copy()
+        mine = (runs["tags.mlflow.parentRunId"] == parent["run_id"]) | runs["run_id"].isin(_carried(parent))
+        left_out = int((~mine & runs["tags.mlflow.parentRunId"].isin(parents["run_id"])).sum())
+        runs = runs[mine].copy()
     runs["outcome"] = [_outcome(row) for _, row in runs.iterrows()]
     listed = str(parent.get("params.search.params") or "") if parent is not None else ""
     swept = [k for k in listed.split(", ") if k] if listed else _varying_params(runs)
     return StudyRuns(name=name, experiment_id=experiment_id, runs=runs, parent=parent,
-                     swept=[k for k in swept if k != "train.seed"])
+                     swept=[k for k in swept if k != "train.seed"], left_out=left_out)
+
+
+def _left_out_note(study: StudyRuns) -> list[str]:
+    """One line on the runs of earlier specs that select_runs left out."""
+    if not study.left_out:
+        return []
+    return ["", f"> **Earlier specs left out:** {study.left_out} run{'s' if study.left_out != 1 else ''} of "
+                "earlier specs of this study (under older sweep parent runs, before `--allow-spec-change`) "
+                "are not in this report."]
 
 
 def _varying_params(runs: pd.DataFrame) -> list[str]:
@@ -168,8 +201,35 @@ def _fmt_param(value) -> str:
     return str(value) if number.is_integer() or len(str(value)) <= 6 else f"{number:.4g}"
 
 
+# Text from a spec, a param, a tag or the store reaches report.md only through these: markup in it is shown,
+# never run, wherever the markdown is rendered (report.html, a code host, an editor's preview).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # tab and newline stay in prose
+# What would end a markdown link's destination or a table cell early, and what a URL needs encoded anyway.
+_URL_BREAKERS = {ord(c): f"%{ord(c):02X}" for c in " \t\n\r\"()<>\\`|"}
+
+
+def md_text(value: object) -> str:
+    """Prose from a user (a spec's description keeps its markdown): raw HTML shown as text, control
+    characters dropped."""
+    return escape(_CONTROL.sub("", str(value)), quote=False)
+
+
+def md_cell(value: object) -> str:
+    """A value as one markdown table cell, shown as written: on one line, its `|` and backticks unable to
+    end the cell or open a code span across cells (which would shift every later column)."""
+    text = re.sub(r"\s*[\r\n]+\s*", " ", str(value)).replace("\t", " ")
+    text = text.replace("\\", "\\\\").replace("`", "\\`").replace("|", "\\|")
+    return md_text(text)
+
+
+def md_url(url: str) -> str:
+    """A URL as a markdown link destination that nothing in it can end early."""
+    return _CONTROL.sub("", url).translate(_URL_BREAKERS)
+
+
 def _run_link(study: StudyRuns, run_id: str) -> str:
-    return f"[{run_id[:8]}]({run_link(study.ui_base, study.experiment_id, run_id)})"
+    link = run_link(study.ui_base, study.experiment_id, run_id)
+    return f"[{md_cell(run_id[:8])}]({md_url(link)})"
 
 
 # Two configurations differ beyond seed noise when Welch's t-test over their seeds gives p below this.
@@ -216,7 +276,8 @@ def markdown_table(study: StudyRuns, table: pd.DataFrame, disentanglement: bool 
     metrics = [c[: -len(" mean")] for c in table if c.endswith(" mean")]
     if disentanglement is not None:
         metrics = [m for m in metrics if m.startswith(DIS_PREFIX) == disentanglement]
-    shown = pd.DataFrame({key: table[key].map(lambda v: "—" if pd.isna(v) else _fmt_param(v)) for key in study.swept})
+    shown = pd.DataFrame({md_cell(key): table[key].map(lambda v: "—" if pd.isna(v) else md_cell(_fmt_param(v)))
+                          for key in study.swept})
     for metric in metrics:
         header, better = KNOWN_METRICS.get(metric, (metric, None))
         cells = [_fmt(m, s, metric) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"], strict=True)]
@@ -227,9 +288,9 @@ def markdown_table(study: StudyRuns, table: pd.DataFrame, disentanglement: bool 
                 cells[position] = f"{cells[position]} †"
             if best is not None and not tied:
                 cells[best] = f"**{cells[best]}**"
-        if marks is not None:
-            cells = [f"{cell} ({mark})" if mark else cell for cell, mark in zip(cells, marks, strict=True)]
-        shown[header] = cells
+        if marks is not None:  # labels from the runs' tags
+            cells = [f"{cell} ({md_cell(mark)})" if mark else cell for cell, mark in zip(cells, marks, strict=True)]
+        shown[md_cell(header)] = cells
     shown["n"] = table["n"]
     shown["runs"] = [" ".join(_run_link(study, r) for r in ids) for ids in table["run_ids"]]
     return shown.to_markdown(index=False, disable_numparse=True)
@@ -241,13 +302,14 @@ def _header(study: StudyRuns, description: str) -> list[str]:
     done = runs[runs["end_time"].notna()]
     compute_s = float(((done["end_time"] - done["start_time"]) / 1000).sum())
     commits = sorted(set(runs.get("tags.vaelab.git_commit", pd.Series(dtype=str)).dropna()))
-    lines = [f"# Study `{study.name}`", ""]
+    name = study.name.replace("`", "'")  # a backtick would end the code span
+    lines = [f"# Study `{name}`", ""]
     if description:
-        lines += [description.strip(), ""]
+        lines += [md_text(description.strip()), ""]
     lines += [
         f"- generated: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} from the MLflow store (experiment "
-        f"{study.experiment_id})",
-        f"- git commit(s): {', '.join(c[:10] for c in commits) or 'unknown'}",
+        f"{md_text(study.experiment_id)})",
+        f"- git commit(s): {md_text(', '.join(c[:10] for c in commits)) or 'unknown'}",
         "- runs: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("finished", "pruned", "failed", "running")),
         f"- total compute: {compute_s / 60:.1f} min of wall time over all runs",
         "- units: nats per image; **test −ELBO** is the negative ELBO (recon + KL at beta = 1), lower is better;"
@@ -258,7 +320,7 @@ def _header(study: StudyRuns, description: str) -> list[str]:
     ]
     settings = sorted({_iwae_label(t) for t in runs.get(IWAE_TAG, pd.Series(dtype=str)).dropna()})
     if len(settings) == 1:
-        lines.append(f"- test NLL (IWAE, Burda et al. 2016): {settings[0]}; `_k<k>` columns are later "
+        lines.append(f"- test NLL (IWAE, Burda et al. 2016): {md_text(settings[0])}; `_k<k>` columns are later "
                      "`vaelab evaluate` runs with the settings their name says")
     elif settings:
         lines.append("- test NLL (IWAE): runs used different settings, written beside each number; such numbers "
@@ -299,7 +361,7 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     for stale in [*figures_dir.glob("by_*.png"), *figures_dir.glob("disentanglement_by_*.png")]:
         stale.unlink()  # a parameter may no longer be swept
     table.drop(columns=["run_ids", "iwae settings"], errors="ignore").to_csv(out_dir / "table.csv", index=False)
-    lines = _header(study, description) + _missing_note(study)
+    lines = _header(study, description) + _missing_note(study) + _left_out_note(study)
     lines += ["", "## Results", *_likelihood_note(study), "", markdown_table(study, table), "",
               "Raw numbers: [table.csv](table.csv)."]
     if any(c.startswith(DIS_PREFIX) for c in table):
@@ -329,15 +391,21 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     figures += report_figures.rate_distortion(finished, study.swept, figures_dir)
     if figures:
         lines += ["", "## Figures", ""]
-        lines += [f"![{path.stem}](figures/{path.name})" for path in figures]
+        lines += [_figure(path) for path in figures]
     lines += extra_sections or []
     if best_images:
         lines += ["", "## Best run"]
         for label, path in best_images.items():  # the label says which run, chosen by what
-            lines += ["", f"{label}:", "", f"![{path.stem}](figures/{path.name})"]
+            lines += ["", f"{label}:", "", _figure(path)]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _figure(path: Path) -> str:
+    """A figure's markdown; its name may hold a swept key from the store."""
+    alt = re.sub(r"[^\w.-]", "_", path.stem)
+    return f"![{alt}](figures/{md_url(path.name)})"
 
 
 def _best_run(study: StudyRuns) -> tuple[pd.Series, str]:
@@ -386,7 +454,7 @@ def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Pat
         if fetched is not None:
             target = figures_dir / f"best_{name}.png"
             fetched.replace(target)
-            images[f"{name.replace('_', ' ')} of run {_run_link(study, row['run_id'])}, {why}"] = target
+            images[f"{name.replace('_', ' ')} of run {_run_link(study, row['run_id'])}, {md_text(why)}"] = target
     extra = optuna_figures(figures_dir) if optuna_figures else []
     path = build_report(study, out_dir, spec.description, images, extra)
     if study.parent is not None:
@@ -413,7 +481,7 @@ def publish_on_parent(tracker, study: StudyRuns, out_dir: Path, best: pd.Series,
     parent = tracker.attach(parent_id)
     parent.log_metrics(metrics)
     before = str(study.parent.get("tags.mlflow.note.content") or "").split("\n\nBest run:")[0]
-    note = (f"{before}\n\nBest run: {label or best['run_id']} ({_run_link(study, str(best['run_id']))}), "
+    note = (f"{before}\n\nBest run: {md_text(label or best['run_id'])} ({_run_link(study, str(best['run_id']))}), "
             f"{criterion}. The report is in this run's report/ artifacts (report.md, table.csv, figures/).").strip()
     parent.set_tags({"vaelab.best_run": best["run_id"], "vaelab.best_config": label, "mlflow.note.content": note})
     for name in ("report.md", "table.csv"):

@@ -3,6 +3,7 @@ spread over seeds), and the rate-distortion plane with its Pareto front."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +20,20 @@ DIS_PANELS = (("test/dis/beta_vae", "BetaVAE score"), ("test/dis/factor_vae", "F
               ("test/dis/modularity", "modularity"))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _text(value) -> str:
+    """A swept key or value as figure text, drawn as written: a `$` is no mathtext (whose parse errors would
+    stop the report), and no control character (matplotlib's missing-glyph warning prints it to the terminal)."""
+    return _CONTROL.sub(" ", str(value)).replace("$", r"\$")
+
+
+def _file_part(key: str) -> str:
+    """A swept key in a figure's file name: `loss.beta` -> `loss_beta`; nothing that leaves the folder."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", key)
+
+
 def _numeric(values: pd.Series) -> pd.Series | None:
     converted = pd.to_numeric(values, errors="coerce")
     return None if converted.isna().any() else converted
@@ -33,7 +48,7 @@ def _compact(value) -> str:
 
 
 def _short(key: str) -> str:
-    return key.rsplit(".", 1)[-1]
+    return _text(key.rsplit(".", 1)[-1])
 
 
 def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path,
@@ -52,7 +67,7 @@ def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path,
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
         groups = runs.groupby(others, dropna=False) if others else [((), runs)]
         for label, part in groups:
-            name = ", ".join(f"{_short(k[7:])}={v}" for k, v in zip(others, np.atleast_1d(label), strict=False))
+            name = ", ".join(f"{_short(k[7:])}={_text(v)}" for k, v in zip(others, np.atleast_1d(label), strict=False))
             x = positions.loc[part.index]
             for ax, (metric, _) in zip(axes[0], panels, strict=True):
                 y = part[f"metrics.{metric}"].astype(float)
@@ -61,7 +76,7 @@ def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path,
                                    capsize=3, label=name or None)
                 ax.scatter(x, y, s=10, alpha=0.4, color=line[0].get_color())
         for ax, (_, ylabel) in zip(axes[0], panels, strict=True):
-            ax.set_xlabel(key)
+            ax.set_xlabel(_text(key))
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if numeric is not None and numeric.min() > 0 and numeric.max() / numeric.min() >= 10:
@@ -70,12 +85,12 @@ def swept_param_figures(runs: pd.DataFrame, swept: list[str], folder: Path,
                 ax.set_xticks(sorted(numeric.unique()), [f"{v:g}" for v in sorted(numeric.unique())])
             if numeric is None:
                 categories = runs[column].astype("category").cat.categories
-                ax.set_xticks(range(len(categories)), categories)
+                ax.set_xticks(range(len(categories)), [_text(c) for c in categories])
         if others:
             axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{key}: mean ± std over seeds (dots: single runs)")
+        fig.suptitle(f"{_text(key)}: mean ± std over seeds (dots: single runs)")
         fig.tight_layout()
-        path = folder / f"{prefix}_{key.replace('.', '_')}.png"
+        path = folder / f"{prefix}_{_file_part(key)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -98,7 +113,7 @@ def rate_distortion(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[
         return []
     rate = runs["metrics.test/kl"].astype(float).to_numpy()
     distortion = runs["metrics.test/recon"].astype(float).to_numpy()
-    labels = [", ".join(f"{_short(k)}={_compact(row[f'params.{k}'])}" for k in swept
+    labels = [", ".join(f"{_short(k)}={_text(_compact(row[f'params.{k}']))}" for k in swept
                         if not pd.isna(row.get(f"params.{k}"))) for _, row in runs.iterrows()]
     front = pareto_front(rate, distortion)
     fig, ax = plt.subplots(figsize=(10, 7))

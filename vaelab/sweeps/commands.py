@@ -40,7 +40,8 @@ def _summary(sweep, counts) -> str:
 def _say_spec_changes(sweep) -> None:
     if sweep.spec_changes:
         print(f"sweep '{sweep.spec.name}': the study's spec is replaced (--allow-spec-change): "
-              f"{'; '.join(sweep.spec_changes)}")
+              f"{'; '.join(sweep.spec_changes)}; its runs go under a new parent run, and the report covers "
+              "only this spec's runs")
 
 
 def dry_run(spec: Spec) -> int:

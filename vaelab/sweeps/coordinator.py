@@ -2,27 +2,66 @@
 labelled with the hash of its resolved run; an Optuna search asks its sampler. Any
 number of workers (processes, machines) `prepare` the sweep and then `work` on it:
 they claim trials from the shared storage (vaelab.sweeps.queue) and run them
-(vaelab.sweeps.trials) as MLflow child runs under one parent run per sweep."""
+(vaelab.sweeps.trials) as MLflow child runs under one parent run per spec of the study:
+a spec replaced with --allow-spec-change starts a new parent run, the study's next generation."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, Trial
 
 from vaelab.locks import study_lock
-from vaelab.search import GridSearch, expand_grid
+from vaelab.search import GridSearch, OptunaSearch, expand_grid
 from vaelab.spec import Spec
-from vaelab.sweeps.fingerprint import check_spec
+from vaelab.sweeps.fingerprint import base_changed, check_spec, study_spec_hash
 from vaelab.sweeps.points import optuna_params, parent_params, search_values
-from vaelab.sweeps.queue import PARENT_RUN, Counts, TrialQueue
+from vaelab.sweeps.queue import MLFLOW_RUN, PARENT_RUN, Counts, TrialQueue, is_replaced
 from vaelab.sweeps.samplers import pruner_for, sampler_for
 from vaelab.sweeps.storage import STUDIES_DIR, SweepError, open_storage, storage_url, study_dir
 from vaelab.sweeps.trials import TrialRunner
 from vaelab.tracking import NOTE_TAG, Tracker
 from vaelab.training import stack_blocker, stack_key
+
+# Study user attribute: the current parent run, the spec hash it was made for and its generation, as JSON.
+PARENT_GENERATION = "vaelab.parent_generation"
+# Parent run tags (vaelab.report reads them): the study's generation, the spec hash, and the runs of earlier
+# generations that are points of this spec too, as comma-separated run ids in tags CARRIED_TAG.0, .1, ...
+GENERATION_TAG = "vaelab.sweep.generation"
+SPEC_HASH_TAG = "vaelab.spec_hash"
+CARRIED_TAG = "vaelab.sweep.carried"
+_TAG_ROOM = 7900  # MLflow keeps tag values up to 8000 characters
+
+
+def carried_tags(run_ids: list[str]) -> dict[str, str]:
+    """`run_ids` as few CARRIED_TAG.<n> tags as fit MLflow's tag length."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for run_id in run_ids:
+        if chunks[-1] and size + 1 + len(run_id) > _TAG_ROOM:
+            chunks.append([])
+            size = 0
+        size += len(run_id) + (1 if chunks[-1] else 0)
+        chunks[-1].append(run_id)
+    return {f"{CARRIED_TAG}.{n}": ",".join(chunk) for n, chunk in enumerate(chunks) if chunk}
+
+
+def _in_space(params: dict[str, Any], search: OptunaSearch) -> bool:
+    """Whether a trial's values are a point of `search` (its keys, each within its range or choices)."""
+    if set(params) != {key for key, _ in search.params}:
+        return False
+    for key, dist in search.params:
+        value = params[key]
+        if dist.kind == "categorical":
+            if value not in dist.choices:
+                return False
+        elif not (dist.low is not None and dist.high is not None and dist.low <= value <= dist.high):
+            return False
+    return True
 
 
 class Sweep:
@@ -93,17 +132,69 @@ class Sweep:
         return parent
 
     def _parent_run(self) -> str:
-        parent = self.study.user_attrs.get(PARENT_RUN)
-        if parent and self.tracker.run_exists(parent):
+        """The parent run of the study's current spec: the one recorded in the study while the spec it
+        was made for is still the study's; else a new one, the next generation of the study (the spec
+        was replaced with --allow-spec-change), so no earlier spec's runs share a parent with this one's.
+        Earlier parent runs are left as they are."""
+        attrs = self.study.user_attrs
+        parent = attrs.get(PARENT_RUN)
+        digest = study_spec_hash(self.spec)
+        made_for, generation = self._parent_record(parent, digest)
+        if parent and made_for == digest and self.tracker.run_exists(parent):
             self.tracker.set_status(parent, "RUNNING")
+            if PARENT_GENERATION not in attrs:  # a study from before generations: now it says
+                self._record_parent(parent, digest, generation)
             return parent
-        params = parent_params(self.spec, self.total, [p.run for p in self.points])
-        self.tracker.describe_experiment(self.spec.name, self.spec.description)
-        tags = {"vaelab.sweep": self.search.kind, "optuna.study": self.spec.name,
-                NOTE_TAG: f"Sweep of {self.total} runs over {search_values(self.search)}. {self.spec.description}"}
-        parent = self.tracker.create_parent_run(self.spec.name, f"sweep-{self.spec.name}", params, tags)
+        if parent and made_for != digest:
+            generation += 1
+        parent = self._create_parent(digest, generation)
+        self._record_parent(parent, digest, generation)
         self.study.set_user_attr(PARENT_RUN, parent)
         return parent
+
+    def _parent_record(self, parent: str | None, digest: str) -> tuple[str | None, int]:
+        """(the spec hash `parent` was made for, or None if unknown; its generation). A study from before
+        generations were recorded holds no record: its parent is the current spec's unless the spec was
+        replaced just now."""
+        record = json.loads(self.study.user_attrs.get(PARENT_GENERATION) or "null")
+        if record is None:
+            return (None if self.spec_changes else digest), 1
+        if record.get("run") != parent:  # the process that made a new parent stopped before recording it
+            return None, int(record["generation"])
+        return record.get("spec_hash"), int(record["generation"])
+
+    def _record_parent(self, parent: str, digest: str, generation: int) -> None:
+        self.study.set_user_attr(PARENT_GENERATION, json.dumps({"run": parent, "spec_hash": digest,
+                                                               "generation": generation}))
+
+    def _create_parent(self, digest: str, generation: int) -> str:
+        params = parent_params(self.spec, self.total, [p.run for p in self.points])
+        self.tracker.describe_experiment(self.spec.name, self.spec.description)
+        note = f"Sweep of {self.total} runs over {search_values(self.search)}. {self.spec.description}"
+        if generation > 1:
+            note = (f"Generation {generation} of this study: its spec was replaced (--allow-spec-change); runs of "
+                    f"earlier specs are under the earlier parent runs. {note}")
+        tags = {"vaelab.sweep": self.search.kind, "optuna.study": self.spec.name, NOTE_TAG: note,
+                GENERATION_TAG: generation, SPEC_HASH_TAG: digest, **carried_tags(self._carried_runs())}
+        name = f"sweep-{self.spec.name}" + (f"-gen{generation}" if generation > 1 else "")
+        return self.tracker.create_parent_run(self.spec.name, name, params, tags)
+
+    def _carried_runs(self) -> list[str]:
+        """MLflow runs of trials finished under an earlier spec that are runs of this spec too, which the
+        sweep does not run again (the study holds them) and the report counts: a grid trial whose point
+        (its resolved run) is one of this spec's, an Optuna trial when only the search changed (its
+        metric, n_trials, a range) and its values lie in this spec's space."""
+        search = self.search
+        same_base = not base_changed(self.spec_changes)
+
+        def carried(trial: FrozenTrial) -> bool:
+            point = self.queue.point_of(trial)
+            if point is not None:
+                return point in self._points_by_hash
+            return isinstance(search, OptunaSearch) and same_base and _in_space(trial.params, search)
+
+        return [t.user_attrs[MLFLOW_RUN] for t in self.trials()
+                if t.state.is_finished() and not is_replaced(t) and MLFLOW_RUN in t.user_attrs and carried(t)]
 
     # ---- work: claim and run trials -----------------------------------------------------------
     def _stack_mates(self, first: Trial, room: int) -> list[Trial]:
@@ -131,15 +222,13 @@ class Sweep:
                 break
             room = stack if max_trials is None else min(stack, max_trials - ran)
             group = [trial, *self._stack_mates(trial, room - 1)]
+            # Each trial is told, and on_trial called, as soon as its run is settled.
             if len(group) > 1:
-                finished = self.runner.run_stack(group, parent)
+                finished = self.runner.run_stack(group, parent, on_trial)
             else:
                 epoch_hook = (lambda e, m, t=trial: on_epoch(t, e, m)) if on_epoch else None
-                finished = [self.runner.run(trial, parent, epoch_hook)]
+                finished = [self.runner.run(trial, parent, epoch_hook, on_trial)]
             ran += len(finished)
-            for frozen in finished:
-                if on_trial is not None:
-                    on_trial(frozen)
         return ran
 
     def finish(self, parent: str) -> Counts:

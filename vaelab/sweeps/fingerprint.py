@@ -74,12 +74,46 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def fixed_in_study(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Swept keys whose Optuna distribution `new` changes where the study cannot: Optuna keeps one
+    distribution per parameter for a study's life, so a key's kind, log scale and categorical choices (a
+    grid's values and seeds) stay as its first trials recorded them."""
+    before = _distributions(old)
+    return [key for key, fixed in _distributions(new).items() if key in before and before[key] != fixed]
+
+
+def _distributions(record: dict[str, Any]) -> dict[str, list[Any]]:
+    prefix = "search.params."
+    grid = record.get("search.kind", "grid") == "grid"
+    fixed: dict[str, list[Any]] = {"train.seed": ["categorical", record.get("search.seeds")]} if grid else {}
+    for key, value in record.items():
+        if not key.startswith(prefix):
+            continue
+        if grid or not isinstance(value, dict):  # each grid key is a categorical of its values (sweeps.points)
+            fixed[key[len(prefix):]] = ["categorical", value]
+        elif value.get("kind") == "categorical":
+            fixed[key[len(prefix):]] = ["categorical", value.get("choices")]
+        else:  # a numeric range may change; its type and scale may not
+            fixed[key[len(prefix):]] = [value.get("kind"), bool(value.get("log"))]
+    return fixed
+
+
+def base_changed(changes: list[str]) -> bool:
+    """Whether `changes` (check_spec's) touch what runs are, not only how the search goes on."""
+    return any(not line.startswith("search.") for line in changes)
+
+
+def study_spec_hash(spec: Spec) -> str:
+    """The identity `check_spec` stores for `spec` (and the sweep's parent run carries)."""
+    return spec_hash(spec_record(spec), type(spec.search))
+
+
 def check_spec(study: optuna.Study, spec: Spec, allow_change: bool = False) -> list[str]:
     """Compare `spec` with the spec `study` was made from. The first time, store it.
     If it differs, raise SweepError naming the differences, unless `allow_change`:
     then store the new one and return the differences ([] when nothing changed)."""
     record = spec_record(spec)
-    digest = spec_hash(record, type(spec.search))
+    digest = study_spec_hash(spec)
     stored = study.user_attrs.get(SPEC_HASH)
     if stored == digest:
         return []
@@ -87,6 +121,13 @@ def check_spec(study: optuna.Study, spec: Spec, allow_change: bool = False) -> l
     if stored is not None:
         old = json.loads(study.user_attrs.get(SPEC) or "{}")
         changes = differences(old, record, type(spec.search)) or [f"spec hash {stored} -> {digest}"]
+        fixed = fixed_in_study(old, record)
+        if fixed:  # its trials would fail in Optuna's storage: no flag can allow it
+            named = {"search.seeds" if k == "train.seed" else f"search.params.{k}" for k in fixed}
+            shown = "; ".join(c for c in changes if c.split(" ", 1)[0] in named)
+            raise SweepError(f"study '{spec.name}' cannot take this spec ({shown or ', '.join(fixed)}): Optuna keeps "
+                             f"the values of each swept key for a study's life; start a new study (another "
+                             f"`name:` in the spec)")
         if not allow_change:
             shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
             raise SweepError(f"study '{spec.name}' was made from another spec ({shown}): to run this spec, "

@@ -1,6 +1,6 @@
-"""Running claimed trials: each goes to the same `runner.run` that `vaelab train` uses
-(or `runner.run_stack` for a group that trains as one stacked model), as an MLflow
-child run under the sweep's parent run, and its outcome goes back to the queue."""
+"""Running claimed trials: each goes to the same `runner.run_group` that `vaelab train` uses
+(one run, or a group that trains as one stacked model), as an MLflow child run under the
+sweep's parent run, and its outcome goes back to the queue as soon as the run is settled."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from vaelab.spec import Spec
 from vaelab.sweeps.points import child_run_name, trial_point
 from vaelab.sweeps.queue import MLFLOW_RUN, TrialQueue
 from vaelab.tracking import Tracker
+from vaelab.training import EpochCallback
 
 INTERRUPTED = "interrupted (Ctrl-C)"
 
@@ -78,60 +79,90 @@ class TrialRunner:
 
         return report
 
-    def run(self, trial: Trial, parent: str, on_epoch: Callable[[int, dict], None] | None = None) -> FrozenTrial:
-        """Train `trial`'s point; a failed run fails its trial alone and the sweep goes on."""
-        point = trial_point(trial, self.spec)
-        with self.queue.beating([trial]):
-            try:
-                outcome = runner.run(point.run, self.spec.name, self.tracker, show_progress=False,
-                                     extra_tags=self._tags(trial, point, parent),
-                                     name=self._name(trial.number, point.values),
-                                     epoch_callbacks=[self._pruning(trial, on_epoch)], on_start=self._on_start(trial),
-                                     guard=self._guard(trial))
-            except LeaseLost as err:
-                return self._fenced(trial, err)
-            except RunPruned:
-                return self.queue.prune(trial)
-            except KeyboardInterrupt:
-                # Ctrl-C: give the point back so the next `vaelab sweep` runs it again.
-                self.queue.give_back(trial, INTERRUPTED)
-                raise
-            except Exception as err:  # a bad run (NaN, bad shape) fails alone
-                return self.queue.fail(trial, _reason(err))
+    def run(self, trial: Trial, parent: str, on_epoch: Callable[[int, dict], None] | None = None,
+            on_trial: Callable[[FrozenTrial], None] | None = None) -> FrozenTrial:
+        """Train `trial`'s point; a failed run fails its trial alone and the sweep goes on.
+        `on_trial` gets the trial once it is told (see run_stack)."""
+        (finished,) = self._run_group([trial], parent, [[self._pruning(trial, on_epoch)]], on_trial)
+        return finished
+
+    def run_stack(self, trials: list[Trial], parent: str,
+                  on_trial: Callable[[FrozenTrial], None] | None = None) -> list[FrozenTrial]:
+        """Grid trials that share a stack key, trained as one stacked model, each
+        with its own MLflow child run; a run that fails fails its trial alone. Each
+        trial is told as soon as its run is settled, and `on_trial` gets it then."""
+        return self._run_group(trials, parent, None, on_trial)
+
+    def _tell(self, trial: Trial, outcome: runner.RunOutcome | BaseException) -> FrozenTrial | None:
+        """Tell the queue how `trial`'s run ended; None for a run stopped by Ctrl-C, whose point goes back."""
+        if isinstance(outcome, LeaseLost):
+            return self._fenced(trial, outcome)
+        if isinstance(outcome, KeyboardInterrupt):
+            self.queue.give_back(trial, INTERRUPTED)
+            return None
+        if isinstance(outcome, RunPruned):
+            return self.queue.prune(trial)
+        if isinstance(outcome, BaseException):
+            return self.queue.fail(trial, _reason(outcome))
         return self.queue.complete(trial, outcome.best(self.search.metric), outcome.metrics["test/elbo"])
 
-    def run_stack(self, trials: list[Trial], parent: str) -> list[FrozenTrial]:
-        """Grid trials that share a stack key, trained as one stacked model, each
-        with its own MLflow child run; a run that fails fails its trial alone."""
+    def _settler(self, told: _Told, i: int) -> Callable[[runner.RunOutcome | BaseException], None]:
+        """runner.run_group's on_settled for member i: tell its trial at once."""
+        def tell(outcome: runner.RunOutcome | BaseException) -> None:
+            if isinstance(outcome, KeyboardInterrupt):
+                told.stops.append(outcome)
+            told.record(i, self._tell(told.trials[i], outcome))
+
+        return tell
+
+    def _run_group(self, trials: list[Trial], parent: str, epoch_callbacks: list[list[EpochCallback]] | None,
+                   on_trial: Callable[[FrozenTrial], None] | None) -> list[FrozenTrial]:
+        """Run `trials` through runner.run_group, telling each as its run settles. An error that stops
+        the whole group touches only the trials not told yet: a second Ctrl-C after some runs were
+        settled gives back the others, and the settled ones stay as they were told."""
         points = [trial_point(t, self.spec) for t in trials]
         pairs = list(zip(trials, points, strict=True))
+        told = _Told(trials, on_trial)
         with self.queue.beating(trials):
             try:
-                outcomes = runner.run_stack([p.run for p in points], self.spec.name, self.tracker, show_progress=False,
-                                            extra_tags=[self._tags(t, p, parent) for t, p in pairs],
-                                            names=[self._name(t.number, p.values) for t, p in pairs],
-                                            on_start=[self._on_start(t) for t in trials],
-                                            guards=[self._guard(t) for t in trials])
-            except LeaseLost as err:  # every member's lease went together (the network was away)
-                return [self._fenced(t, err) for t in trials]
-            except KeyboardInterrupt:
-                for trial in trials:
-                    self.queue.give_back(trial, INTERRUPTED)
+                runner.run_group([p.run for p in points], self.spec.name, self.tracker, show_progress=False,
+                                 extra_tags=[self._tags(t, p, parent) for t, p in pairs],
+                                 epoch_callbacks=epoch_callbacks,
+                                 names=[self._name(t.number, p.values) for t, p in pairs],
+                                 on_start=[self._on_start(t) for t in trials],
+                                 guards=[self._guard(t) for t in trials],
+                                 on_settled=[self._settler(told, i) for i in range(len(trials))])
+            except KeyboardInterrupt:  # Ctrl-C: the points not told yet go back for the next `vaelab sweep`
+                for i in told.untold():
+                    told.done[i] = None
+                    self.queue.give_back(trials[i], INTERRUPTED)
                 raise
-            except Exception as err:  # the whole stack failed (bad data, out of memory): each trial says why
-                return [self.queue.fail(t, _reason(err)) for t in trials]
-        finished, stopped = [], None
-        for trial, outcome in zip(trials, outcomes, strict=True):
-            if isinstance(outcome, LeaseLost):
-                finished.append(self._fenced(trial, outcome))
-            elif isinstance(outcome, KeyboardInterrupt):  # this run stopped on Ctrl-C: its point goes back
-                self.queue.give_back(trial, INTERRUPTED)
-                stopped = outcome
-            elif isinstance(outcome, BaseException):
-                finished.append(self.queue.fail(trial, _reason(outcome)))
-            else:
-                finished.append(self.queue.complete(trial, outcome.best(self.search.metric),
-                                                    outcome.metrics["test/elbo"]))
-        if stopped is not None:
-            raise stopped
-        return finished
+            except LeaseLost as err:  # every open member's lease went together (the network was away)
+                for i in told.untold():
+                    told.record(i, self._fenced(trials[i], err))
+            except Exception as err:  # the whole group failed (bad data, out of memory): each trial says why
+                for i in told.untold():
+                    told.record(i, self._tell(trials[i], err))
+        if told.stops:  # a run stopped on Ctrl-C: its point went back, and the sweep stops
+            raise told.stops[0]
+        return told.finished()
+
+
+class _Told:
+    """The trials of one group told so far (None: given back), in the order they were told."""
+
+    def __init__(self, trials: list[Trial], on_trial: Callable[[FrozenTrial], None] | None):
+        self.trials, self.on_trial = trials, on_trial
+        self.done: dict[int, FrozenTrial | None] = {}
+        self.stops: list[KeyboardInterrupt] = []  # runs stopped by a first Ctrl-C
+
+    def record(self, i: int, frozen: FrozenTrial | None) -> None:
+        self.done[i] = frozen  # before on_trial: an interrupt raised there must not give this trial back
+        if frozen is not None and self.on_trial is not None:
+            self.on_trial(frozen)
+
+    def untold(self) -> list[int]:
+        return [i for i in range(len(self.trials)) if i not in self.done]
+
+    def finished(self) -> list[FrozenTrial]:
+        return [frozen for _, frozen in sorted(self.done.items()) if frozen is not None]
