@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass, replace
-from html import escape  # not `import html`: the submodule report.html would take that name
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pandas as pd
 
 from vaelab.errors import ReportError
 from vaelab.report import figures as report_figures
+from vaelab.report.escape import md_cell, md_text, md_url
 from vaelab.tracking import UI_BASE, run_link, ui_base_for
 
 # metric -> (column header with its unit, which way is better: "min", "max" or None)
@@ -203,30 +203,6 @@ def _fmt_param(value) -> str:
 
 # Text from a spec, a param, a tag or the store reaches report.md only through these: markup in it is shown,
 # never run, wherever the markdown is rendered (report.html, a code host, an editor's preview).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # tab and newline stay in prose
-# What would end a markdown link's destination or a table cell early, and what a URL needs encoded anyway.
-_URL_BREAKERS = {ord(c): f"%{ord(c):02X}" for c in " \t\n\r\"()<>\\`|"}
-
-
-def md_text(value: object) -> str:
-    """Prose from a user (a spec's description keeps its markdown): raw HTML shown as text, control
-    characters dropped."""
-    return escape(_CONTROL.sub("", str(value)), quote=False)
-
-
-def md_cell(value: object) -> str:
-    """A value as one markdown table cell, shown as written: on one line, its `|` and backticks unable to
-    end the cell or open a code span across cells (which would shift every later column)."""
-    text = re.sub(r"\s*[\r\n]+\s*", " ", str(value)).replace("\t", " ")
-    text = text.replace("\\", "\\\\").replace("`", "\\`").replace("|", "\\|")
-    return md_text(text)
-
-
-def md_url(url: str) -> str:
-    """A URL as a markdown link destination that nothing in it can end early."""
-    return _CONTROL.sub("", url).translate(_URL_BREAKERS)
-
-
 def _run_link(study: StudyRuns, run_id: str) -> str:
     link = run_link(study.ui_base, study.experiment_id, run_id)
     return f"[{md_cell(run_id[:8])}]({md_url(link)})"

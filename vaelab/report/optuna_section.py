@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from vaelab.report.escape import md_cell, md_text
 from vaelab.search import OptunaSearch
 
 if TYPE_CHECKING:
@@ -43,8 +44,9 @@ def optuna_report_section(spec: Spec, storage_url: str | None, folder: Path,
     value = {t.number: float(t.value) for t in complete if t.value is not None}  # complete trials have one
     best = sorted(complete, key=lambda t: value[t.number], reverse=reverse)[:5]
 
-    rows = [{"trial": t.number, spec.search.metric: round(value[t.number], 4), **t.params} for t in best]
-    lines += [f"Best trials by {spec.search.metric} ({spec.search.direction}):", "",
+    rows = [{"trial": t.number, md_cell(spec.search.metric): round(value[t.number], 4),
+             **{md_cell(k): md_cell(v) if isinstance(v, str) else v for k, v in t.params.items()}} for t in best]
+    lines += [f"Best trials by {md_text(spec.search.metric)} ({spec.search.direction}):", "",
               pd.DataFrame(rows).to_markdown(index=False), ""]
     plots: list[tuple[str, Callable[..., Any]]] = [
         ("optuna_history.png", optuna_plots.plot_optimization_history)]
@@ -56,7 +58,7 @@ def optuna_report_section(spec: Spec, storage_url: str | None, folder: Path,
             try:
                 axes = plot(study)
             except (ValueError, RuntimeError) as err:
-                lines.append(f"({name}: {err})")
+                lines.append(f"({name}: {md_text(err)})")
                 continue
         figure = cast("Figure", axes.figure if hasattr(axes, "figure") else axes.flat[0].figure)
         figure.set_size_inches(7, 4.5)
