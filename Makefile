@@ -6,7 +6,7 @@ SPEC   ?= quickstart
 EXP    ?= beta_study
 ARGS   ?=
 
-.PHONY: help install test test-slow test-cluster services lint bench bench-cluster train sweep worker report dashboard ui clean
+.PHONY: help install test test-slow test-cluster services lint bench bench-cluster bench-hostile train sweep worker report dashboard ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ services: install  ## a lab's shared stack: PostgreSQL + MLflow server with basi
 lint: install  ## ruff over the package and tests, mypy over the package
 	$(BIN)/ruff check vaelab tests bench
 	$(BIN)/mypy
+
+bench-hostile: install  ## hostile and careless inputs against the real commands: each refused in one line? -> bench/HOSTILE.md
+	$(BIN)/python -m bench.hostile $(ARGS)
 
 bench: install  ## vaelab vs the canonical PyTorch VAE example, side by side -> bench/RESULTS.md
 	$(BIN)/python -m bench $(ARGS)
