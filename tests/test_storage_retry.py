@@ -5,6 +5,7 @@ trials: RetryingStorage retries every call through the outage and lets the reque
 from __future__ import annotations
 
 import logging
+import time
 
 import optuna
 import pytest
@@ -61,3 +62,38 @@ def test_errors_of_the_request_itself_are_not_retried():
     refused = sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
     assert not _transient(refused)
     assert _transient(sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection")))
+
+
+def test_writes_whose_reply_is_always_lost_land_once(postgres_url: str):
+    """Every COMMIT of a write reaches a real PostgreSQL and its reply is cut (tests/cluster/faultproxy.py):
+    each write is found by its receipt, none is made twice, and no claim is taken for lost."""
+    from optuna.storages import RDBStorage, _CachedStorage
+    from optuna.trial import TrialState
+
+    from tests.test_storage_faults import Proxy
+    from vaelab.sweeps.queue import DIED, HEARTBEAT, REAPER, WORKER
+    from vaelab.sweeps.storage import transition_trial
+
+    direct = optuna.create_study(storage=postgres_url, study_name="s")  # Optuna's tables, read past the proxy
+    proxy = Proxy(postgres_url, "--cut-reply", "1", "--cut-reply-to", "COMMIT", "--cut-reply-after", "INSERT", "UPDATE")
+    try:
+        rdb = RDBStorage(proxy.url, engine_kwargs={"pool_pre_ping": True})
+        storage = RetryingStorage(_CachedStorage(rdb), "postgresql://db/optuna", retry_s=30, rdb=rdb)
+        study = optuna.load_study(study_name="s", storage=storage)
+        for x in (1.0, 2.0, 3.0):
+            study.enqueue_trial({"x": x})
+        first, second, third = (t._trial_id for t in direct.get_trials())
+        assert transition_trial(storage, first, TrialState.RUNNING, {WORKER: "here:1"}, stamp=HEARTBEAT)
+        assert not transition_trial(storage, first, TrialState.RUNNING, {WORKER: "there:2"}, stamp=HEARTBEAT)
+        assert storage.set_trial_state_values(first, TrialState.COMPLETE, [0.5])
+        assert transition_trial(storage, second, TrialState.FAIL, {DIED: "gone", REAPER: "here:1"})
+        asked = storage.create_new_trial(study._study_id)  # as Study.ask makes one: RUNNING, no template
+    finally:
+        proxy.stop()
+    assert int(proxy.said.split(", ")[2].split()[0]) >= 6, proxy.said
+    trials = direct.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING, TrialState.RUNNING]
+    assert trials[0].value == 0.5 and trials[0].user_attrs[WORKER] == "here:1"
+    assert abs(trials[0].user_attrs[HEARTBEAT] - time.time()) < 60
+    assert trials[1].user_attrs == {DIED: "gone", REAPER: "here:1"}
+    assert third == trials[2]._trial_id and asked == trials[3]._trial_id

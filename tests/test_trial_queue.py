@@ -1,5 +1,6 @@
 """The trial queue while trials run: heartbeats that survive a flaky storage, and a
-trial reaped while it ran, with real tiny training runs on a journal storage."""
+trial reaped while it ran, with real tiny training runs on a journal storage; workers whose
+clocks disagree, on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from optuna.trial import TrialState
 from tests.test_sweep import BASE, write_spec
 from vaelab.spec import load_spec
 from vaelab.sweeps.coordinator import Sweep
-from vaelab.sweeps.queue import DIED, HEARTBEAT, MLFLOW_RUN, RETRY_OF
+from vaelab.sweeps.queue import DIED, HEARTBEAT, MLFLOW_RUN, RETRY_OF, TrialQueue
 from vaelab.tracking import Tracker
 
 ONE_POINT = {"kind": "grid", "params": {"loss.beta": [1.0]}}
@@ -114,3 +115,21 @@ def test_a_heartbeat_slower_than_a_third_of_the_grace_period_is_refused():
     for heartbeat, grace in ((30.0, 60.0), (0.0, 60.0), (61.0, 60.0)):
         with pytest.raises(UsageError, match="--heartbeat-s"):
             check_timing(argparse.Namespace(heartbeat_s=heartbeat, grace_s=grace))
+
+
+def test_workers_with_skewed_clocks_neither_reap_nor_are_reaped(tmp_path: Path, mnist_root: Path, postgres_url: str):
+    """One worker's clock an hour behind, another's an hour ahead, a grace period of seconds: heartbeats are
+    stamped and judged by the database's clock, so neither takes the other's live trial for dead."""
+    path = write_spec(tmp_path, mnist_root, {"kind": "grid", "params": {"loss.beta": [1.0, 2.0]}})
+    sweep = Sweep(load_spec(path), postgres_url, Tracker(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"),
+                  studies_root=tmp_path / "studies", heartbeat_s=0.2, grace_s=3)
+    sweep.prepare()
+    behind, ahead = (TrialQueue(sweep.study, sweep.storage, heartbeat_s=0.2, grace_s=3,
+                                clock=lambda skew=skew: time.time() + skew) for skew in (-3600, 3600))
+    [slow], [fast] = behind.claim(), ahead.claim()
+    with behind.beating([slow]), ahead.beating([fast]):
+        time.sleep(1.0)  # a few heartbeats each
+        assert (behind.reap_dead(), ahead.reap_dead()) == (0, 0)
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.RUNNING] * 2 and not [t for t in trials if DIED in t.user_attrs]
+    assert all(abs(t.user_attrs[HEARTBEAT] - time.time()) < 60 for t in trials)  # the server's clock, this host's

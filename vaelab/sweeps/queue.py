@@ -13,6 +13,14 @@ renews. Before anything is written to the trial's MLflow run (`check_lease`), a 
 not renewed for half the grace period is renewed first, and a trial found reaped
 meanwhile (a worker cut off from the network longer than the grace period, whose point
 another worker took over) raises LeaseLost: the old worker writes nothing more.
+
+Clocks: heartbeats are stamped, and judged by reapers, with the database's clock
+(RetryingStorage.database_time), so workers whose clocks disagree neither reap live trials
+nor keep dead ones; a journal file (one machine) uses the machine's clock.
+
+Lost replies: a claim, a re-queue and a duplicate's retirement each change the trial's state
+together with the user attributes that say who did it (storage.transition_trial), so a change
+whose reply was lost is recognised as this worker's by reading them back.
 """
 
 from __future__ import annotations
@@ -33,17 +41,18 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from vaelab.errors import LeaseLost
-from vaelab.sweeps.storage import database_cause
+from vaelab.sweeps.storage import database_cause, transition_trial
 
 log = logging.getLogger(__name__)
 
 # Trial user attributes: the sweep's own bookkeeping, visible in Optuna's dashboard too.
 POINT = "grid_point"  # the run hash of a grid point
 WORKER = "worker"  # host:pid of the worker that claimed the trial
-HEARTBEAT = "heartbeat"  # time.time() of the worker's last sign of life
+HEARTBEAT = "heartbeat"  # the worker's last sign of life, in seconds since the epoch by the database's clock
 MLFLOW_RUN = "mlflow_run_id"
 FAILURE = "failure_reason"
 DIED = "worker_died"  # why the trial was reaped; its point was enqueued again
+REAPER = "reaped_by"  # host:pid of the worker that reaped it
 DUPLICATE = "duplicate_of"  # the number of the older trial that holds the same point
 TEST_ELBO = "test_elbo"
 RETRY_OF = "retry_of"  # the number of the reaped trial this one runs again
@@ -113,13 +122,16 @@ class Lease:
 class TrialQueue:
     """Claim, beat for, finish and re-queue the trials of one study.
 
-    `on_reaped(mlflow_run_id, reason)` is called for each reaped trial that had an MLflow run."""
+    `on_reaped(mlflow_run_id, reason)` is called for each reaped trial that had an MLflow run. `clock`: this
+    machine's clock (seconds since the epoch), used only where the storage has none of its own (a journal)."""
 
     def __init__(self, study: optuna.Study, storage: BaseStorage, heartbeat_s: float = 10.0,
-                 grace_s: float = 60.0, on_reaped: Callable[[str, str], None] | None = None):
+                 grace_s: float = 60.0, on_reaped: Callable[[str, str], None] | None = None,
+                 clock: Callable[[], float] = time.time):
         self.study, self.storage = study, storage
         self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
         self.on_reaped = on_reaped
+        self.clock = clock
         self._leases: dict[int, Lease] = {}  # trial id -> lease, while this worker runs the trial
 
     # ---- reading -----------------------------------------------------------------------------
@@ -164,6 +176,11 @@ class TrialQueue:
         return added
 
     # ---- dead workers --------------------------------------------------------------------------
+    def _now(self, retry: bool = True) -> float:
+        """Now by the clock heartbeats are stamped and judged with: the database's, else `clock`'s."""
+        database_time = getattr(self.storage, "database_time", None)
+        return float(database_time(retry=retry)) if database_time is not None else self.clock()
+
     def _death(self, trial: FrozenTrial, now: float) -> str | None:
         host_pid = str(trial.user_attrs.get(WORKER, ""))
         host, _, pid = host_pid.rpartition(":")
@@ -183,7 +200,7 @@ class TrialQueue:
         recovered = getattr(self.storage, "recovered_at", None)
         if recovered is not None and time.monotonic() - recovered < self.grace_s:
             return 0
-        now, reaped = time.time(), 0
+        now, reaped = self._now(), 0
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             reason = self._death(trial, now)
             if reason is not None:
@@ -195,8 +212,7 @@ class TrialQueue:
         this call did it, 0 if the trial finished meanwhile or another process reaped it first."""
         trial_id = trial._trial_id
         try:
-            self.storage.set_trial_user_attr(trial_id, DIED, reason)
-            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            self._move(trial_id, TrialState.FAIL, {DIED: reason, REAPER: worker_id()})
         except UpdateFinishedTrialError:
             return 0
         except Exception as err:  # a storage hiccup: the next reap tries again
@@ -219,9 +235,13 @@ class TrialQueue:
         self.requeue(self.storage.get_trial(trial._trial_id), reason)
 
     # ---- claiming ------------------------------------------------------------------------------
+    def _move(self, trial_id: int, state: TrialState, attrs: dict[str, Any], stamp: str | None = None) -> bool:
+        """`state` with `attrs`, the change's receipt (storage.transition_trial); `stamp`: an attribute set to now."""
+        return transition_trial(self.storage, trial_id, state, attrs, stamp, self.clock)
+
     def _mark_mine(self, trial_id: int) -> None:
         self.storage.set_trial_user_attr(trial_id, WORKER, worker_id())
-        self.storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+        self.storage.set_trial_user_attr(trial_id, HEARTBEAT, self._now())
 
     def _older_twin(self, trial: Trial) -> int | None:
         key = self.point_of(trial)
@@ -234,18 +254,17 @@ class TrialQueue:
 
     def _claim(self, trial_id: int) -> Trial | None:
         """Trial `trial_id` if this worker won it from WAITING and it is not the younger
-        twin of a point another trial holds (that one is failed as a duplicate); else None."""
+        twin of a point another trial holds (that one is failed as a duplicate); else None.
+        The claim and this worker's mark (WORKER, the first HEARTBEAT) are one change."""
         try:
-            if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+            if not self._move(trial_id, TrialState.RUNNING, {WORKER: worker_id()}, stamp=HEARTBEAT):
                 return None
         except UpdateFinishedTrialError:  # another worker claimed and finished it since we looked
             return None
-        self._mark_mine(trial_id)
         claimed = Trial(self.study, trial_id)
         twin = self._older_twin(claimed)
         if twin is not None:
-            self.storage.set_trial_user_attr(trial_id, DUPLICATE, twin)
-            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            self._move(trial_id, TrialState.FAIL, {DUPLICATE: twin})
             return None
         return claimed
 
@@ -327,7 +346,7 @@ class TrialQueue:
         storage = self.storage if wait else getattr(self.storage, "inner", self.storage)
         sent = time.monotonic()
         try:
-            storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, time.time())
+            storage.set_trial_user_attr(trial._trial_id, HEARTBEAT, self._now(retry=wait))
         except UpdateFinishedTrialError:
             if lease is None:
                 raise
