@@ -127,7 +127,8 @@ def _start_ticks(pid: int) -> int | None:
 def record(path: Path, name: str, proc: subprocess.Popen) -> None:
     """Note a started server (its pid is its process group's id) in the stack's pid record."""
     known = _read(path)
-    known[name] = {"pid": proc.pid, "start": _start_ticks(proc.pid)}
+    known[name] = {"pid": proc.pid, "start": _start_ticks(proc.pid),
+                   "owner": os.getpid(), "owner_start": _start_ticks(os.getpid())}
     path.write_text(json.dumps(known))
 
 
@@ -147,13 +148,21 @@ def _read(path: Path) -> dict[str, dict]:
 
 def reap_leftovers(path: Path, grace_s: float = 10.0) -> list[str]:
     """End the process groups of servers an earlier, killed start left running (each still the process it
-    was: same pid and start time). Returns their names."""
+    was: same pid and start time), leaving alone those whose `vaelab services` still runs (`--only mlflow`
+    beside a running `--only postgres`). Returns their names."""
     ended = []
-    for name, entry in _read(path).items():
+    known = _read(path)
+    for name, entry in list(known.items()):
         pid = entry.get("pid") if isinstance(entry, dict) else None
         if not isinstance(pid, int) or pid <= 1 or _start_ticks(pid) is None \
                 or _start_ticks(pid) != entry.get("start"):
+            known.pop(name)
             continue
+        owner = entry.get("owner")
+        if isinstance(owner, int) and owner > 1 and _start_ticks(owner) is not None \
+                and _start_ticks(owner) == entry.get("owner_start"):
+            continue  # its services command is alive: not a leftover
+        known.pop(name)
         for sig in (signal.SIGINT if name == "postgres" else signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(pid, sig)
@@ -165,7 +174,7 @@ def reap_leftovers(path: Path, grace_s: float = 10.0) -> list[str]:
             if _start_ticks(pid) is None or _zombie(pid):
                 break
         ended.append(name)
-    path.unlink(missing_ok=True)
+    path.write_text(json.dumps(known))
     return ended
 
 
