@@ -6,7 +6,7 @@ SPEC   ?= quickstart
 EXP    ?= beta_study
 ARGS   ?=
 
-.PHONY: help install test test-slow test-cluster services lint bench bench-cluster bench-hostile train sweep worker report dashboard ui clean
+.PHONY: help install test test-slow test-cluster test-gpu services lint bench bench-cluster bench-hostile train sweep worker report dashboard ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,13 +21,16 @@ $(BIN)/vaelab: pyproject.toml
 test: install  ## ruff and mypy, then the test suite (slow tests excluded)
 	$(BIN)/ruff check vaelab tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not slow and not cluster" -q
+	$(BIN)/python -m pytest -m "not slow and not cluster and not gpu" -q
 
 test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills)
 	$(BIN)/python -m pytest -m slow -q -s
 
 test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected, the services' privileges (root; ~12 min)
 	$(BIN)/python -m pytest -m cluster -q -s tests/test_cluster.py tests/test_slurm.py tests/test_services.py
+
+test-gpu: install  ## the CUDA path (compile, bf16, stacks, streaming, resume, workers) against eager fp32 on a GPU
+	$(BIN)/python -m pytest -m gpu -q tests/test_gpu.py
 
 bench-cluster: install  ## 16 workers with tiny runs on the shared stack: claims/s, claim latency -> bench/CLUSTER.md
 	$(BIN)/python -m bench.cluster $(ARGS)
