@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +161,22 @@ def hf_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
     return home
+
+
+@pytest.fixture
+def sweep_cli(tmp_path: Path, monkeypatch, capsys):
+    """`vaelab ARGS` in this process, in tmp_path, on tmp_path's MLflow store: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+
+    def call(*args: str) -> tuple[int, str, str]:
+        from vaelab import cli
+
+        code = cli.main([*args, "--tracking-uri", uri])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield call
+    for number, handler in handlers.items():
+        signal.signal(number, handler)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.netns import _descendants
 from tests.conftest import REPO
 from vaelab.errors import UsageError
 from vaelab.serve import check_port_free
@@ -106,23 +107,6 @@ def services(root: Path) -> Iterator[Services]:
     stack.stop()
 
 
-def _stack_processes(pid: int) -> list[int]:
-    """Every process below `pid`."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _ids(pid: int) -> dict[str, list[int]]:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {line.split(":")[0]: [int(x) for x in line.split(":")[1].split()]
@@ -151,7 +135,7 @@ def test_workers_role_reaches_only_optuna_and_no_server_is_root(services: Servic
         services.connect("vaelab_admin", "admin-pgpass", "postgres")
 
     assert services.proc is not None
-    below = _stack_processes(services.proc.pid)
+    below = _descendants(services.proc.pid)
     names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() for pid in below}
     assert any("postgres" in n for n in names.values()) and any("python" in n for n in names.values()), names
     for pid in below:  # the servers and every process they started

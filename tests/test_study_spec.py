@@ -5,34 +5,14 @@ into the study, unless --allow-spec-change says so. Real tiny sweeps through the
 from __future__ import annotations
 
 import dataclasses
-import signal
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from optuna.trial import TrialState
 
 from tests.test_sweep import GRID, child_runs, make_sweep, write_spec
-from vaelab import cli
 from vaelab.spec import load_spec
 from vaelab.sweeps.fingerprint import differences, spec_hash, spec_record
-
-
-@pytest.fixture
-def sweep_cli(tmp_path: Path, monkeypatch, capsys):
-    """`vaelab ARGS` in this process, in tmp_path, on tmp_path's MLflow store: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-
-    def call(*args: str) -> tuple[int, str, str]:
-        code = cli.main([*args, "--tracking-uri", uri])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    for number, handler in handlers.items():
-        signal.signal(number, handler)
 
 
 def finished_runs(tmp_path: Path) -> list:

@@ -5,7 +5,6 @@ study's next generation), and the report covers only that spec's runs."""
 
 from __future__ import annotations
 
-import signal
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from tests.test_sweep import assert_each_point_once, child_runs, make_sweep, write_spec
-from vaelab import cli
 from vaelab.report import write_study_report
 from vaelab.spec import load_spec
 from vaelab.sweeps.coordinator import Sweep
@@ -68,23 +66,6 @@ def test_second_ctrl_c_after_a_member_was_told_gives_back_only_the_others(tmp_pa
     assert Counter(r.data.tags.get("vaelab.resumed_from_epoch") for r in children) == Counter({None: 1, "2": 2})
 
 
-@pytest.fixture
-def vaelab_cli(tmp_path: Path, monkeypatch, capsys):
-    """`vaelab ARGS` in this process, in tmp_path, on tmp_path's MLflow store: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-
-    def call(*args: str) -> tuple[int, str, str]:
-        code = cli.main([*args, "--tracking-uri", uri])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    for number, handler in handlers.items():
-        signal.signal(number, handler)
-
-
 def _snapshot(client: MlflowClient, run_id: str) -> tuple:
     """Everything a run holds that a later sweep or report could change."""
     run = client.get_run(run_id)
@@ -96,34 +77,34 @@ def _parents(tmp_path: Path) -> list:
     return sorted(child_runs(tmp_path, "sweep_demo")[1], key=lambda r: r.info.start_time)
 
 
-def _sweep_then_replace(tmp_path: Path, mnist_root: Path, vaelab_cli, *change: str, grid: dict | None = None):
+def _sweep_then_replace(tmp_path: Path, mnist_root: Path, sweep_cli, *change: str, grid: dict | None = None):
     """Sweep SMALL, then sweep the spec changed by `change` (or rewritten with `grid`) with
     --allow-spec-change; returns (client, the first parent's snapshot, the first parent run)."""
     path = write_spec(tmp_path, mnist_root, SMALL)
-    code, out, err = vaelab_cli("sweep", str(path), "--no-progress")
+    code, out, err = sweep_cli("sweep", str(path), "--no-progress")
     assert code == 0, err
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (first,) = _parents(tmp_path)
     before = _snapshot(client, first.info.run_id)
     if grid is not None:
         write_spec(tmp_path, mnist_root, grid)
-    code, out, err = vaelab_cli("sweep", str(path), "--no-progress", *change, "--allow-spec-change")
+    code, out, err = sweep_cli("sweep", str(path), "--no-progress", *change, "--allow-spec-change")
     assert code == 0, err
     assert "spec is replaced" in out and "new parent run" in out
     return client, before, first
 
 
-def _report(tmp_path: Path, vaelab_cli) -> tuple[pd.DataFrame, str]:
+def _report(tmp_path: Path, sweep_cli) -> tuple[pd.DataFrame, str]:
     out_dir = tmp_path / "report"
     spec = tmp_path / "experiments" / "sweep_demo.yaml"
-    code, out, err = vaelab_cli("report", str(spec), "--out", str(out_dir))
+    code, out, err = sweep_cli("report", str(spec), "--out", str(out_dir))
     assert code == 0, err
     return pd.read_csv(out_dir / "table.csv"), (out_dir / "report.md").read_text()
 
 
 def test_a_replaced_spec_gets_a_new_parent_and_the_report_only_its_runs(tmp_path: Path, mnist_root: Path,
-                                                                        vaelab_cli):
-    client, before, first = _sweep_then_replace(tmp_path, mnist_root, vaelab_cli, "--set", "train.epochs=1")
+                                                                        sweep_cli):
+    client, before, first = _sweep_then_replace(tmp_path, mnist_root, sweep_cli, "--set", "train.epochs=1")
     old_parent, new_parent = _parents(tmp_path)
     assert old_parent.info.run_id == first.info.run_id
     assert new_parent.data.tags["vaelab.sweep.generation"] == "2"
@@ -132,7 +113,7 @@ def test_a_replaced_spec_gets_a_new_parent_and_the_report_only_its_runs(tmp_path
     under = Counter((r.data.tags["mlflow.parentRunId"], r.data.params["train.epochs"]) for r in children)
     assert under == Counter({(old_parent.info.run_id, "2"): 2, (new_parent.info.run_id, "1"): 2})
 
-    table, report = _report(tmp_path, vaelab_cli)
+    table, report = _report(tmp_path, sweep_cli)
     assert sorted(table["loss.beta"]) == [0.5, 2.0] and list(table["n"]) == [1, 1]
     assert list(table["train/epochs_run mean"]) == [1.0, 1.0]  # the new spec's runs, none of the old
     new_ids = {r.info.run_id for r in children if r.data.params["train.epochs"] == "1"}
@@ -145,22 +126,22 @@ def test_a_replaced_spec_gets_a_new_parent_and_the_report_only_its_runs(tmp_path
 
 
 def test_runs_a_replaced_spec_shares_are_not_run_again_and_stay_in_the_report(tmp_path: Path, mnist_root: Path,
-                                                                             vaelab_cli):
+                                                                             sweep_cli):
     # Only how the grid is trained changes (two points per stack): every point is the same run as before.
-    client, before, first = _sweep_then_replace(tmp_path, mnist_root, vaelab_cli, grid={**SMALL, "stack": 2})
+    client, before, first = _sweep_then_replace(tmp_path, mnist_root, sweep_cli, grid={**SMALL, "stack": 2})
     old_parent, new_parent = _parents(tmp_path)
     children, _ = child_runs(tmp_path, "sweep_demo")
     assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {old_parent.info.run_id}
     assert set(new_parent.data.tags["vaelab.sweep.carried.0"].split(",")) == {r.info.run_id for r in children}
 
-    table, report = _report(tmp_path, vaelab_cli)
+    table, report = _report(tmp_path, sweep_cli)
     assert sorted(table["loss.beta"]) == [0.5, 2.0] and list(table["train/epochs_run mean"]) == [2.0, 2.0]
     assert "earlier specs" not in report and "Partial study" not in report
     assert _snapshot(client, old_parent.info.run_id) == before
 
     # A grid whose values change cannot go on in this study (Optuna fixes each key's choices): one line.
     path = write_spec(tmp_path, mnist_root, {**SMALL, "stack": 2, "params": {"loss.beta": [0.5, 2.0, 4.0]}})
-    code, out, err = vaelab_cli("sweep", str(path), "--no-progress", "--allow-spec-change")
+    code, out, err = sweep_cli("sweep", str(path), "--no-progress", "--allow-spec-change")
     assert code == 2 and err.count("\n") == 1 and err.startswith("vaelab: error: "), err
     assert "search.params.loss.beta [0.5, 2.0] -> [0.5, 2.0, 4.0]" in err and "name:" in err, err
     assert len(_parents(tmp_path)) == 2 and len(child_runs(tmp_path, "sweep_demo")[0]) == 2  # nothing made
