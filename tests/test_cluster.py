@@ -214,11 +214,17 @@ def test_a_worker_with_bad_credentials_or_address_is_refused_in_one_line(stack: 
 def test_a_database_user_without_privileges_is_refused_in_one_line(stack: Stack):
     # A role that may log in to a database of the stack but not create tables in it (PostgreSQL 15's
     # default for the public schema), as a lab's read-only account would be.
+    # Set up as the stack's superuser, which logs in only through the socket in the data folder (the
+    # workers' role may create no role or database); the new role gets its own pg_hba rule.
     env, host = stack.host_env(0)
+    pgdata = stack.services / "postgres"
+    with open(pgdata / "pg_hba.conf", "a") as hba:
+        hba.write("host optuna_ro reader all scram-sha-256\n")
     setup = ["CREATE ROLE reader LOGIN PASSWORD 'reader-pw'", "CREATE DATABASE optuna_ro",
-             "GRANT CONNECT ON DATABASE optuna_ro TO reader"]
-    done = stack.net.run(stack.net.svc, ["psql", "-h", stack.net.svc_ip, "-U", "vaelab", "-d", "postgres", "-v",
-                                         "ON_ERROR_STOP=1", *[a for sql in setup for a in ("-c", sql)]], env, host)
+             "GRANT CONNECT ON DATABASE optuna_ro TO reader", "SELECT pg_reload_conf()"]
+    admin = {**env, "PGPASSFILE": str(stack.services / "admin-pgpass")}
+    done = stack.net.run(stack.net.svc, ["psql", "-h", str(pgdata), "-U", "vaelab_admin", "-d", "postgres", "-v",
+                                         "ON_ERROR_STOP=1", *[a for sql in setup for a in ("-c", sql)]], admin, host)
     assert done.returncode == 0, done.stderr
     pgpass = Path(env["HOME"]) / ".pgpass"
     pgpass.write_text(pgpass.read_text() + f"{stack.net.svc_ip}:*:*:reader:reader-pw\n")
