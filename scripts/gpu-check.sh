@@ -149,7 +149,14 @@ fi
   for name in install bench fmnist tests; do
     printf '%-8s exit %-8s %5s s\n' "$name" "${RC[$name]:-not run}" "${SECS[$name]:-0}"
   done
-  echo "-- tests:";  grep -E '^(FAILED|ERROR)|(passed|failed|error)[^=]* in [0-9.]+s' "$OUT/test-gpu.log" | tail -20
+  log="$OUT/test-gpu.log"
+  echo "-- tests: $(grep -cE '::.* PASSED' "$log") passed, $(grep -cE '::.* (FAILED|ERROR)' "$log") failed" \
+    "($(grep -cE '::.* SKIPPED' "$log") skipped) of the tests that got to run"
+  grep -E '^(FAILED|ERROR) |(passed|failed|error)[^=]* in [0-9.]+s' "$log" | tail -20
+  case "${RC[tests]:-}" in 124|137)
+    grep -E '^tests/.*::' "$log" | grep -vE ' (PASSED|FAILED|ERROR|SKIPPED)' | tail -1 | cut -d' ' -f1 |
+      sed 's/^/stopped at the deadline during: /';;
+  esac
   echo "-- bench:";  grep -E '^  (epoch|sweep), ' "$OUT/bench.log"
   echo "-- fmnist_nll:"; sed -n '/^fmnist_nll run/,$p' "$OUT/fmnist_nll.log"
   echo "-- compile fallbacks (train.compile warnings) in any log:"
