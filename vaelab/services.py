@@ -121,7 +121,14 @@ def _url_host(host: str) -> str:
 
 def _write_secret(path: Path, text: str, owner: ServerUser | None = None) -> None:
     """A file only its owner can read: written to a new 0600 file beside it, then moved into place (a file
-    that was there with wider permissions never holds the secret)."""
+    that was there with wider permissions never holds the secret). A file that already says `text` is left
+    as it is: a running server reads it as its own user (restarting PostgreSQL alone must not take the MLflow
+    server's pgpass away from it)."""
+    try:
+        if path.is_file() and path.read_text() == text and path.stat().st_mode & 0o077 == 0:
+            return
+    except OSError:
+        pass
     fresh = path.with_name(f".{path.name}.{os.getpid()}.new")
     fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
