@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +182,12 @@ def sweep_cli(tmp_path: Path, monkeypatch, capsys):
     yield call
     for number, handler in handlers.items():
         signal.signal(number, handler)
+
+
+def run_vaelab(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m vaelab ARGS` in its own process, in `cwd`, on the checkout's code, with no tracking URI
+    from the environment (so it uses `cwd`'s runs/)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "vaelab", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

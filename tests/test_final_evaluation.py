@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import run_vaelab
 from tests.test_sweep import GRID, child_runs, make_sweep, write_spec
 from vaelab.sweeps.final import final_evaluation
 
@@ -32,16 +30,11 @@ def _top(tmp_path: Path, experiment: str, n: int) -> set[str]:
     return {r.info.run_id for r in ranked[:n]}
 
 
-def _vaelab(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "vaelab", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
 
 
 def test_search_evaluate_takes_the_top_runs_once_with_two_workers(tmp_path: Path, mnist_root: Path):
     spec = write_spec(tmp_path, mnist_root, FINAL)
-    done = _vaelab(tmp_path, "sweep", str(spec), "--workers", "2", "--no-progress")
+    done = run_vaelab(tmp_path, "sweep", str(spec), "--workers", "2", "--no-progress")
     assert done.returncode == 0, done.stderr
     counts = _evaluations(tmp_path, "sweep_demo")
     assert len(counts) == 4
@@ -49,7 +42,7 @@ def test_search_evaluate_takes_the_top_runs_once_with_two_workers(tmp_path: Path
     assert sorted(counts.values()) == [0, 0, 1, 1]  # two workers, each top run evaluated once
     # A finished sweep writes its report, as `make report` would, and puts it on its parent run.
     assert "report: " in done.stdout and (tmp_path / "studies" / "sweep_demo" / "report.md").is_file()
-    again = _vaelab(tmp_path, "sweep", str(spec), "--no-progress")
+    again = run_vaelab(tmp_path, "sweep", str(spec), "--no-progress")
     assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
     assert _evaluations(tmp_path, "sweep_demo") == counts
 

@@ -9,8 +9,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, make_idx_folder, tiny_run
+from tests.conftest import make_idx_folder, run_vaelab, tiny_run
 from vaelab.checkpoint import load_checkpoint, save_checkpoint
 from vaelab.cli import main
 from vaelab.errors import CheckpointError
@@ -161,16 +159,11 @@ def test_malformed_json_in_a_checkpoint_is_one_line(logged: Logged, copied: Path
     assert _recorded(logged) == before
 
 
-def _vaelab(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "vaelab", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_the_cli_says_a_malformed_run_json_in_one_line_without_a_traceback(copied: Path, tmp_path: Path):
     (copied / "run.json").write_text("[]")
-    done = _vaelab(tmp_path, "sample", str(copied), "--n", "4", "--out", str(tmp_path / "s.png"))
+    done = run_vaelab(tmp_path, "sample", str(copied), "--n", "4", "--out", str(tmp_path / "s.png"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"vaelab: error: {copied / 'run.json'}: expected a JSON object, "
                                                 "got a list"]
