@@ -12,10 +12,13 @@ import torch
 
 from tests.conftest import tiny_run
 from vaelab.data import load_data
-from vaelab.objectives import dip_penalty, discriminator_tc, kl_weighting, penalty_for, total_correlation
-from vaelab.spec import DiscriminatorSpec, with_values
+from vaelab.objectives import OBJECTIVES, kl_weighting
+from vaelab.objectives.beta_tcvae import total_correlation
+from vaelab.objectives.dip_vae import dip_penalty
+from vaelab.objectives.discriminator import Adversary, permute_dims
+from vaelab.objectives.factorvae import DiscriminatorSpec, discriminator_tc
+from vaelab.spec import with_values
 from vaelab.training import fit, init_model
-from vaelab.training.adversary import Adversary, permute_dims
 from vaelab.training.stacked import stack_blocker
 
 
@@ -70,10 +73,20 @@ def test_dip_penalties_on_a_hand_computed_batch():
     assert float(dip_penalty(skewed, logvar[:2], second=False, lambda_od=3.0, lambda_d=7.0)) == pytest.approx(6.0)
 
 
+def penalty_for(run, dataset_size: int, critic=None):
+    """A run's batch penalty as its record builds it (None without one)."""
+    objective = OBJECTIVES[run.loss.objective]
+    return objective.penalty(run, dataset_size, critic) if objective.penalty is not None else None
+
+
 def test_beta_tcvae_weights_the_kl_by_one_and_the_total_correlation_by_beta_minus_one(mnist_root: Path):
     run = tiny_run(mnist_root, loss={"objective": "beta_tcvae", "beta": 6.0})
     assert kl_weighting(run).beta == 1.0
-    assert penalty_for(run, 500).weight == 5.0
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g) * 0.3
+    z = mu + torch.randn(8, 4, generator=g) * (0.5 * logvar).exp()
+    assert float(penalty_for(run, 500)(mu, logvar, z)) == pytest.approx(5.0 * float(total_correlation(z, mu, logvar,
+                                                                                                     500)))
     assert penalty_for(tiny_run(mnist_root), 500) is None
     assert "adds a batch penalty" in stack_blocker(run)
 
@@ -138,7 +151,11 @@ def test_factorvae_trains_with_its_discriminator_and_reports_it(mnist_root: Path
     base = tiny_run(mnist_root, train={"epochs": 1})
     run = with_values(base, {"loss.objective": "factorvae", "loss.factor_gamma": 20.0,
                              "loss.discriminator.layers": 2, "loss.discriminator.hidden": 32})
-    assert penalty_for(run, 500).weight == 20.0 and kl_weighting(run).beta == 1.0
+    codes = torch.randn(16, 4)
+    critic = lambda z: torch.stack([z[:, 0], -z[:, 1]], 1)  # noqa: E731 - a fixed stand-in discriminator
+    assert float(penalty_for(run, 500, critic)(codes, codes, codes)) == pytest.approx(
+        20.0 * float(discriminator_tc(critic(codes))))
+    assert kl_weighting(run).beta == 1.0
     assert "adds a batch penalty" in stack_blocker(run)
     data = load_data(base.data, torch.device("cpu"))
     plain = fit(base, init_model(base, data.shape, torch.device("cpu")), data, show_progress=False).history[0]

@@ -136,19 +136,20 @@ def rate_distortion(runs: pd.DataFrame, swept: list[str], folder: Path) -> list[
 def by_objective(runs: pd.DataFrame, folder: Path, panel_set: tuple[tuple[str, str], ...] = DIS_PANELS,
                  name: str = "disentanglement_by_objective") -> list[Path]:
     """A row per objective (loss.objective), a column per metric: the metric against that objective's own
-    strength key (beta, factor_gamma, dip_lambda_od: objectives.STRENGTH), mean ± std over seeds, seeds
-    as dots. Columns share their y axis, so objectives compare at a glance."""
-    from vaelab.objectives import OBJECTIVES, STRENGTH
+    strength key (beta, factor_gamma, dip_lambda_od, ...: each Objective record's `strength`), mean ± std over
+    seeds, seeds as dots; rows named by the records' labels. Columns share their y axis, so objectives compare
+    at a glance."""
+    from vaelab.objectives import OBJECTIVES
 
     panels = [(m, label) for m, label in panel_set if f"metrics.{m}" in runs and runs[f"metrics.{m}"].notna().any()]
     if not panels or runs.empty or "params.loss.objective" not in runs:
         return []
-    objectives = [o for o in OBJECTIVES if (runs["params.loss.objective"] == o).any()]
+    objectives = [o for name, o in OBJECTIVES.items() if (runs["params.loss.objective"] == name).any()]
     fig, axes = plt.subplots(len(objectives), len(panels), figsize=(3.3 * len(panels), 2.6 * len(objectives)),
                              squeeze=False, sharey="col")
     for row, objective in enumerate(objectives):
-        part = runs[runs["params.loss.objective"] == objective]
-        key = STRENGTH[objective]
+        part = runs[runs["params.loss.objective"] == objective.name]
+        key = objective.strength
         strength = _numeric(part.get(f"params.{key}", pd.Series(index=part.index, dtype=float)))
         for col, (metric, label) in enumerate(panels):
             ax = axes[row][col]
@@ -168,7 +169,7 @@ def by_objective(runs: pd.DataFrame, folder: Path, panel_set: tuple[tuple[str, s
             ax.set_xlabel(key if strength is not None else "")
             if row == 0:
                 ax.set_title(label)
-        axes[row][0].set_ylabel(objective, fontsize=11)
+        axes[row][0].set_ylabel(objective.label, fontsize=11)
     fig.suptitle("against each objective's own strength: mean ± std over seeds (dots: single runs)")
     fig.tight_layout()
     path = folder / f"{name}.png"

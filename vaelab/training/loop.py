@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from vaelab.data import ImageData
-from vaelab.evaluate import SPLIT_TERMS
+from vaelab.evaluation.estimators import SPLIT_TERMS
 from vaelab.models import VAE
 from vaelab.resume import TrainState
 from vaelab.training.member import EpochCallback, Member

@@ -6,7 +6,7 @@ import torch
 
 from vaelab.errors import UserInputError
 from vaelab.models import VAE
-from vaelab.registry import build_model
+from vaelab.models.build import build_model
 
 
 def resolve_device(name: str) -> torch.device:

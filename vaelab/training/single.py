@@ -1,5 +1,5 @@
 """The stepper of a single run: one model, torch's fused Adam, the step eager or
-compiled (vaelab.training.step)."""
+compiled (vaelab.training.step), and whatever the run's objective trains beside it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vaelab.data import ImageData
-from vaelab.evaluate import SPLIT_TERMS, split_terms
+from vaelab.evaluation.estimators import SPLIT_TERMS, split_terms
 from vaelab.models import VAE
-from vaelab.objectives import penalty_for
-from vaelab.training.adversary import Adversary
+from vaelab.objectives import objective_of, training_loss
 from vaelab.training.member import Member
 from vaelab.training.setup import make_optimizer
 from vaelab.training.step import StepTerms, member_images
@@ -28,20 +27,18 @@ class SingleStepper:
         self.optimizer = make_optimizer(model, train.lr)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)  # its lr too, lowered if a retry happened
-        # factorvae: the discriminator and its optimiser, from the resume state when there is one
-        self.adversary = None
-        if member.run.loss.objective == "factorvae":
-            saved = member.resume.aux.get("discriminator") if member.resume is not None else None
-            self.adversary = Adversary(model.z_dim, member.run.loss.discriminator, train.seed, data.train.x.device,
-                                       saved)
-        self.penalty = penalty_for(member.run, len(data.train), self.adversary)
+        # The objective's penalty and auxiliary state (from the resume state when there is one).
+        saved = member.resume.aux if member.resume is not None else None
+        self.objective = objective_of(member.run).for_run(member.run, len(data.train), model.z_dim,
+                                                          data.train.x.device, saved)
         self.step_terms = StepTerms(model, model.likelihood, bf16=train.precision == "bf16", compile=train.compile,
-                                    penalty=self.penalty)
+                                    penalty=self.objective.penalty)
         self.extras: dict[str, float] = {}
 
     def train_epoch(self, epoch: int, members: list[Member], bar: tqdm) -> list[list[float]]:
         (member,) = members
         data, model, optimizer, weighting = self.data, self.model, self.optimizer, member.weighting
+        penalty_of = self.objective.penalty
         batch_size = member.run.train.batch_size
         model.train()
         sums = torch.zeros(4, device=data.train.x.device)
@@ -50,33 +47,29 @@ class SingleStepper:
         for step, (idx, images) in enumerate(data.train.x.shuffled(order, batch_size)):
             x = member_images(images, data, member.noise_gen)
             noise = torch.randn((len(x), model.z_dim), generator=member.noise_gen, device=x.device)
-            recon, kl_dims, penalty, z = self.step_terms(x, data.train.y[idx], noise)
+            drawn = penalty_of.sample(member.noise_gen, len(x), model.z_dim, x.device) if penalty_of else None
+            recon, kl_dims, penalty, z = self.step_terms(x, data.train.y[idx], noise, drawn)
             progress = epoch - 1 + step / n_batches  # in epochs at the start of the step, for the KL schedule
-            kl = kl_dims.sum(1)
+            objective, loss = training_loss(weighting, recon, kl_dims, progress, penalty)
             optimizer.zero_grad(set_to_none=True)
-            (weighting.objective(recon, kl_dims, progress) + penalty).backward()
+            objective.backward()
             optimizer.step()
-            if self.adversary is not None:
-                self.adversary.step(z, member.noise_gen)
+            self.objective.after_step(z, member.noise_gen)
             # Accumulate on the device: no host sync per step. train/loss includes the batch penalty.
-            loss = weighting.per_example(recon, kl, progress) + penalty.detach()
-            sums += torch.stack([loss.sum(), recon.sum(), kl.sum(), penalty.detach() * len(x)]).detach()
+            penalty_sum = penalty.detach() * len(x) if penalty is not None else loss.new_zeros(())
+            sums += torch.stack([loss.sum(), recon.sum(), kl_dims.sum(1).sum(), penalty_sum]).detach()
             bar.update(1)
         means = (sums / len(data.train)).tolist()
-        self.extras = {}
-        if self.penalty is not None:  # the objective's own term, as it entered train/loss
-            self.extras["train/penalty"] = means[3]
-        if self.adversary is not None:
-            self.extras.update(self.adversary.epoch_metrics())
+        self.extras = self.objective.epoch_metrics(means[3])
         return [means[:3]]
 
     def epoch_extras(self, i: int) -> dict[str, float]:
-        """The objective's own train/* metrics of the epoch just trained (none for beta_vae)."""
+        """The objective's own train/* metrics of the epoch just trained (none without a penalty)."""
         return dict(self.extras)
 
     def aux_state(self, i: int) -> dict:
-        """Training state beside the VAE's weights and Adam: factorvae's discriminator."""
-        return {"discriminator": self.adversary.state()} if self.adversary is not None else {}
+        """Training state beside the VAE's weights and Adam: what the objective trains (TrainState.aux)."""
+        return self.objective.state()
 
     def validate(self, members: list[Member]) -> list[list[float]]:
         (member,) = members

@@ -24,9 +24,9 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from vaelab.data import ImageData
-from vaelab.evaluate import SPLIT_TERMS
+from vaelab.evaluation.estimators import SPLIT_TERMS
 from vaelab.models import VAE
-from vaelab.objectives import kl_per_dimension
+from vaelab.objectives import Penalty, kl_per_dimension, objective_of, stacked_training_loss
 from vaelab.spec import RunSpec, flatten
 from vaelab.training.member import Member
 from vaelab.training.setup import make_optimizer
@@ -50,8 +50,9 @@ def stack_blocker(run: RunSpec) -> str | None:
         return "loss.likelihood=gaussian_learned learns its sigma inside the likelihood"
     if run.train.figure_every:
         return "train.figure_every draws each run's weights mid-training, which live in the stack"
-    if run.loss.objective != "beta_vae":
-        return f"loss.objective={run.loss.objective} adds a batch penalty the stacked step does not compute"
+    blocker = objective_of(run).stack_blocker
+    if blocker is not None:
+        return f"loss.objective={run.loss.objective} {blocker}"
     return None
 
 
@@ -93,47 +94,26 @@ class StackedAdam:
 def _vmapped_forward(template: VAE) -> Callable:
     def forward(params, buffers, x, noise, y):
         out = functional_call(template, (params, buffers), (x,), {"noise": noise, "y": y})
-        return out.params, out.mu, out.logvar
+        return out.params, out.mu, out.logvar, out.z
 
     return forward
 
 
-def _stacked_terms(step_all: Callable, likelihood, bf16: bool) -> Callable:
-    """(params, buffers, x, noise, y) -> recon (K, N) and KL per dimension (K, N, z_dim) of every member."""
+def _stacked_terms(step_all: Callable, likelihood, bf16: bool, penalty: Penalty | None) -> Callable:
+    """(params, buffers, x, noise, y, drawn) -> recon (K, N), KL per dimension (K, N, z_dim) and the
+    objective's batch penalty (K,) (None without one) of every member; the penalty runs under vmap, each
+    member on its own codes and its own draws."""
+    member_penalty = vmap(penalty) if penalty is not None else None
 
-    def terms(params, buffers, x, noise, y):
+    def terms(params, buffers, x, noise, y, drawn=None):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out, mu, logvar = step_all(params, buffers, x, noise, y)
+            out, mu, logvar, z = step_all(params, buffers, x, noise, y)
         recon = -likelihood.log_prob(x.flatten(0, 1), out.float().flatten(0, 1)).view(len(x), -1)
-        return recon, kl_per_dimension(mu.float(), logvar.float())
+        mu, logvar = mu.float(), logvar.float()
+        extra = member_penalty(mu, logvar, z.float(), drawn) if member_penalty is not None else None
+        return recon, kl_per_dimension(mu, logvar), extra
 
     return terms
-
-
-def _kl_weights(members: list[Member], t: float, device) -> Tensor | None:
-    """Per-member KL weights as a (K, 1) tensor when every member's objective is
-    recon + w * kl (no capacity target, no free bits); None otherwise."""
-    if any(m.weighting.schedule == "capacity" or m.weighting.free_bits > 0 for m in members):
-        return None
-    return torch.tensor([m.weighting.weight(t) for m in members], device=device).unsqueeze(1)
-
-
-def _losses(members: list[Member], recon: Tensor, kl: Tensor, t: float, weights: Tensor | None) -> Tensor:
-    """(K, N) per-example training losses; `weights` from _kl_weights, vectorised when there are some."""
-    if weights is not None:
-        return recon + weights * kl
-    return torch.stack([m.weighting.per_example(recon[i], kl[i], t) for i, m in enumerate(members)])
-
-
-def _objective_and_loss(members: list[Member], recon: Tensor, kl_dims: Tensor, t: float) -> tuple[Tensor, Tensor]:
-    """The sum of the members' training objectives (their gradients stay apart: each
-    depends on its own slice only) and the (K, N) per-example losses."""
-    weights = _kl_weights(members, t, recon.device)
-    loss = _losses(members, recon, kl_dims.sum(2), t, weights)
-    if weights is not None:
-        return loss.mean(1).sum(), loss.detach()
-    objective = torch.stack([m.weighting.objective(recon[i], kl_dims[i], t) for i, m in enumerate(members)]).sum()
-    return objective, loss.detach()
 
 
 def _noise(generators: list[torch.Generator], n: int, z_dim: int, device) -> Tensor:
@@ -156,9 +136,13 @@ class StackedStepper:
                         for n, p in storage.items()}
         self.forward = _vmapped_forward(copy.deepcopy(models[0]).to("meta"))
         self.likelihood = models[0].likelihood  # parameter-free (stack_blocker): one instance serves all members
+        # The objective's penalty, if any: stackable ones depend on no key members differ in (stack_blocker).
+        self.penalty = objective_of(members[0].run).for_run(members[0].run, len(data.train), self.z_dim,
+                                                            data.train.x.device).penalty
         self.step_terms = MaybeCompiled(_stacked_terms(vmap(self.forward), self.likelihood,
-                                                       train.precision == "bf16"),
+                                                       train.precision == "bf16", self.penalty),
                                         compile=train.compile, on_cuda=data.train.x.device.type == "cuda")
+        self.penalty_means: list[float] = []
         self.param_groups = make_optimizer(models[0], train.lr).state_dict()["param_groups"]
         self.optimizer: torch.optim.Adam | StackedAdam
         self._make_optimizer(members, optimizer_states)
@@ -220,10 +204,11 @@ class StackedStepper:
         return {"state": state, "param_groups": groups}
 
     def aux_state(self, i: int) -> dict:
-        return {}  # stacks train beta_vae only (stack_blocker)
+        return {}  # an objective with auxiliary state does not stack (stack_blocker)
 
     def epoch_extras(self, i: int) -> dict[str, float]:
-        return {}
+        """Member i's train/penalty of the epoch just trained, as a single run logs it (none without one)."""
+        return {"train/penalty": self.penalty_means[i]} if self.penalty_means else {}
 
     def weights(self, i: int) -> dict[str, Tensor]:
         """Member i's weights as its single model's state dict."""
@@ -244,20 +229,33 @@ class StackedStepper:
         n = len(data.train)
         n_batches = math.ceil(n / train.batch_size)
         orders = torch.stack([torch.randperm(n, generator=m.batch_gen) for m in members])
+        weightings = [m.weighting for m in members]
         sums = torch.zeros(self.k, 3, device=device)
+        penalty_sums = torch.zeros(self.k, device=device)
         for step, (idx, x) in enumerate(data.train.x.shuffled(orders, train.batch_size)):
             if data.augment or data.dynamic_binarize:
                 x = torch.stack([member_images(xi, data, m.noise_gen) for xi, m in zip(x, members, strict=True)])
-            noise = _noise([m.noise_gen for m in members], idx.shape[1], self.z_dim, device)
-            recon, kl_dims = self.step_terms(self._params(), self.buffers, x, noise, data.train.y[idx])
+            batch = idx.shape[1]
+            noise = _noise([m.noise_gen for m in members], batch, self.z_dim, device)
+            drawn = self._draws(members, batch, device)
+            recon, kl_dims, penalty = self.step_terms(self._params(), self.buffers, x, noise, data.train.y[idx], drawn)
             progress = epoch - 1 + step / n_batches
-            objective, loss = _objective_and_loss(members, recon, kl_dims, progress)
+            objective, loss = stacked_training_loss(weightings, recon, kl_dims, progress, penalty)
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             self.optimizer.step()
             sums += torch.stack([loss.sum(1), recon.detach().sum(1), kl_dims.detach().sum((1, 2))], 1)
+            if penalty is not None:
+                penalty_sums += penalty.detach() * batch
             bar.update(1)
+        self.penalty_means = (penalty_sums / n).tolist() if self.penalty is not None else []
         return (sums / n).tolist()
+
+    def _draws(self, members: list[Member], n: int, device) -> Tensor | None:
+        """What the penalty draws per step, from each member's generator in a single run's order."""
+        if self.penalty is None or self.penalty.draw is None:
+            return None
+        return torch.stack([self.penalty.draw(m.noise_gen, n, self.z_dim, device) for m in members])
 
     def validate(self, members: list[Member]) -> list[list[float]]:
         """Per member, the means of SPLIT_TERMS over the validation split, as split_terms computes them."""
@@ -265,17 +263,20 @@ class StackedStepper:
         device, k = data.val.x.device, self.k
         gens = [m.validation_generator() for m in members]
         shared_images = vmap(self.forward, in_dims=(0, 0, None, 0, None))
-        weights = _kl_weights(members, math.inf, device)  # validation uses the schedule's final form
+        weightings = [m.weighting for m in members]
         totals = torch.zeros(k, len(SPLIT_TERMS), dtype=torch.float64, device=device)
         params, batch_size = self._params(), members[0].run.eval.batch_size
         with torch.no_grad():
             starts = range(0, len(data.val), batch_size)
             for start, x in zip(starts, data.val.x.batches(starts, batch_size), strict=True):
                 y = data.val.y[start : start + batch_size]
-                out, mu, logvar = shared_images(params, self.buffers, x, _noise(gens, len(x), self.z_dim, device), y)
+                out, mu, logvar, _ = shared_images(params, self.buffers, x, _noise(gens, len(x), self.z_dim, device),
+                                                   y)
                 recon = -likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), out.flatten(0, 1)).view(k, -1)
-                kl = kl_per_dimension(mu, logvar).sum(2)
-                loss = _losses(members, recon, kl, math.inf, weights)
+                kl_dims = kl_per_dimension(mu, logvar)
+                kl = kl_dims.sum(2)
+                # validation uses the schedule's final form (t = inf) and no penalty, as a single run's does
+                _, loss = stacked_training_loss(weightings, recon, kl_dims, math.inf)
                 mse = (likelihood.mean(out) - x).pow(2).flatten(2).mean(2)
                 totals += torch.stack([loss, recon, kl, recon + kl, mse], 1).sum(2).double()
         return (totals / len(data.val)).tolist()

@@ -1,7 +1,8 @@
 """The differentiable part of a training step, eager or compiled.
 
-`StepTerms` maps a batch (x, y, noise) to the per-example reconstruction term and
-the per-dimension KL; the KL weighting (a schedule in Python floats) stays outside,
+`StepTerms` maps a batch (x, y, noise, and what the objective's penalty drew from the
+step's generator) to the per-example reconstruction term, the per-dimension KL and the
+objective's batch penalty; the KL weighting (a schedule in Python floats) stays outside,
 so a compiled graph never recompiles as the weight changes. With train.compile it
 runs through torch.compile: on CUDA in mode "reduce-overhead", which replays the
 forward and backward of a step as CUDA graphs (small VAEs are launch-bound there);
@@ -24,16 +25,18 @@ from vaelab.objectives import Penalty, kl_per_dimension
 
 
 def batch_terms(model: VAE, likelihood: Likelihood, x: Tensor, y: Tensor, noise: Tensor,
-                bf16: bool = False, penalty: Penalty | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(recon (N,), kl per dimension (N, z_dim), the objective's batch penalty (0 for beta_vae), the codes z
-    (detached: FactorVAE's discriminator trains on them)); matmuls in bf16 autocast when asked, the
-    log-densities always in fp32 (sums over pixels need the bits)."""
+                bf16: bool = False, penalty: Penalty | None = None,
+                drawn: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(recon (N,), kl per dimension (N, z_dim), the objective's batch penalty (None without one), the
+    codes z (detached: an objective's auxiliary trains on them)); `drawn` is what the penalty drew from
+    the step's generator. Matmuls in bf16 autocast when asked, the log-densities and the penalty always
+    in fp32 (sums over pixels need the bits)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, y=y, noise=noise)
     recon = -likelihood.log_prob(x, out.params.float())
     mu, logvar = out.mu.float(), out.logvar.float()
     z = out.z.float()
-    extra = penalty(mu, logvar, z) if penalty is not None else recon.new_zeros(())
+    extra = penalty(mu, logvar, z, drawn) if penalty is not None else None
     return recon, kl_per_dimension(mu, logvar), extra, z.detach()
 
 
@@ -66,12 +69,13 @@ class MaybeCompiled:
 
 
 class StepTerms(MaybeCompiled):
-    """(x, y, noise) -> batch_terms of one model (with its objective's penalty), eager or compiled."""
+    """(x, y, noise[, drawn]) -> batch_terms of one model (with its objective's penalty), eager or compiled."""
 
     def __init__(self, model: VAE, likelihood: Likelihood, bf16: bool = False, compile: bool = False,
                  penalty: Penalty | None = None):
-        def terms(x: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            return batch_terms(model, likelihood, x, y, noise, bf16, penalty)
+        def terms(x: Tensor, y: Tensor, noise: Tensor,
+                  drawn: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+            return batch_terms(model, likelihood, x, y, noise, bf16, penalty, drawn)
 
         super().__init__(terms, compile, on_cuda=next(model.parameters()).device.type == "cuda")
 

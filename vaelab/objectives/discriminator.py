@@ -1,21 +1,40 @@
 """FactorVAE's discriminator and its own optimiser (Kim & Mnih 2018, "Disentangling by Factorising").
 
 The discriminator D tells samples of q(z) from samples of prod_j q(z_j); the VAE's objective adds
-factor_gamma * E_q(z)[log D(z) / (1 - D(z))], its estimate of the total correlation (objectives.
-discriminator_tc). Samples of the product of marginals come from the permute-dims trick (Algorithm 1):
-each latent column of a batch shuffled independently. As in disentanglement_lib, the same batch's codes
+factor_gamma * E_q(z)[log D(z) / (1 - D(z))], its estimate of the total correlation
+(factorvae.discriminator_tc). Samples of the product of marginals come from the permute-dims trick
+(Algorithm 1): each latent column of a batch shuffled independently. As in disentanglement_lib, the same batch's codes
 train D right after the VAE's step (the paper draws a second batch); D never sees the VAE's gradients.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vaelab.spec import DiscriminatorSpec
+
+class DiscriminatorSettings(Protocol):
+    """What the discriminator reads of loss.discriminator (factorvae.DiscriminatorSpec)."""
+
+    @property
+    def layers(self) -> int: ...
+
+    @property
+    def hidden(self) -> int: ...
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def beta1(self) -> float: ...
+
+    @property
+    def beta2(self) -> float: ...
+
 
 # D's classes: 0 = a code of q(z) (the batch as encoded), 1 = a code of prod_j q(z_j) (permuted).
 JOINT, PERMUTED = 0, 1
@@ -50,7 +69,7 @@ class Discriminator(nn.Module):
 class Adversary:
     """The discriminator, its Adam, and the means of its loss and accuracy over an epoch."""
 
-    def __init__(self, z_dim: int, settings: DiscriminatorSpec, seed: int, device: torch.device,
+    def __init__(self, z_dim: int, settings: DiscriminatorSettings, seed: int, device: torch.device,
                  state: dict | None = None):
         # Seeded weights without moving the global generators (CPU and, as manual_seed reseeds them, CUDA).
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
