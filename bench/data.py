@@ -88,7 +88,7 @@ def worker(root: Path, cache: Path, storage: str, budget: int, epochs: int, devi
     """One side: load the data as `storage` says, train `epochs` epochs, report times and memory."""
     import torch
 
-    from vaelab.data import load_image_folder
+    from vaelab.data import load_data
     from vaelab.spec import RunSpec, with_values
     from vaelab.training import fit, init_model
 
@@ -97,11 +97,12 @@ def worker(root: Path, cache: Path, storage: str, budget: int, epochs: int, devi
                                   "loss.likelihood": "gaussian", "train.epochs": epochs, "train.patience": None,
                                   "train.device": device_name, "data.image_size": SIZE,
                                   "eval.batch_size": 128})
-    import vaelab.data.image_folder  # noqa: F401  (code is not data: imported before measuring)
+    import vaelab.data.assemble  # noqa: F401  (code is not data: imported before measuring)
+    import vaelab.data.sources.image_folder  # noqa: F401
 
     model = init_model(run, (3, SIZE, SIZE), device)
     unloaded = _rss_bytes()
-    data = load_image_folder(_data_spec(root, cache, storage, budget, None), device)
+    data = load_data(_data_spec(root, cache, storage, budget, None), device)
     held = _rss_bytes() - unloaded
     times: list[float] = []
     mark = [time.perf_counter()]

@@ -1,24 +1,22 @@
 """Data as researchers have it: split folders named as people name them, the run's
-record of its data in MLflow, and images resident or streamed with the same numbers."""
+record of its data, and images resident or streamed with the same numbers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.conftest import tiny_run
 from vaelab.cli import main
-from vaelab.data import DataError, load_image_folder
+from vaelab.data import DataError, load_data
 from vaelab.data.store import DiskImages, ResidentImages
+from vaelab.runlog import MemoryRuns
 from vaelab.runner import run
 from vaelab.spec import parse_spec, with_values
-from vaelab.tracking import Tracker
 
 CPU = torch.device("cpu")
 COLOURS = {"coast": (30, 90, 200), "desert": (220, 190, 90), "forest": (20, 110, 30)}
@@ -50,7 +48,7 @@ def data_spec(root: Path, tmp_path: Path, **extra):
 
 
 def test_a_kaggle_layout_keeps_its_splits_and_reads_classes_inside_them(tmp_path: Path):
-    data = load_image_folder(data_spec(kaggle_layout(tmp_path / "Landscape Classification"), tmp_path), CPU)
+    data = load_data(data_spec(kaggle_layout(tmp_path / "Landscape Classification"), tmp_path), CPU)
     # Split folders are splits, never classes: the three classes are the folders inside them.
     assert data.class_names == ("coast", "desert", "forest")
     assert (len(data.train), len(data.val), len(data.test)) == (48, 12, 15)
@@ -67,7 +65,7 @@ def test_a_kaggle_layout_keeps_its_splits_and_reads_classes_inside_them(tmp_path
 def test_usual_split_names_are_recognised(tmp_path: Path, names, expected):
     for name, n, seed in zip(names, (16, 4, 5), (0, 1, 2), strict=True):
         picture_folder(tmp_path / "root" / name, n, seed=seed)
-    data = load_image_folder(data_spec(tmp_path / "root", tmp_path), CPU)
+    data = load_data(data_spec(tmp_path / "root", tmp_path), CPU)
     assert (len(data.train), len(data.val), len(data.test)) == expected
     assert data.class_names == tuple(COLOURS)
 
@@ -75,14 +73,14 @@ def test_usual_split_names_are_recognised(tmp_path: Path, names, expected):
 def test_without_a_val_folder_val_is_held_out_of_train(tmp_path: Path):
     picture_folder(tmp_path / "root" / "Training", 20)
     picture_folder(tmp_path / "root" / "Testing", 5, seed=2)
-    data = load_image_folder(data_spec(tmp_path / "root", tmp_path, val_fraction=0.25), CPU)
+    data = load_data(data_spec(tmp_path / "root", tmp_path, val_fraction=0.25), CPU)
     assert (len(data.train), len(data.val), len(data.test)) == (45, 15, 15)
     assert "held out" in data.val.info.name
 
 
 def test_an_archive_unpacked_into_its_own_folder_is_looked_into(tmp_path: Path):
     kaggle_layout(tmp_path / "download" / "Landscape Classification")
-    data = load_image_folder(data_spec(tmp_path / "download", tmp_path), CPU)
+    data = load_data(data_spec(tmp_path / "download", tmp_path), CPU)
     assert (len(data.train), len(data.val), len(data.test)) == (48, 12, 15)
 
 
@@ -90,10 +88,10 @@ def test_the_spec_names_split_folders_the_usual_names_miss(tmp_path: Path):
     picture_folder(tmp_path / "root" / "fit_on_these", 16)
     picture_folder(tmp_path / "root" / "held", 5, seed=2)
     spec = data_spec(tmp_path / "root", tmp_path, splits={"train": "fit_on_these", "test": "held"})
-    data = load_image_folder(spec, CPU)
+    data = load_data(spec, CPU)
     assert len(data.test) == 15 and data.class_names == tuple(COLOURS)
     with pytest.raises(DataError, match=r"data.splits.val: .*nope is not a folder"):
-        load_image_folder(data_spec(tmp_path / "root", tmp_path, splits={"train": "fit_on_these", "val": "nope"}),
+        load_data(data_spec(tmp_path / "root", tmp_path, splits={"train": "fit_on_these", "val": "nope"}),
                           CPU)
 
 
@@ -114,19 +112,19 @@ def test_a_test_folder_without_a_training_folder_is_an_error(tmp_path: Path):
     picture_folder(tmp_path / "root" / "test", 2)
     picture_folder(tmp_path / "root" / "other", 2)
     with pytest.raises(DataError, match="found test=.* but no training split"):
-        load_image_folder(data_spec(tmp_path / "root", tmp_path), CPU)
+        load_data(data_spec(tmp_path / "root", tmp_path), CPU)
 
 
 def test_empty_split_folders_and_ones_of_other_files_name_the_folder(tmp_path: Path):
     picture_folder(tmp_path / "a" / "train", 4)
     (tmp_path / "a" / "test").mkdir()
     with pytest.raises(DataError, match=r"a/test: no images .*it is empty"):
-        load_image_folder(data_spec(tmp_path / "a", tmp_path), CPU)
+        load_data(data_spec(tmp_path / "a", tmp_path), CPU)
     picture_folder(tmp_path / "b" / "train", 4)
     (tmp_path / "b" / "test").mkdir()
     (tmp_path / "b" / "test" / "labels.csv").write_text("id,label\n")
     with pytest.raises(DataError, match=r"b/test: no images .*1 other files, e.g. labels.csv"):
-        load_image_folder(data_spec(tmp_path / "b", tmp_path), CPU)
+        load_data(data_spec(tmp_path / "b", tmp_path), CPU)
 
 
 def test_class_folders_in_one_split_but_not_another_are_an_error(tmp_path: Path):
@@ -134,7 +132,7 @@ def test_class_folders_in_one_split_but_not_another_are_an_error(tmp_path: Path)
     (tmp_path / "root" / "test").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "root" / "test" / "x.png")
     with pytest.raises(DataError, match="has class folders but .* has none"):
-        load_image_folder(data_spec(tmp_path / "root", tmp_path), CPU)
+        load_data(data_spec(tmp_path / "root", tmp_path), CPU)
 
 
 def _folder_run(root: Path, tmp_path: Path, **data):
@@ -145,47 +143,44 @@ def _folder_run(root: Path, tmp_path: Path, **data):
     return with_values(runspec, values)
 
 
-def test_the_run_records_what_it_trained_on_as_mlflow_datasets(tmp_path: Path, tracking_uri: str):
+def test_the_run_records_what_it_trained_on_as_datasets(tmp_path: Path):
+    """What the run log is given (MLflow's dataset inputs are made of it: test_runlog)."""
     root = kaggle_layout(tmp_path / "Landscape Classification")
-    outcome = run(_folder_run(root, tmp_path), "landscapes", Tracker(tracking_uri), show_progress=False)
-    inputs = MlflowClient(tracking_uri).get_run(outcome.run_id).inputs.dataset_inputs
-    by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    logs = MemoryRuns(tmp_path / "runs")
+    outcome = run(_folder_run(root, tmp_path), "landscapes", logs, show_progress=False)
+    by_context = {d["context"]: d for d in logs.runs[outcome.run_id].datasets}
     assert set(by_context) == {"train", "validation", "test"}
-    profiles = {context: json.loads(d.profile) for context, d in by_context.items()}
+    profiles = {context: d["profile"] for context, d in by_context.items()}
     assert [profiles[c]["images"] for c in ("train", "validation", "test")] == [48, 12, 15]
     assert profiles["test"]["classes"] == ["coast", "desert", "forest"]
     assert profiles["test"]["images_per_class"] == {"coast": 5, "desert": 5, "forest": 5}
     assert (profiles["train"]["channels"], profiles["train"]["height"], profiles["train"]["width"]) == (3, 28, 28)
     assert profiles["validation"]["split"] == "Validation Data"
-    assert json.loads(by_context["test"].source)["uri"].endswith("Testing%20Data")
-    assert by_context["test"].source_type == "local"
+    assert by_context["test"]["source"].endswith("Testing Data")
     # The digest is of the content: other pictures are another dataset, however the folder is named.
     other = tmp_path / "other" / "Landscape Classification"
     picture_folder(other / "Training Data", 16, seed=7)
     picture_folder(other / "Validation Data", 4, seed=1)
     picture_folder(other / "Testing Data", 5, seed=2)
-    second = run(_folder_run(other, tmp_path), "landscapes", Tracker(tracking_uri), show_progress=False)
-    second_inputs = MlflowClient(tracking_uri).get_run(second.run_id).inputs.dataset_inputs
-    digests = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset.digest
-               for i in second_inputs}
-    assert digests["train"] != by_context["train"].digest and digests["test"] == by_context["test"].digest
+    second = run(_folder_run(other, tmp_path), "landscapes", logs, show_progress=False)
+    digests = {d["context"]: d["digest"] for d in logs.runs[second.run_id].datasets}
+    assert digests["train"] != by_context["train"]["digest"] and digests["test"] == by_context["test"]["digest"]
 
 
-def test_resident_and_streamed_runs_give_the_same_numbers(tmp_path: Path, tracking_uri: str, capsys):
+def test_resident_and_streamed_runs_give_the_same_numbers(tmp_path: Path, capsys):
     root = kaggle_layout(tmp_path / "landscapes")
-    tracker = Tracker(tracking_uri)
-    resident = run(_folder_run(root, tmp_path, storage="resident"), "res", tracker, show_progress=False)
+    logs = MemoryRuns(tmp_path / "runs")
+    resident = run(_folder_run(root, tmp_path, storage="resident"), "res", logs, show_progress=False)
     # A budget smaller than the images: auto streams them from the cache, and says so.
-    streamed = run(_folder_run(root, tmp_path, memory_budget=10_000), "str", tracker, show_progress=False)
+    streamed = run(_folder_run(root, tmp_path, memory_budget=10_000), "str", logs, show_progress=False)
     assert "more than data.memory_budget" in capsys.readouterr().err
-    client = MlflowClient(tracking_uri)
-    a, b = client.get_run(resident.run_id).data.metrics, client.get_run(streamed.run_id).data.metrics
+    a, b = logs.runs[resident.run_id].latest(), logs.runs[streamed.run_id].latest()
     for key in ("test/elbo", "test/nll_iw", "test/active_units", "test/probe_acc", "val/loss", "train/loss"):
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
-    history = [client.get_metric_history(r, "val/loss") for r in (resident.run_id, streamed.run_id)]
-    assert [m.value for m in history[0]] == pytest.approx([m.value for m in history[1]], rel=1e-6)
+    history = [[v for _, v in logs.runs[r].history("val/loss")] for r in (resident.run_id, streamed.run_id)]
+    assert history[0] == pytest.approx(history[1], rel=1e-6)
     # Where the images live is how, not what: the same run, so it would resume either way.
-    tags = [client.get_run(r).data.tags["vaelab.run_hash"] for r in (resident.run_id, streamed.run_id)]
+    tags = [logs.runs[r].tags["vaelab.run_hash"] for r in (resident.run_id, streamed.run_id)]
     assert tags[0] == tags[1]
 
 
@@ -210,35 +205,34 @@ def test_stores_agree_on_every_way_of_indexing(tmp_path: Path):
     assert torch.equal(disk.resident(chunk=5).data, data)
 
 
-def test_a_streamed_run_stopped_after_an_epoch_resumes_resident(tmp_path: Path, tracking_uri: str):
+def test_a_streamed_run_stopped_after_an_epoch_resumes_resident(tmp_path: Path):
     from vaelab.errors import RunStopped
     from vaelab.training.session import request_stop
 
     root = kaggle_layout(tmp_path / "landscapes")
-    tracker = Tracker(tracking_uri)
+    logs = MemoryRuns(tmp_path / "runs")
     runspec = with_values(_folder_run(root, tmp_path, storage="stream"), {"train.epochs": 3, "train.patience": None})
-    reference = run(with_values(runspec, {"data.storage": "resident"}), "ref", tracker, show_progress=False)
+    reference = run(with_values(runspec, {"data.storage": "resident"}), "ref", logs, show_progress=False)
 
     def stop_after_first(epoch: int, _metrics: dict) -> None:
         if epoch == 1:
             request_stop()  # what a first Ctrl-C does: finish the epoch, save, stop
 
     with pytest.raises(RunStopped):
-        run(runspec, "resumed", tracker, show_progress=False, epoch_callbacks=[stop_after_first])
-    resumed = run(with_values(runspec, {"data.storage": "resident"}), "resumed", tracker, show_progress=False)
-    client = MlflowClient(tracking_uri)
-    record = client.get_run(resumed.run_id)
-    assert record.data.tags["vaelab.resumed_from_epoch"] == "1"
-    expected = client.get_run(reference.run_id).data.metrics
+        run(runspec, "resumed", logs, show_progress=False, epoch_callbacks=[stop_after_first])
+    resumed = run(with_values(runspec, {"data.storage": "resident"}), "resumed", logs, show_progress=False)
+    record = logs.runs[resumed.run_id]
+    assert record.tags["vaelab.resumed_from_epoch"] == "1"
+    expected = logs.runs[reference.run_id].latest()
     for key in ("test/elbo", "val/loss", "train/loss"):
-        assert record.data.metrics[key] == pytest.approx(expected[key], rel=1e-5), key
+        assert record.latest()[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
 def test_folders_beside_the_splits_are_named_as_unused(tmp_path: Path, capsys):
     picture_folder(tmp_path / "root" / "train", 4)
     picture_folder(tmp_path / "root" / "test", 2)
     picture_folder(tmp_path / "root" / "extra_pictures", 2)
-    data = load_image_folder(data_spec(tmp_path / "root", tmp_path), CPU)
+    data = load_data(data_spec(tmp_path / "root", tmp_path), CPU)
     assert len(data.test) == 6
     assert "extra_pictures not used (not a split folder" in capsys.readouterr().err
 
@@ -247,17 +241,15 @@ def test_named_splits_work_with_a_relative_root_and_silence_their_look_alikes(tm
     monkeypatch.chdir(tmp_path)
     for name in ("train", "Training Data", "test"):
         picture_folder(tmp_path / "ds" / name, 3)
-    data = load_image_folder(data_spec(Path("ds"), tmp_path, splits={"train": "train"}, val_fraction=0.2), CPU)
+    data = load_data(data_spec(Path("ds"), tmp_path, splits={"train": "train"}, val_fraction=0.2), CPU)
     assert len(data.train) + len(data.val) == 9 and len(data.test) == 9
     for name in ("fit", "val", "validation", "holdout"):
         picture_folder(tmp_path / "ds2" / name, 2)
-    data = load_image_folder(data_spec(Path("ds2"), tmp_path, splits={"train": "fit", "val": "holdout"}), CPU)
+    data = load_data(data_spec(Path("ds2"), tmp_path, splits={"train": "fit", "val": "holdout"}), CPU)
     assert data.val.info.name == "holdout"
 
 
 def test_streamed_mnist_lives_on_the_run_device_and_its_bits_have_their_own_digest(mnist_root: Path, tmp_path: Path):
-    from vaelab.data import load_data
-
     def spec(**data):
         return tiny_run(mnist_root, data={"cache_dir": str(tmp_path / "cache"), **data}).data
 

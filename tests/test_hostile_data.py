@@ -23,7 +23,7 @@ from tests.conftest import REPO, make_pictures
 from tests.test_checkpoint import checkpoint_dir  # noqa: F401 (a fixture: a tiny model's checkpoint folder)
 from tests.test_cli import vaelab
 from tests.test_image_folder import data_spec
-from vaelab.data import load_image_folder
+from vaelab.data import load_data
 from vaelab.data.cache import CachedSplit
 from vaelab.data.image_folder import cache_split, class_names, list_split
 from vaelab.data.images import load_image
@@ -55,7 +55,7 @@ def test_a_dangling_symlink_in_a_folder_is_skipped_with_a_warning(tmp_path: Path
     make_pictures(tmp_path / "pics", 12)
     broken = tmp_path / "pics" / "day" / "broken.png"
     broken.symlink_to("missing.png")
-    data = load_image_folder(data_spec(tmp_path / "pics", tmp_path), torch.device("cpu"))
+    data = load_data(data_spec(tmp_path / "pics", tmp_path), torch.device("cpu"))
     assert len(data.train) + len(data.val) + len(data.test) == 12
     [line] = warned(capsys.readouterr().err, broken)
     assert "broken symlink" in line and "missing.png" in line
@@ -99,7 +99,7 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line_before_decoding(tmp_path
     cache = tmp_path / "file" / "cache" if where == "under a file" else tmp_path / "file"
     spec = data_spec(tmp_path / "pics", tmp_path, cache_dir=str(cache))
     with pytest.raises(DataError) as err:
-        load_image_folder(spec, torch.device("cpu"))
+        load_data(spec, torch.device("cpu"))
     message = str(err.value)
     assert message.startswith(f"data.cache_dir: cannot write to {cache} (") and "file, not a folder" in message
     assert "\n" not in message

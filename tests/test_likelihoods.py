@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Laplace, Normal
 
-from vaelab.likelihoods import LIKELIHOODS, MIN_SIGMA
-from vaelab.registry import build_model
+from vaelab.likelihoods import MIN_SIGMA
+from vaelab.models.build import build_model
+from vaelab.registry import LIKELIHOODS
 from vaelab.spec import RunSpec
 
 SHAPE = (1, 4, 4)
@@ -18,7 +19,7 @@ SHAPE = (1, 4, 4)
 
 def make(name: str, sigma: float = 0.2, mode: str = "shared"):
     loss = dataclasses.replace(RunSpec().loss, likelihood=name, sigma=sigma, sigma_mode=mode)
-    return LIKELIHOODS[name](loss, SHAPE)
+    return LIKELIHOODS[name].build(loss, SHAPE)
 
 
 @pytest.fixture

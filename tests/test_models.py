@@ -7,9 +7,10 @@ import torch
 
 from vaelab.likelihoods import Bernoulli
 from vaelab.models import ConfigError
+from vaelab.models.build import build_model
 from vaelab.models.conv import stage_channels
 from vaelab.objectives import vae_terms
-from vaelab.registry import ARCHITECTURES, build_model
+from vaelab.registry import ARCHITECTURES
 from vaelab.spec import RunSpec
 
 

@@ -16,8 +16,8 @@ from tests.conftest import REPO
 PROBE = r"""
 import json, sys
 import psutil, torch
-import vaelab.data.image_folder  # noqa: F401  (code is not data: imported before measuring)
-from vaelab.data import load_image_folder
+import vaelab.data.assemble, vaelab.data.sources.image_folder  # code is not data: imported before measuring
+from vaelab.data import load_data
 from vaelab.spec import parse_spec, with_values
 from vaelab.training import fit, init_model
 
@@ -30,7 +30,7 @@ run = parse_spec({"name": "m", "base": {"data": data_spec, "model": {"hidden": [
                                        "eval": {"batch_size": 64}}}).base
 model = init_model(run, (3, 64, 64), torch.device("cpu"))
 before = psutil.Process().memory_info().rss
-data = load_image_folder(run.data, torch.device("cpu"), show_progress=False)
+data = load_data(run.data, torch.device("cpu"), show_progress=False)
 held = psutil.Process().memory_info().rss - before
 result = fit(run, model, data, show_progress=False)
 print(json.dumps({"storage": data.storage, "held": held, "bytes": data.train.x.nbytes + data.val.x.nbytes

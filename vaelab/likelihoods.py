@@ -10,8 +10,6 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import ContinuousBernoulli as _ContinuousBernoulli
 
-from vaelab import registry as _registry
-
 MIN_SIGMA = 1e-2  # a learned sigma below this lets constant pixels (background) dominate the ELBO
 
 
@@ -121,7 +119,8 @@ class Laplace(Likelihood):
         return torch.sigmoid(params)
 
 
-# Builders(loss_spec, image shape) -> Likelihood, named by vaelab.registry's likelihood records.
+# Builders(loss_spec, image shape) -> Likelihood, named by vaelab.registry's likelihood records
+# (vaelab.models.build.build_likelihood looks them up there).
 def bernoulli(loss, shape) -> Likelihood:
     return Bernoulli()
 
@@ -141,7 +140,3 @@ def gaussian_learned(loss, shape) -> Likelihood:
 def laplace(loss, shape) -> Likelihood:
     return Laplace(loss.sigma)
 
-
-# name -> builder(loss_spec, image shape): the names a spec's loss.likelihood may use. The
-# names are the registry's records (which spec checks read without importing torch).
-LIKELIHOODS = {name: record.build for name, record in _registry.LIKELIHOODS.items()}

@@ -370,21 +370,16 @@ def _results(sources: Sequence[Source], settings: tuple[int, int, str], workers:
             part = [sources[i] for i in range(start, min(start + chunk, len(sources)))]
             pending.append(executor.submit(_decode_chunk, part, settings))
             if len(pending) >= 2 * workers:  # bounded: the rest is not sent until these are taken
-                yield from _taken(pending.popleft())
+                yield from pending.popleft().result()
         while pending:
-            yield from _taken(pending.popleft())
+            yield from pending.popleft().result()
         finished = True
-    finally:
-        executor.shutdown(wait=finished, cancel_futures=True)  # closed early or failed: do not wait
-
-
-def _taken(future: Future[list[Decoded]]) -> list[Decoded]:
-    try:
-        return future.result()
-    except BrokenProcessPool as err:
+    except BrokenProcessPool as err:  # seen by a result, or by a submit once a worker has died
         raise DataError("an image-decoding process ended abruptly (out of memory? a crash in an image library? "
                         "a script without an `if __name__ == '__main__':` guard?); fewer workers use less memory, "
                         "and one worker decodes in this process") from err
+    finally:
+        executor.shutdown(wait=finished, cancel_futures=True)  # closed early or failed: do not wait
 
 
 def _decode_chunk(sources: Sequence[Source], settings: tuple[int, int, str]) -> list[Decoded]:

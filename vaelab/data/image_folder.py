@@ -13,12 +13,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vaelab.data.cache import CachedSplit, decoded
 from vaelab.data.decode import EXTENSIONS, walk_images
 from vaelab.data.layout import ROLES, recognise_splits, require_train
 from vaelab.errors import DataError
+
+if TYPE_CHECKING:
+    from vaelab.data.cache import CachedSplit
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def class_names(splits: dict[str, FolderSplit]) -> tuple[str, ...]:
 def cache_split(split: FolderSplit, names: tuple[str, ...], spec: Any, progress: bool = True) -> CachedSplit:
     """The split decoded into the cache (or found there), keyed by its files' names, sizes,
     modification times and labels."""
+    from vaelab.data.cache import decoded  # torch: only once images are read, not to count them
+
     index = {name: i for i, name in enumerate(names)}
     labels = [index[c] if c is not None else 0 for c in split.classes]
     parts: list[object] = ["folder", *(_identity(path, label) for path, label in zip(split.files, labels, strict=True))]
@@ -138,12 +142,12 @@ def _listed(spec: Any) -> dict[str, FolderSplit]:
     return {role: list_split(folder) for role, folder in split_folders(root, spec.splits).items()}
 
 
-def train_count(spec: Any) -> int:
-    """Image files of the training split (before held-out parts), for cost estimates; 0 without a folder."""
+def counts(spec: Any) -> dict[str, int]:
+    """Image files per split (before held-out parts), without decoding; {"train": 0} without a folder."""
     try:
-        return len(_listed(spec)["train"].files)
+        return {role: len(split.files) for role, split in _listed(spec).items()}
     except DataError:
-        return 0
+        return {"train": 0}
 
 
 def class_count(spec: Any) -> int:

@@ -26,18 +26,20 @@ FILES = {
 
 
 @dataclass(frozen=True)
-class Source:
+class IdxDataset:
     name: str  # our dataset name
     torchvision_class: str  # torchvision.datasets class (and its folder name)
     system_dirs: tuple[str, ...]  # folders installed by OS packages
     class_names: tuple[str, ...]
+    sizes: tuple[int, int] = (60_000, 10_000)  # the official train and test images
 
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SOURCES = {
-    "fashion_mnist": Source("fashion_mnist", "FashionMNIST", ("/usr/share/datasets/fashion-mnist",), FASHION_CLASSES),
-    "mnist": Source("mnist", "MNIST", (), tuple(str(d) for d in range(10))),
+    "fashion_mnist": IdxDataset("fashion_mnist", "FashionMNIST", ("/usr/share/datasets/fashion-mnist",),
+                                FASHION_CLASSES),
+    "mnist": IdxDataset("mnist", "MNIST", (), tuple(str(d) for d in range(10))),
 }
 
 
@@ -68,7 +70,7 @@ def _file(folder: Path, stem: str) -> Path:
     return found
 
 
-def candidate_dirs(source: Source, root: Path) -> list[Path]:
+def candidate_dirs(source: IdxDataset, root: Path) -> list[Path]:
     return [
         root,
         root / source.name,
@@ -84,7 +86,7 @@ def _complete_dir(dirs: list[Path]) -> Path | None:
     return None
 
 
-def _download(source: Source, root: Path) -> None:
+def _download(source: IdxDataset, root: Path) -> None:
     import torchvision.datasets as tvd
 
     previous = socket.getdefaulttimeout()
@@ -94,6 +96,19 @@ def _download(source: Source, root: Path) -> None:
         getattr(tvd, source.torchvision_class)(str(root), train=False, download=True)
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def sizes(dataset: str, root: str | Path) -> dict[str, int]:
+    """Images in the train and test files found (their label files' headers), without downloading;
+    the official sizes when there are none yet."""
+    source = SOURCES[dataset]
+    folder = _complete_dir(candidate_dirs(source, Path(root)))
+    try:
+        if folder is not None:
+            return {split: len(read_idx(_file(folder, FILES[f"{split}_labels"]))) for split in ("train", "test")}
+    except (IdxError, DataError):
+        pass  # loading says what is wrong with them
+    return {"train": source.sizes[0], "test": source.sizes[1]}
 
 
 @functools.lru_cache(maxsize=2)

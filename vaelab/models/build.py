@@ -1,0 +1,28 @@
+"""A spec's model, built from the registry's architecture and likelihood records."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from vaelab import registry
+from vaelab.likelihoods import Likelihood
+from vaelab.models.vae import VAE
+
+
+def build_model(run_spec: Any, shape: tuple[int, int, int], n_classes: int | None = None) -> VAE:
+    """The spec's VAE; a conditional one (model.conditional) takes `n_classes` labels,
+    by default as many as its dataset has."""
+    model = run_spec.model
+    build = registry.ARCHITECTURES[model.arch].build
+    if not model.conditional:
+        encoder, decoder = build(shape, model)
+        return VAE(encoder, decoder, model.z_dim, build_likelihood(run_spec, shape))
+    k = n_classes or registry.num_classes(run_spec.data)
+    encoder, _ = build((shape[0] + k, *shape[1:]), model)  # label planes beside the image
+    _, decoder = build(shape, dataclasses.replace(model, z_dim=model.z_dim + k))  # one-hot beside z
+    return VAE(encoder, decoder, model.z_dim, build_likelihood(run_spec, shape), num_classes=k)
+
+
+def build_likelihood(run_spec: Any, shape: tuple[int, int, int]) -> Likelihood:
+    return registry.LIKELIHOODS[run_spec.loss.likelihood].build(run_spec.loss, shape)
