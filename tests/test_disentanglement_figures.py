@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_run
 from vaelab.data.dsprites import DSprites
 from vaelab.disentanglement.figures import factor_latent_mi, write_factor_figures
+from vaelab.runlog import MemoryRuns
 from vaelab.runner import run
 from vaelab.spec import with_values
-from vaelab.tracking import Tracker
 from vaelab.training import init_model
 
 SIZES = (3, 6, 8, 8, 8)
@@ -54,15 +53,15 @@ def test_the_figures_are_drawn_for_a_model(tmp_path: Path):
     assert all(p.stat().st_size > 5_000 for p in paths)
 
 
-def test_a_dsprites_run_logs_the_factor_figures(tmp_path: Path, tracking_uri: str):
+def test_a_dsprites_run_logs_the_factor_figures(tmp_path: Path):
     runspec = with_values(tiny_run(tmp_path / "none", dataset="dsprites"), {
         "data.subset": 400, "data.test_fraction": 0.001, "data.cache_dir": str(tmp_path / "cache"),
         "train.epochs": 1, "eval.iw_samples": 0, "eval.tsne_points": 0, "eval.probe": False,
         "eval.dis_samples": 0.01, "eval.dci_importance": "random_forest"})
-    outcome = run(runspec, "dsprites_figures", Tracker(tracking_uri), show_progress=False)
-    client = MlflowClient(tracking_uri)
-    names = {a.path for a in client.list_artifacts(outcome.run_id, "figures")}
-    assert {"figures/factor_mi.png", "figures/factor_traversals.png"} <= names
-    settings = json.loads(client.get_run(outcome.run_id).data.tags["vaelab.eval.disentanglement"])
+    logs = MemoryRuns(tmp_path / "runs")
+    outcome = run(runspec, "dsprites_figures", logs, show_progress=False)
+    names = {p.name for p in (logs.runs[outcome.run_id].folder / "figures").iterdir()}
+    assert {"factor_mi.png", "factor_traversals.png"} <= names
+    settings = json.loads(logs.runs[outcome.run_id].tags["vaelab.eval.disentanglement"])
     assert settings["metrics"]["dci"]["importance"] == "random_forest"
     assert "RandomForestClassifier" in settings["metrics"]["dci"]["estimator"]

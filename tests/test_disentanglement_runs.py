@@ -7,33 +7,31 @@ import json
 import math
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from tests.conftest import tiny_run
+from vaelab.runlog import MemoryRuns
 from vaelab.runner import run
 from vaelab.spec import with_values
-from vaelab.tracking import Tracker
 
 
-def test_a_dsprites_run_logs_every_metric_family_with_its_settings(tmp_path: Path, tracking_uri: str):
+def test_a_dsprites_run_logs_every_metric_family_with_its_settings(tmp_path: Path):
     runspec = with_values(tiny_run(tmp_path / "none", dataset="dsprites"), {
         "data.subset": 600, "data.test_fraction": 0.001, "data.cache_dir": str(tmp_path / "cache"),
         "train.epochs": 1, "eval.iw_samples": 0, "eval.figures": False, "eval.tsne_points": 0,
         "eval.dis_samples": 0.01})
-    outcome = run(runspec, "dsprites", Tracker(tracking_uri), show_progress=False)
-    record = MlflowClient(tracking_uri).get_run(outcome.run_id)
-    metrics = record.data.metrics
+    logs = MemoryRuns(tmp_path / "runs")
+    outcome = run(runspec, "dsprites", logs, show_progress=False)
+    record = logs.runs[outcome.run_id]
+    metrics = record.latest()
     for name in ("beta_vae", "factor_vae", "mig", "sap", "dci_disentanglement", "dci_completeness",
                  "dci_informativeness", "modularity", "explicitness"):
         value = metrics[f"test/dis/{name}"]
         assert math.isfinite(value) and 0.0 <= value <= 1.0, (name, value)
-    settings = json.loads(record.data.tags["vaelab.eval.disentanglement"])
+    settings = json.loads(record.tags["vaelab.eval.disentanglement"])
     assert settings["metrics"]["mig"]["num_train"] == 100 and settings["metrics"]["mig"]["num_bins"] == 20
     assert "Chen et al. 2018" in settings["metrics"]["mig"]["paper"]
     assert settings["metrics"]["dci"]["importance"] == "gbt"  # the reference's estimator unless asked
     # The split sizes: a random 600 of the grid to train on (540 + 60 for validation), 737 to test.
-    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): json.loads(i.dataset.profile)
-              for i in record.inputs.dataset_inputs}
+    inputs = {d["context"]: d["profile"] for d in record.datasets}
     assert [inputs[c]["images"] for c in ("train", "validation", "test")] == [540, 60, 737]
     assert inputs["train"]["classes"] == ["square", "ellipse", "heart"]
     assert min(inputs["train"]["images_per_class"].values()) > 100  # a random sample, not the grid's first rows

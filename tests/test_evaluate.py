@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import make_idx_folder, tiny_run
 from vaelab.data import load_data
-from vaelab.evaluate import active_units, importance_weighted_nll, kl_per_dimension, latent_means
+from vaelab.evaluation.estimators import active_units, importance_weighted_nll, latent_means, mean_kl_per_dimension
 from vaelab.evaluation.stage import quiet_test_metrics
 from vaelab.spec import with_values
 from vaelab.training import fit, init_model
@@ -67,7 +67,7 @@ def test_dimensions_forced_to_the_prior_are_inactive(trained):
             head.bias[6 + dim].zero_()
     means = latent_means(forced, data.test.x, 500)
     assert active_units(means) == 2
-    kl = kl_per_dimension(forced, data.test.x, 500)
+    kl = mean_kl_per_dimension(forced, data.test.x, 500)
     assert torch.all(kl[2:] == 0) and torch.all(kl[:2] > 0)
 
 

@@ -18,8 +18,9 @@ from tests.conftest import tiny_run
 from vaelab.cli import main
 from vaelab.data import load_data
 from vaelab.data.store import ResidentImages
-from vaelab.evaluate import bits_per_dim
-from vaelab.evaluation.evaluators import EVALUATORS, EvalContext, iw_images
+from vaelab.evaluation.estimators import bits_per_dim
+from vaelab.evaluation.evaluators import EVALUATORS, EvalContext
+from vaelab.evaluation.iwae import iw_images
 from vaelab.evaluation.stage import evaluate
 from vaelab.runner import run
 from vaelab.spec import with_values
@@ -81,13 +82,13 @@ def test_the_default_iwae_subset_costs_no_more_than_training(gaussian_model):
     model, data, runspec, _ = gaussian_model
     capped = with_values(runspec, {"eval.iw_samples": 1000, "eval.iw_images": 1000, "eval.iw_capped": True})
     # 2 epochs over 216 training images: 3 * 2 * 216 passes buy 1 image at k=1000, floored at 100 (all 80 here).
-    assert iw_images(EvalContext(model, data, capped, epochs_run=2)) == 80
+    assert iw_images(EvalContext(model, data, capped, epochs_run=2).facts) == 80
     repeated = ResidentImages(data.test.x.raw(slice(None)).repeat(20, 1, 1, 1))
     big = dataclasses.replace(data, test=dataclasses.replace(data.test, x=repeated, y=data.test.y.repeat(20)))
-    assert iw_images(EvalContext(model, big, capped, epochs_run=2)) == 100
-    assert iw_images(EvalContext(model, big, with_values(capped, {"eval.iw_capped": False}), 2)) == 1000
+    assert iw_images(EvalContext(model, big, capped, epochs_run=2).facts) == 100
+    assert iw_images(EvalContext(model, big, with_values(capped, {"eval.iw_capped": False}), 2).facts) == 1000
     assert iw_images(EvalContext(model, big, with_values(capped, {"eval.iw_images": None, "eval.iw_capped": False}),
-                                 2)) == 1600
+                                 2).facts) == 1600
 
 
 def _flat_folder(root: Path, n: int) -> None:
@@ -186,7 +187,7 @@ def test_a_run_without_a_checkpoint_and_a_study_without_runs_are_refused(finishe
                                                                          tmp_path: Path):
     tracker = Tracker(tracking_uri)
     bare = tracker.open_run("later", "no-checkpoint")
-    tracker.end_run(bare)
+    bare.end()
     assert main(["evaluate", bare.run_id, "--tracking-uri", tracking_uri, "--no-progress"]) == 2
     assert "has no checkpoint" in capsys.readouterr().err
     (tmp_path / "experiments" / "empty.yaml").write_text("name: empty\n")
@@ -195,14 +196,14 @@ def test_a_run_without_a_checkpoint_and_a_study_without_runs_are_refused(finishe
 
 
 def test_an_interrupted_evaluation_leaves_the_run_as_it_was(finished, tracking_uri: str, monkeypatch):
-    from vaelab.evaluation import evaluators
+    from vaelab.evaluation import estimators
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
     run_id = finished[0].run_id
     before = MlflowClient(tracking_uri).get_run(run_id).data
-    monkeypatch.setattr(evaluators, "importance_weighted_nll", interrupted)
+    monkeypatch.setattr(estimators, "importance_weighted_nll", interrupted)
     assert main(["evaluate", run_id, "--set", "eval.iw_samples=9", "--tracking-uri", tracking_uri,
                  "--no-progress"]) == 130
     after = MlflowClient(tracking_uri).get_run(run_id).data
@@ -210,9 +211,8 @@ def test_an_interrupted_evaluation_leaves_the_run_as_it_was(finished, tracking_u
 
 
 def test_the_dry_run_plan_names_the_evaluators_that_run():
-    from vaelab.evaluation.plan import EVALUATOR_NAMES, describe
+    from vaelab.evaluation.plan import describe
 
-    assert EVALUATOR_NAMES == tuple(EVALUATORS)
     lines = describe(tiny_run(Path("unused")))
-    assert [line.split()[0] for line in lines] == [*EVALUATOR_NAMES, "figures"]
+    assert [line.split()[0] for line in lines] == [*EVALUATORS, "figures"]
     assert "k=20 on up to 1000 test images" in lines[2]

@@ -252,6 +252,24 @@ class Optional(Check):
 
 
 @dataclass(frozen=True)
+class OrAuto(Check):
+    """`auto` (kept as the string 'auto', resolved when the run has what decides it) or what `inner` takes."""
+
+    inner: Check
+
+    def describe(self) -> str:
+        return f"auto or {self.inner.describe()}"
+
+    def parse(self, value: Any, path: str) -> Any:
+        if isinstance(value, str) and value == "auto":
+            return "auto"
+        try:
+            return self.inner.parse(value, path)
+        except SpecError:
+            raise fail(path, self.describe(), value) from None
+
+
+@dataclass(frozen=True)
 class IntList(Check):
     item: Int
     min_len: int = 1

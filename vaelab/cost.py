@@ -1,6 +1,7 @@
 """A rough cost for `--dry-run`: time a few real optimiser steps of the run's
 model on random data, then scale by the number of batches and epochs; time
-inference passes and a small t-SNE, then scale by what the evaluation will do."""
+inference passes (and what evaluators time themselves) and a small t-SNE, then
+scale by the image passes each evaluator's settings will make."""
 
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ class EvaluationCost:
 
 
 def evaluation_cost(run: RunSpec, test_images: int = 10_000) -> EvaluationCost:
-    """Seconds the default evaluation of `run` will take on this machine, from a
-    measured inference rate (and a measured small t-SNE for the figures)."""
-    from vaelab.evaluation.evaluators import IW_MIN_IMAGES, PASSES_PER_TRAINING_IMAGE, PROBE_TRAIN_IMAGES
+    """Seconds the default evaluation of `run` will take on this machine: each evaluator the spec
+    does not turn off, its image passes (from its settings, as the run will have them) over a
+    measured rate (the plain inference rate, or the one the evaluator measures itself), plus
+    the figures (a measured small t-SNE)."""
+    from vaelab.evaluation.evaluators import EVALUATORS
+    from vaelab.evaluation.record import Facts, Rate
 
     device = resolve_device(run.train.device)
     shape = image_shape(run.data)
@@ -64,33 +68,20 @@ def evaluation_cost(run: RunSpec, test_images: int = 10_000) -> EvaluationCost:
         for _ in range(3):
             model(x, y=y)
         rate = 3 * len(x) / (time.perf_counter() - started)
-    e, n_train = run.eval, train_size(run.data)
-    seconds = {"elbo": test_images / rate, "latents": 2 * test_images / rate}
-    if e.iw_samples:
-        images = min(test_images, e.iw_images or test_images)
-        if e.iw_capped:
-            trained = PASSES_PER_TRAINING_IMAGE * run.train.epochs * n_train
-            images = min(images, max(IW_MIN_IMAGES, trained // e.iw_samples))
-        seconds["iwae"] = e.iw_samples * images / _iwae_passes_per_s(model, x, e.iw_samples)
-    if e.probe:
-        seconds["probe"] = (min(PROBE_TRAIN_IMAGES, n_train) + test_images) / rate + 2.0  # + the solver, ~2 s
+    # As the run will see it after all its epochs (early stopping can only make it cheaper).
+    facts = Facts(run, train_size(run.data), test_images, run.train.epochs, bool(model.likelihood.discrete))
+    seconds = {}
+    for evaluator in EVALUATORS.values():
+        if evaluator.turned_off(run) is not None:
+            continue
+        settings = evaluator.settings(facts)
+        measured = (Rate(rate, evaluator.fixed_s) if evaluator.measure is None
+                    else evaluator.measure(model, x, facts, settings))
+        seconds[evaluator.name] = measured.seconds(evaluator.passes(settings))
+    e = run.eval
     if e.figures:
         seconds["figures"] = _tsne_seconds(min(e.tsne_points, test_images), run.model.z_dim) + 3.0  # + the plots
     return EvaluationCost(seconds, rate)
-
-
-def _iwae_passes_per_s(model, x: torch.Tensor, k: int) -> float:
-    """Decoder passes per second of the importance-weighted estimate itself (its large
-    decoder batches and log-sum-exp run slower per image than a plain forward pass)."""
-    from vaelab.evaluate import importance_weighted_nll
-
-    k = min(k, 256)
-    n = max(1, min(len(x), 16_384 // k))
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    importance_weighted_nll(model, x[:n], model.likelihood, k, generator)  # warm-up
-    started = time.perf_counter()
-    importance_weighted_nll(model, x[:n], model.likelihood, k, generator)
-    return n * k / (time.perf_counter() - started)
 
 
 def _tsne_seconds(points: int, z_dim: int) -> float:

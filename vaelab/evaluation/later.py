@@ -1,6 +1,8 @@
 """`vaelab evaluate`: evaluators with any settings on finished runs, without
-retraining, logged into the same MLflow runs. The IWAE metrics of such an
-evaluation are named by their settings (test/nll_iw_k5000; _n1000 on a subset),
+retraining, logged into the same MLflow runs. Its defaults are the rigorous ones
+(every test image for the IWAE bound, disentanglement_lib's sample sizes), not the
+training-capped ones of a run's own evaluation. Metrics whose value depends on the
+settings are named by them (test/nll_iw_k5000, _n1000 on a subset; test/dis/mig_s1),
 so they never mix with the run's own numbers; one that is already there with the
 same settings is not computed again. Metrics are written in one batch at the end,
 so an interrupted evaluation leaves the run as it was. A checkpoint that names its run
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from vaelab.checkpoint import DIGEST_TAG, MODEL_FILE, Checkpoint, load_checkpoint, load_state, weights_digest
 from vaelab.errors import CheckpointError, UsageError
-from vaelab.evaluation.evaluators import EvalContext, Evaluator
+from vaelab.evaluation.record import EvalContext, Evaluator
 from vaelab.evaluation.stage import NOT_FINITE_TAG, SKIPPED_TAG, Evaluation, evaluate, plan
 from vaelab.registry import load_dataset
 from vaelab.spec import RunSpec, SpecError, apply_overrides, parse_spec, to_dict
@@ -25,8 +27,8 @@ from vaelab.tracking import Tracker
 from vaelab.training import resolve_device
 
 TAG_LIMIT = 5000  # characters of one tag value (MLflow takes 8000; older servers 5000)
-# What "rigorous on demand" starts from: every test image, no cap; --set refines it.
-RIGOROUS = ["eval.iw_images=null", "eval.iw_capped=false"]
+# What "rigorous on demand" starts from: every test image, no cap, the reference sample sizes; --set refines it.
+RIGOROUS = ["eval.iw_images=null", "eval.iw_capped=false", "eval.dis_samples=1"]
 
 
 @dataclass

@@ -15,22 +15,21 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from vaelab.errors import UserInputError
-from vaelab.evaluation.evaluators import EVALUATORS, EvalContext, Evaluator
+from vaelab.evaluation.evaluators import EVALUATORS
+from vaelab.evaluation.record import EvalContext, Evaluator
 
 SKIPPED_TAG = "vaelab.eval.skipped"
-NOT_FINITE_TAG = "vaelab.eval.not_finite"  # "test/nll_iw = nan (iwae)": metrics computed but not logged
+NOT_FINITE_TAG = "vaelab.eval.not_finite"  # "<metric> = nan (<evaluator>)": computed but not logged
 NOTES_SHOWN = 8  # non-finite metrics named in the tag and the warning (a NaN model's kl_dim/* are many)
-# The metrics whose value depends on estimator settings a later `vaelab evaluate` may change.
-SETTINGS_DEPENDENT = {"iwae": ("test/nll_iw", "test/nll_iw_se", "test/bits_per_dim")}
 
 
 @dataclass
 class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)  # vaelab.eval.<name>: its settings; the skipped ones
-    skipped: list[str] = field(default_factory=list)  # "probe: the data has fewer than 2 classes ..."
+    skipped: list[str] = field(default_factory=list)  # "<evaluator>: <why it did not run>"
     ran: list[str] = field(default_factory=list)
-    not_finite: list[str] = field(default_factory=list)  # "test/nll_iw = nan (iwae)"
+    not_finite: list[str] = field(default_factory=list)  # "<metric> = nan (<evaluator>)"
 
     @property
     def seconds(self) -> float:
@@ -51,21 +50,13 @@ def settings_text(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, default=str)
 
 
-def suffix_for(evaluator: Evaluator, settings: dict) -> str:
-    """The name suffix that marks metrics computed with other settings than the run's
-    own evaluation (e.g. test/nll_iw_k5000, or _k5000_n1000 on a subset)."""
-    if evaluator.name != "iwae":
-        return ""
-    subset = f"_n{settings['images']}" if settings["images"] < settings["of"] else ""
-    return f"_k{settings['k']}{subset}"
-
-
 def plan(ctx: EvalContext, evaluators: list[Evaluator]) -> list[tuple[Evaluator, dict | None, str | None]]:
     """(evaluator, its settings or None, why it is skipped or None) for each evaluator."""
     rows = []
+    facts = ctx.facts
     for evaluator in evaluators:
         reason = evaluator.skip_reason(ctx)
-        rows.append((evaluator, None if reason else evaluator.settings(ctx), reason))
+        rows.append((evaluator, None if reason else evaluator.settings(facts), reason))
     return rows
 
 
@@ -80,7 +71,7 @@ def evaluate(ctx: EvalContext, evaluators: list[Evaluator] | None = None, show_p
         if reason is not None or settings is None:
             out.skipped.append(f"{evaluator.name}: {reason}")
             continue
-        suffix = suffix_for(evaluator, settings) if marked else ""
+        suffix = evaluator.suffix(settings) if marked else ""
         tag, text = f"vaelab.eval.{evaluator.name}{suffix}", settings_text(settings)
         own = f"vaelab.eval.{evaluator.name}"  # the run's own evaluation may have used these very settings
         if done_tags is not None and text in (done_tags.get(tag), done_tags.get(own)):
@@ -102,7 +93,7 @@ def evaluate(ctx: EvalContext, evaluators: list[Evaluator] | None = None, show_p
 
 
 def _finite(metrics: dict[str, float], name: str, notes: list[str]) -> dict[str, float]:
-    """The finite values of `metrics`; each other one is noted in `notes` ("test/elbo = nan (elbo)")."""
+    """The finite values of `metrics`; each other one is noted in `notes` ("<metric> = nan (<evaluator>)")."""
     kept = {}
     for key, value in metrics.items():
         if math.isfinite(float(value)):
@@ -115,14 +106,14 @@ def _finite(metrics: dict[str, float], name: str, notes: list[str]) -> dict[str,
 def _run_one(ctx: EvalContext, evaluator: Evaluator, settings: dict, suffix: str,
              show_progress: bool) -> dict[str, float]:
     per_image = evaluator.per_image(settings)
-    label = f"eval {evaluator.name}" + (f" (k={settings['k']}, {settings['images']} images)"
-                                        if evaluator.name == "iwae" else "")
-    with tqdm(total=evaluator.passes(ctx, settings), desc=label, unit="pass", unit_scale=True,
+    words = evaluator.words(settings)
+    label = f"eval {evaluator.name}" + (f" ({words})" if words else "")
+    with tqdm(total=evaluator.passes(settings), desc=label, unit="pass", unit_scale=True,
               disable=not show_progress, dynamic_ncols=True, leave=True) as bar:
         started = time.perf_counter()
         metrics = evaluator.compute(ctx, settings, lambda n: bar.update(n * per_image))
         seconds = time.perf_counter() - started
-    renamed = {(k + suffix if k in SETTINGS_DEPENDENT.get(evaluator.name, ()) else k): v for k, v in metrics.items()}
+    renamed = {(k + suffix if evaluator.renames(k) else k): v for k, v in metrics.items()}
     renamed[f"time/eval/{evaluator.name}{suffix}_s"] = seconds
     return renamed
 

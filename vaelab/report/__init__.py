@@ -13,33 +13,22 @@ import numpy as np
 import pandas as pd
 
 from vaelab.errors import ReportError
+from vaelab.evaluation.evaluators import EVALUATORS, Evaluator, owner
+from vaelab.evaluation.evaluators import metrics as evaluator_metrics
 from vaelab.report import figures as report_figures
 from vaelab.report.escape import md_cell, md_text, md_url
 from vaelab.tracking import UI_BASE, run_link, ui_base_for
 
-# metric -> (column header with its unit, which way is better: "min", "max" or None)
-KNOWN_METRICS: dict[str, tuple[str, str | None]] = {
-    "test/elbo": ("test −ELBO (nats)", "min"),
-    "test/recon": ("test recon (nats)", "min"),
-    "test/kl": ("test KL (nats)", None),
-    "test/mse": ("test MSE (per pixel)", "min"),
-    "test/nll_iw": ("test NLL, IWAE (nats)", "min"),
-    "test/nll_iw_se": ("test NLL s.e. over images (nats)", None),
-    "test/bits_per_dim": ("test bits/dim", "min"),
-    "test/active_units": ("active units", "max"),
-    "test/probe_acc": ("probe accuracy", "max"),
-    "test/dis/beta_vae": ("BetaVAE score", "max"),
-    "test/dis/factor_vae": ("FactorVAE score", "max"),
-    "test/dis/mig": ("MIG", "max"),
-    "test/dis/sap": ("SAP", "max"),
-    "test/dis/dci_disentanglement": ("DCI disentanglement", "max"),
-    "test/dis/dci_completeness": ("DCI completeness", "max"),
-    "test/dis/dci_informativeness": ("DCI informativeness", "max"),
-    "test/dis/modularity": ("modularity", "max"),
-    "test/dis/explicitness": ("explicitness", "max"),
-    "train/epochs_run": ("epochs", None),
-    "time/train_s": ("train time (s)", None),
-}
+# The run's own metrics a table shows, after the evaluators': metric -> (header, which way is better).
+RUN_METRICS: dict[str, tuple[str, str | None]] = {"train/epochs_run": ("epochs", None),
+                                                  "time/train_s": ("train time (s)", None)}
+
+
+def known_metrics() -> dict[str, tuple[str, str | None]]:
+    """metric -> (column header with its unit, which way is better: "min", "max" or None): every evaluator's
+    metrics that tables show (vaelab.evaluation's records, in run order), then the run's own."""
+    shown = {metric.key: (metric.header, metric.better) for _, metric in evaluator_metrics() if metric.in_table}
+    return {**shown, **RUN_METRICS}
 
 
 @dataclass
@@ -114,13 +103,33 @@ def _varying_params(runs: pd.DataFrame) -> list[str]:
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
     present = {c[len("metrics."):] for c in runs if c.startswith("metrics.") and runs[c].notna().any()}
-    ordered = [m for m in KNOWN_METRICS if m in present and m.startswith("test/")]
-    # test/loss is left out: it includes beta, so it differs between configurations by construction.
-    # test/kl_dim/* (one per latent dimension) belong in the run's figure, not in the table.
-    # Disentanglement scores' side numbers (train accuracies, active dims) stay in MLflow.
-    ordered += sorted(m for m in present if m.startswith("test/") and m not in KNOWN_METRICS and m != "test/loss"
-                      and not m.startswith(("test/kl_dim/", DIS_PREFIX)))
-    return ordered + [m for m in ("train/epochs_run", "time/train_s") if m in present]
+    known = known_metrics()
+    ordered = [m for m in known if m in present and m.startswith("test/")]
+    # Then settings-marked names (test/nll_iw_k5000) and test metrics no evaluator declares; what an evaluator
+    # keeps out of tables stays out (test/loss includes beta, so it differs between configurations by
+    # construction; test/kl_dim/<d> belong in the run's figure; side numbers stay in MLflow).
+    ordered += sorted(m for m in present if m.startswith("test/") and m not in known and _in_tables(m))
+    return ordered + [m for m in RUN_METRICS if m in present]
+
+
+def _in_tables(key: str) -> bool:
+    found = owner(key)
+    return found is None or found[1].in_table
+
+
+def _section(key: str) -> Evaluator | None:
+    """The evaluator whose report section of its own shows `key`, or None (the results table)."""
+    found = owner(key)
+    return found[0] if found is not None and found[0].section is not None else None
+
+
+def _settings_column(evaluator: Evaluator) -> str:
+    return f"{evaluator.name} settings"
+
+
+def _marked(evaluator: Evaluator) -> bool:
+    """Whether its metrics depend on settings that can differ between runs (their labels are shown)."""
+    return any(metric.by_settings for metric in evaluator.metrics)
 
 
 def aggregate(study: StudyRuns) -> pd.DataFrame:
@@ -145,8 +154,10 @@ def aggregate(study: StudyRuns) -> pd.DataFrame:
             row[f"{metric} std"] = column.std(ddof=1) if len(column) > 1 else np.nan
             row[f"{metric} n"] = len(column)  # runs that have it: the t-test's sample size
         row["run_ids"] = list(part["run_id"])
-        row["iwae settings"] = sorted({_iwae_label(tag) for tag in part.get(IWAE_TAG, pd.Series(dtype=str))
-                                       if isinstance(tag, str)})
+        for evaluator in filter(_marked, EVALUATORS.values()):
+            tags = part.get(_settings_tag(evaluator), pd.Series(dtype=str))
+            row[_settings_column(evaluator)] = sorted({_settings_label(evaluator, tag) for tag in tags
+                                                      if isinstance(tag, str)})
         rows.append(row)
     table = pd.DataFrame(rows)
     if study.swept:  # rows in the order of the swept values, numerically where they are numbers
@@ -155,26 +166,28 @@ def aggregate(study: StudyRuns) -> pd.DataFrame:
     return table
 
 
-DIS_PREFIX = "test/dis/"
-IWAE_TAG = "tags.vaelab.eval.iwae"
-# The columns whose numbers depend on the IWAE estimator's settings (k, images).
-IWAE_METRICS = ("test/nll_iw", "test/nll_iw_se", "test/bits_per_dim")
+DIS_PREFIX = "test/dis/"  # the scores whose best run's factor figures the report shows
 
 
-def _iwae_label(tag: str) -> str:
-    """`k=100, 1000 of 10000 images` from a run's vaelab.eval.iwae tag."""
+def _settings_tag(evaluator: Evaluator) -> str:
+    """The runs-table column of the tag an evaluator's settings are logged in (vaelab.evaluation.stage)."""
+    return f"tags.vaelab.eval.{evaluator.name}"
+
+
+def _settings_label(evaluator: Evaluator, tag: str) -> str:
+    """An evaluator's settings in words (`k=100, 1000 of 10000 images`) from a run's vaelab.eval.<name> tag."""
     try:
-        settings = json.loads(tag)
-        return f"k={settings['k']}, {settings['images']} of {settings['of']} images"
+        return evaluator.words(json.loads(tag))
     except (ValueError, KeyError, TypeError):
         return "unknown settings"
 
 
-def _iwae_marks(table: pd.DataFrame) -> list[str] | None:
-    """Per row, the IWAE settings to write beside its numbers, when rows differ in them; else None."""
-    if "iwae settings" not in table:
+def _settings_marks(table: pd.DataFrame, evaluator: Evaluator) -> list[str] | None:
+    """Per row, the evaluator's settings to write beside its numbers, when rows differ in them; else None."""
+    column = _settings_column(evaluator)
+    if column not in table:
         return None
-    labels = [tuple(x) for x in table["iwae settings"]]
+    labels = [tuple(x) for x in table[column]]
     if len(set(labels)) <= 1 and all(len(x) <= 1 for x in labels):
         return None
     return [" | ".join(x) if len(x) == 1 else ("mixed: " + "; ".join(x) if x else "") for x in labels]
@@ -246,18 +259,24 @@ def _welch_p(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b: float,
     return float(ttest_ind_from_stats(mean_a, std_a, n_a, mean_b, std_b, n_b, equal_var=False).pvalue)
 
 
-def markdown_table(study: StudyRuns, table: pd.DataFrame, disentanglement: bool | None = False) -> str:
-    """The table of one row per configuration; disentanglement=True: only the test/dis/* scores,
-    False: all but them, None: every metric."""
-    metrics = [c[: -len(" mean")] for c in table if c.endswith(" mean")]
-    if disentanglement is not None:
-        metrics = [m for m in metrics if m.startswith(DIS_PREFIX) == disentanglement]
+def _table_metrics(table: pd.DataFrame) -> list[str]:
+    return [c[: -len(" mean")] for c in table if c.endswith(" mean")]
+
+
+def markdown_table(study: StudyRuns, table: pd.DataFrame, metrics: list[str] | None = None) -> str:
+    """The table of one row per configuration, of `metrics` (default: all but those a report section of
+    their own shows)."""
+    if metrics is None:
+        metrics = [m for m in _table_metrics(table) if _section(m) is None]
     shown = pd.DataFrame({md_cell(key): table[key].map(lambda v: "—" if pd.isna(v) else md_cell(_fmt_param(v)))
                           for key in study.swept})
+    known = known_metrics()
     for metric in metrics:
-        header, better = KNOWN_METRICS.get(metric, (metric, None))
+        header, better = known.get(metric, (metric, None))
         cells = [_fmt(m, s, metric) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"], strict=True)]
-        marks = _iwae_marks(table) if metric in IWAE_METRICS else None
+        found = owner(metric)
+        settled = found is not None and found[1].by_settings and found[1].key == metric
+        marks = _settings_marks(table, found[0]) if found is not None and settled else None
         if better and len(table) > 1 and marks is None:  # numbers made with different settings are not ranked
             best, tied = rank_against_noise(table, metric, better)
             for position in [best, *tied] if tied and best is not None else []:  # the best and its ties
@@ -294,13 +313,17 @@ def _header(study: StudyRuns, description: str) -> list[str]:
         f"seeds, p < {SIGNIFICANCE:g}); † = the column's best and every row not distinguishable from it at that "
         "level (then no row is bold); rows of one run are not ranked",
     ]
-    settings = sorted({_iwae_label(t) for t in runs.get(IWAE_TAG, pd.Series(dtype=str)).dropna()})
-    if len(settings) == 1:
-        lines.append(f"- test NLL (IWAE, Burda et al. 2016): {md_text(settings[0])}; `_k<k>` columns are later "
-                     "`vaelab evaluate` runs with the settings their name says")
-    elif settings:
-        lines.append("- test NLL (IWAE): runs used different settings, written beside each number; such numbers "
-                     "are not ranked against each other")
+    for evaluator in EVALUATORS.values():
+        if not evaluator.title:
+            continue
+        tags = runs.get(_settings_tag(evaluator), pd.Series(dtype=str)).dropna()
+        settings = sorted({_settings_label(evaluator, t) for t in tags})
+        if len(settings) == 1:
+            lines.append(f"- {evaluator.title}: {md_text(settings[0])}; `{evaluator.suffix_shape}` columns are "
+                         "later `vaelab evaluate` runs with the settings their name says")
+        elif settings:
+            lines.append(f"- {evaluator.title}: runs used different settings, written beside each number; such "
+                         "numbers are not ranked against each other")
     return lines
 
 
@@ -336,17 +359,16 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*figures_dir.glob("by_*.png"), *figures_dir.glob("disentanglement_by_*.png")]:
         stale.unlink()  # a parameter may no longer be swept
-    table.drop(columns=["run_ids", "iwae settings"], errors="ignore").to_csv(out_dir / "table.csv", index=False)
+    settings_columns = [_settings_column(e) for e in EVALUATORS.values()]
+    table.drop(columns=["run_ids", *settings_columns], errors="ignore").to_csv(out_dir / "table.csv", index=False)
     lines = _header(study, description) + _missing_note(study) + _left_out_note(study)
     lines += ["", "## Results", *_likelihood_note(study), "", markdown_table(study, table), "",
               "Raw numbers: [table.csv](table.csv)."]
-    if any(c.startswith(DIS_PREFIX) for c in table):
-        lines += ["", "## Disentanglement", "",
-                  "Scores against the ground-truth factors (higher is better, 0–1), at the sample sizes each run's "
-                  "`vaelab.eval.disentanglement` tag records: BetaVAE (Higgins et al. 2017), FactorVAE (Kim & Mnih "
-                  "2018), MIG (Chen et al. 2018), SAP (Kumar et al. 2018), DCI (Eastwood & Williams 2018), "
-                  "modularity and explicitness (Ridgeway & Mozer 2018).", "",
-                  markdown_table(study, table, disentanglement=True)]
+    for evaluator in EVALUATORS.values():  # the evaluators whose metrics have a section of their own
+        shown = [m for m in _table_metrics(table) if evaluator.section is not None and _section(m) is evaluator]
+        if shown and evaluator.section is not None:
+            lines += ["", f"## {evaluator.section.heading}", "", evaluator.section.text, "",
+                      markdown_table(study, table, shown)]
     finished = study.runs[study.runs["outcome"] == "finished"].copy()
     for key in study.swept:  # a swept key no finished run uses yet has no column in the store
         if f"params.{key}" not in finished:

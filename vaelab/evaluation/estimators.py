@@ -1,5 +1,7 @@
-"""Evaluation of a trained VAE on a split: the negative ELBO and its parts, in
-nats per example, plus a likelihood-free pixel error and active units."""
+"""The numerics of evaluation, on a trained VAE: the negative ELBO and its parts over a
+split (also validation's), the importance-weighted NLL, bits per dimension, latent means,
+active units, each latent dimension's KL averaged over a split, the linear probe. In nats
+per example unless named otherwise. The evaluators (vaelab.evaluation.<name>) call these."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from vaelab.data import Split
 from vaelab.data.store import Images
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.objectives import KLWeighting, vae_terms
+from vaelab.objectives import KLWeighting, kl_per_dimension, vae_terms
 
 # Burda et al. 2016 (IWAE), section 5.2: a unit is active when Cov_x(E_q[z_u]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -104,15 +106,15 @@ def bits_per_dim(nll_nats: float, pixels: int, discrete: bool) -> float:
     return nats / (pixels * math.log(2))
 
 
-def kl_per_dimension(model: VAE, x: Tensor | Images, batch_size: int, y: Tensor | None = None) -> Tensor:
-    """Mean KL(q(z_d|x) || N(0,1)) of each latent dimension over x, in nats."""
+def mean_kl_per_dimension(model: VAE, x: Tensor | Images, batch_size: int, y: Tensor | None = None) -> Tensor:
+    """KL(q(z_d|x) || N(0,1)) of each latent dimension d, averaged over the images x: (z_dim,), in nats."""
     with torch.inference_mode():
         model.eval()
         total = torch.zeros(model.z_dim, device=x.device)
         for start in range(0, len(x), batch_size):
             labels = None if y is None else y[start : start + batch_size]
             mu, logvar = model.encode(x[start : start + batch_size], labels)
-            total += 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(0)
+            total += kl_per_dimension(mu, logvar).sum(0)
         return total / len(x)
 
 
