@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,8 +98,22 @@ def mnist_root(tmp_path: Path) -> Path:
     return make_idx_folder(tmp_path / "mnist-files")
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store, its schema made once per session: making it runs MLflow's migrations,
+    seconds of small synced writes, so each test's store starts as a copy of this one."""
+    from vaelab.tracking import Store
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    Store(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path: Path) -> str:
+def tracking_uri(tmp_path: Path, empty_mlflow_store: Path) -> str:
+    """A real MLflow store of the test's own, empty (a copy of `empty_mlflow_store`)."""
+    (tmp_path / "store").mkdir()
+    shutil.copyfile(empty_mlflow_store, tmp_path / "store" / "mlflow.db")
     return f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
 
 

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import tiny_run
 from vaelab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vaelab.registry import build_model
+from vaelab.models.build import build_model
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from tests.conftest import make_idx_folder, run_vaelab, tiny_run
 from vaelab.checkpoint import load_checkpoint, save_checkpoint
 from vaelab.cli import main
 from vaelab.errors import CheckpointError
-from vaelab.registry import build_model, image_shape
+from vaelab.models.build import build_model
+from vaelab.registry import image_shape
 from vaelab.runner import run
 from vaelab.spec import load_spec
 from vaelab.tracking import Tracker
@@ -127,7 +128,7 @@ def test_a_non_finite_metric_is_not_logged_and_the_reason_is_recorded(logged: Lo
     tracked = tracker.open_run("hostile", "nan-weights")
     save_checkpoint(tmp_path / "up" / "checkpoint", model, spec, "hostile", {}, run_id=tracked.run_id)
     tracked.log_artifacts(tmp_path / "up")
-    tracker.end_run(tracked)
+    tracked.end()
     assert main(["evaluate", tracked.run_id, *IWAE_SMALL, "--metrics", "elbo,iwae", "--tracking-uri", logged.uri,
                  "--no-progress"]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "not finite" in line]

@@ -1,7 +1,7 @@
 """Crash-safe runs: a run killed with SIGKILL, or stopped with Ctrl-C, resumes from
 its last epoch into the same MLflow run and ends with the numbers of an
 uninterrupted run; non-finite epochs roll back once under train.nan_policy: retry.
-Real processes, real signals, real MLflow stores."""
+Real processes, real signals, real MLflow stores (the uninterrupted reference runs in memory)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO, make_idx_folder, tiny_run
 from vaelab.data import load_data
 from vaelab.resume import ResumeError, holding, load_state, save_state
+from vaelab.runlog import MemoryRuns
 from vaelab.runner import run as run_once
 from vaelab.spec import load_spec, with_values
 from vaelab.tracking import Tracker
@@ -76,9 +77,8 @@ def state_file(cwd: Path) -> Path:
 
 
 def reference(spec: Path, tmp_path: Path):
-    """The same run, uninterrupted, in a store of its own."""
-    tracker = Tracker(f"sqlite:///{tmp_path / 'reference' / 'mlflow.db'}")
-    return run_once(load_spec(spec).base, "resume_demo", tracker, show_progress=False)
+    """The same run, uninterrupted, logged in memory."""
+    return run_once(load_spec(spec).base, "resume_demo", MemoryRuns(tmp_path / "reference"), show_progress=False)
 
 
 def only_run(cwd: Path):

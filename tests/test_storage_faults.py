@@ -140,6 +140,7 @@ def test_writes_whose_replies_were_lost_count_once(tmp_path: Path, mnist_root: P
     assert int(lost_commit_replies.said.split(", ")[2].split()[0]) >= 5, lost_commit_replies.said
     sweep = make_sweep(tmp_path, path, storage=postgres_url)  # read directly, not through the proxy
     trials = sweep.trials()
+    failures = [(t.number, t.user_attrs.get("failure_reason")) for t in trials if t.state != TrialState.COMPLETE]
     assert Counter(t.state for t in trials) == Counter({TrialState.COMPLETE: len(sweep.points)}), \
-        ([(t.number, t.state.name, t.user_attrs) for t in trials], outputs)
+        (failures, [line for out in outputs for line in out.splitlines() if "fail" in line.lower()], outputs)
     assert_each_point_once(sweep, tmp_path)

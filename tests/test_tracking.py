@@ -29,7 +29,7 @@ def test_a_missing_run_is_gone_but_an_unreachable_server_is_an_error(tracking_ur
     with pytest.raises(TrackingError, match=r"MLflow server http://127.0.0.1:\d+ is unreachable \(connection ref"):
         Tracker(f"http://127.0.0.1:{port}")
     # ... and a server that goes away later is an error for what the worker asks, never "the run is gone".
-    monkeypatch.setattr("vaelab.tracking.check_server", lambda uri: None)
+    monkeypatch.setattr("vaelab.tracking.server.check_server", lambda uri: None)
     offline = Tracker(f"http://127.0.0.1:{port}")
     for ask in (offline.reopen_run, offline.run_exists):
         with pytest.raises(MlflowException, match="(?i)connect"):
