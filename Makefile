@@ -18,10 +18,10 @@ $(BIN)/vaelab: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
-test: install  ## ruff and mypy, then the test suite (slow tests excluded)
+test: install  ## ruff and mypy, then the test suite (slow tests excluded), one pytest worker per core
 	$(BIN)/ruff check vaelab tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not slow and not cluster and not gpu" -q
+	$(BIN)/python -m pytest -m "not slow and not cluster and not gpu" -q -n auto --dist loadscope
 
 test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills)
 	$(BIN)/python -m pytest -m slow -q -s

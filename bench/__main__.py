@@ -185,7 +185,7 @@ READING = """## Reading the numbers
 def iwae_rows(device: torch.device, settings: Settings) -> list[dict]:
     """Test images per second of the importance-weighted NLL at k = 1000 (the literature's heavy
     evaluation), for the MLP and the conv decoder, on untrained weights (the cost does not depend on them)."""
-    from vaelab.evaluate import importance_weighted_nll
+    from vaelab.evaluation.estimators import importance_weighted_nll
 
     rows = []
     for arch, likelihood in (("mlp", "bernoulli"), ("conv", "gaussian")):

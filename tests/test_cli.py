@@ -157,16 +157,22 @@ def test_report_of_a_study_with_no_runs_is_one_line(tmp_path: Path, mnist_root: 
     assert not (tmp_path / "runs").exists() and not (tmp_path / "studies").exists()
 
 
-def test_reconstruct_any_image_size(tmp_path: Path, mnist_root: Path):
+def test_an_untracked_run_never_imports_mlflow_and_its_checkpoint_reconstructs_any_image_size(
+        tmp_path: Path, mnist_root: Path):
     write_spec(tmp_path, mnist_root, train={"epochs": 1, "batch_size": 64, "device": "cpu", "figure_every": 1})
-    done = vaelab(tmp_path, "train", "cli_demo", "--no-progress")
-    assert done.returncode == 0, done.stderr
+    done, modules = imported_modules(tmp_path, "train", "cli_demo", "--no-progress", "--no-track")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "vaelab.runner" in modules and "torch" in modules  # it trained
+    assert not [m for m in modules if m.split(".")[0] == "mlflow"]
+    assert "not tracked" in done.stdout and "test/elbo" in done.stdout  # the results are printed
     checkpoint = next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("checkpoint:"))
-    # train.figure_every: the epoch's pictures go in through MLflow's image logging, with the epoch as step.
-    images = Path(checkpoint).parent / "images"
-    names = {p.name for p in images.iterdir()}
-    assert any(n.startswith("reconstructions+step+1+") and n.endswith(".png") for n in names), names
-    assert any(n.startswith("samples+step+1+") and n.endswith(".png") for n in names), names
+    assert Path(checkpoint).is_relative_to(tmp_path / "untracked" / "cli_demo")
+    assert {p.name for p in Path(checkpoint).iterdir()} == {"model.pt", "spec.yaml", "metrics.json", "run.json"}
+    assert (Path(checkpoint).parent / "figures" / "tsne.png").is_file()
+    assert not (tmp_path / "runs").exists()  # no tracking store
+    # train.figure_every: the epoch's pictures are kept as images with the epoch as their step.
+    names = {p.name for p in (Path(checkpoint).parent / "images").iterdir()}
+    assert names == {"reconstructions+step+1.png", "samples+step+1.png"}, names
     Image.new("RGB", (300, 170), (200, 30, 30)).save(tmp_path / "photo.jpg")
     out = tmp_path / "side_by_side.png"
     made = vaelab(tmp_path, "reconstruct", checkpoint, str(tmp_path / "photo.jpg"), "--out", str(out))

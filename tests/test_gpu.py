@@ -38,7 +38,7 @@ from tests.conftest import REPO, make_idx_folder, make_pictures, tiny_run  # noq
 from tests.test_sweep import GRID, assert_each_point_once, child_runs, make_sweep, write_spec  # noqa: E402
 from vaelab.data import load_data  # noqa: E402
 from vaelab.data.store import DiskImages  # noqa: E402
-from vaelab.evaluate import importance_weighted_nll  # noqa: E402
+from vaelab.evaluation.estimators import importance_weighted_nll  # noqa: E402
 from vaelab.evaluation.evaluators import EVALUATORS, EvalContext  # noqa: E402
 from vaelab.evaluation.stage import evaluate  # noqa: E402
 from vaelab.runner import run as tracked_run  # noqa: E402

@@ -1,4 +1,4 @@
-"""The sweep's locks (vaelab.locks): one process in at a time, whichever lock it is."""
+"""The sweep's locks (vaelab.ops.locks): one process in at a time, whichever lock it is."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 
 def _take_lock(url: str, log: str, name: str) -> None:
-    from vaelab.locks import database_lock, file_lock
+    from vaelab.ops.locks import database_lock, file_lock
 
     def write(line: str) -> None:
         with open(log, "a") as out:
@@ -47,7 +47,7 @@ def test_database_lock_lets_one_worker_in_at_a_time(tmp_path: Path, backend: str
 
 
 def test_study_lock_takes_a_file_lock_in_the_study_folder_without_a_url(tmp_path: Path):
-    from vaelab.locks import study_lock
+    from vaelab.ops.locks import study_lock
 
     with study_lock(None, tmp_path, "vaelab prepare demo"):
         assert (tmp_path / "prepare.lock").exists()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vaelab.models import ConfigError
+from vaelab.models.build import build_model
 from vaelab.preflight import check
-from vaelab.registry import build_model
 from vaelab.spec import RunSpec
 
 

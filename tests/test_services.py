@@ -22,9 +22,9 @@ import pytest
 from tests.cluster.netns import _descendants
 from tests.conftest import REPO
 from vaelab.errors import UsageError
-from vaelab.serve import check_port_free
-from vaelab.server_user import ServerUser, first_blocked
-from vaelab.services import Layout, _how_to_connect
+from vaelab.ops.serve import check_port_free
+from vaelab.ops.server_user import ServerUser, first_blocked
+from vaelab.ops.services import Layout, _how_to_connect
 
 
 def services_skip_reason() -> str | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vaelab import spec as spec_module
+from vaelab import runspec as spec_module
 from vaelab.spec import (
     LossSpec,
     RunSpec,
@@ -174,7 +174,8 @@ def test_equal_runs_hash_equally_however_written(tmp_path: Path):
 
 
 def test_nested_sections_take_dotted_keys_and_whole_mappings():
-    spec = apply_overrides(parse_spec({"name": "x"}), ["data.splits={train: Training, test: 2019}",
+    spec = apply_overrides(parse_spec({"name": "x"}), ["data.dataset=huggingface",  # the source that reads both
+                                                       "data.splits={train: Training, test: 2019}",
                                                        "data.hf.revision=1234567", "data.memory_budget=2GiB"])
     data = spec.base.data
     assert (data.splits.train, data.splits.test, data.splits.val) == ("Training", "2019", None)

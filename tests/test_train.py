@@ -9,10 +9,9 @@ import torch
 from tests.conftest import make_idx_folder, tiny_run
 from vaelab.checkpoint import load_checkpoint, save_checkpoint
 from vaelab.data import load_data
-from vaelab.evaluate import split_terms
+from vaelab.evaluation.estimators import split_terms
 from vaelab.evaluation.stage import quiet_test_metrics
-from vaelab.likelihoods import LIKELIHOODS
-from vaelab.registry import ARCHITECTURES
+from vaelab.registry import ARCHITECTURES, LIKELIHOODS
 from vaelab.spec import with_values
 from vaelab.training import NonFiniteLossError, fit, init_model
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from vaelab.atomic import atomic_torch_save, atomic_write
 from vaelab.errors import CheckpointError
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.registry import build_model, image_shape
+from vaelab.models.build import build_model
+from vaelab.ops.atomic import atomic_torch_save, atomic_write
+from vaelab.registry import image_shape
 from vaelab.spec import RunSpec, SpecError, load_spec, run_to_yaml
 
 MODEL_FILE, SPEC_FILE, METRICS_FILE, RUN_FILE = "model.pt", "spec.yaml", "metrics.json", "run.json"

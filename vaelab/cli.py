@@ -55,15 +55,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"#   {line}")
         return 0
     from vaelab.runner import run
-    from vaelab.tracking import Tracker
 
-    tracker = Tracker(args.tracking_uri)
-    tracker.describe_experiment(spec.name, spec.description)
-    outcome = run(spec.base, spec.name, tracker, show_progress=not args.no_progress)
-    print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.shown_uri})")
-    print(f"  {tracker.run_url(outcome.run_id)}" + ("" if tracker.uri.startswith("http") else "  (after `make ui`)"))
-    for key in ("test/elbo", "test/recon", "test/kl", "test/nll_iw", "test/bits_per_dim", "test/mse",
-                "test/active_units", "test/probe_acc"):
+    if args.no_track:  # a run log in memory: no tracking store is opened, mlflow is never imported
+        from vaelab.runlog import MemoryRuns
+
+        if args.tracking_uri:
+            raise UsageError("--no-track records nothing in a tracking store: leave out --tracking-uri")
+        outcome = run(spec.base, spec.name, MemoryRuns(Path(args.out) / spec.name),
+                      show_progress=not args.no_progress)
+        print(f"run {outcome.run_id} FINISHED, not tracked (--no-track): its files are in {args.out}/{spec.name}/")
+    else:
+        from vaelab.tracking import Tracker
+
+        tracker = Tracker(args.tracking_uri)
+        tracker.describe_experiment(spec.name, spec.description)
+        outcome = run(spec.base, spec.name, tracker, show_progress=not args.no_progress)
+        print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.shown_uri})")
+        print(f"  {tracker.run_url(outcome.run_id)}" + ("" if tracker.uri.startswith("http") else
+                                                        "  (after `make ui`)"))
+    from vaelab.evaluation.evaluators import metrics as evaluator_metrics
+
+    for key in [metric.key for _, metric in evaluator_metrics() if metric.in_table]:  # what report tables show
         if key in outcome.metrics:
             print(f"  {key:<18} {outcome.metrics[key]:.4f}")
     print("  (nats per image; test/elbo is the negative ELBO and test/nll_iw the importance-weighted NLL:"
@@ -174,7 +186,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from vaelab.serve import check_port_free, serve
+    from vaelab.ops.serve import check_port_free, serve
     from vaelab.spec import load_spec
     from vaelab.sweeps.dashboard import STORAGE_ENV, dashboard_command, dashboard_storage
 
@@ -202,14 +214,14 @@ def _load_model(target: str, tracking_uri: str | None, device: str, scratch: Pat
 def _cmd_register(args: argparse.Namespace) -> int:
     from vaelab.search import METRICS
     from vaelab.spec import load_spec
-    from vaelab.tracking import Tracker
+    from vaelab.tracking import Tracker, register_best
 
     spec = load_spec(resolve_spec_path(args.spec))
     if args.by not in METRICS:
         raise UsageError(f"--by: expected one of {', '.join(METRICS)} (validation metrics only), got {args.by}")
     tracker = Tracker(args.tracking_uri)
     # Every validation metric a sweep ranks by is a loss: lower is better.
-    name, version, run_id, value = tracker.register_best(spec.name, f"best/{args.by}", True, args.name or spec.name)
+    name, version, run_id, value = register_best(tracker, spec.name, f"best/{args.by}", True, args.name or spec.name)
     print(f"registered run {run_id} ({args.by} {value:.3f}, the lowest) as {name} version {version}: "
           f"models:/{name}/{version}")
     return 0
@@ -262,12 +274,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from vaelab.serve import check_port_free, serve
-    from vaelab.tracking import ML_VIEW, Tracker
+    from vaelab.ops.serve import check_port_free, serve
+    from vaelab.tracking import ML_VIEW, Store, ui_command
 
     check_port_free(args.host, args.port)  # before opening the store: a taken port is the first thing said
-    tracker = Tracker(args.tracking_uri)
-    command = tracker.ui_command(host=args.host, port=args.port)
+    command = ui_command(Store(args.tracking_uri), host=args.host, port=args.port)
     # One user on a laptop: one server worker, and no GenAI job runners (MLflow 3 starts several by default,
     # which is what made the UI take 25-45 s to answer on two cores).
     return serve([sys.executable, "-m", "mlflow", *command[1:]], args.host, args.port, "MLflow UI",
@@ -275,7 +286,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_services(args: argparse.Namespace) -> int:
-    from vaelab.services import Layout, run_services
+    from vaelab.ops.services import Layout, run_services
 
     layout = Layout(args.dir.resolve(), args.host, args.pg_port, args.mlflow_port)
     return run_services(layout, (args.only,) if args.only else ("postgres", "mlflow"), workers=args.workers,
@@ -310,6 +321,14 @@ def _add_spec_args(parser: argparse.ArgumentParser, storage: bool = False) -> No
                                  "you expect)")
 
 
+def _metrics_help() -> str:
+    """`vaelab evaluate --metrics`: every evaluator and the metrics it logs, from their records."""
+    from vaelab.evaluation.evaluators import EVALUATORS
+
+    listed = "; ".join(f"{e.name} ({', '.join(m.shown for m in e.metrics)})" for e in EVALUATORS.values())
+    return f"evaluators to run, comma-separated (default: every one that applies, in this order): {listed}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelab", description="Tracked VAE experiments from YAML specs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--no-track", action="store_true",
+                       help="record nothing in a tracking store (MLflow is not used): print the results and write "
+                            "the checkpoint and figures under --out")
+    train.add_argument("--out", default="untracked", help="with --no-track: the folder for the run's files, "
+                                                          "in OUT/NAME/RUN_ID/ (default untracked/)")
     train.set_defaults(func=_cmd_train)
 
     sweep = sub.add_parser("sweep", help="run a spec's whole search (grid or optuna); rerun to resume")
@@ -338,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("target", help="an MLflow run id, a checkpoint folder, a models:/ or runs:/ URI, or a study "
                                          "(NAME or spec file)")
     evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
-                          help="evaluation settings, e.g. --set eval.iw_samples=5000 (default: every test image)")
-    evaluate.add_argument("--metrics", help="evaluators to run, comma-separated (default all: elbo, latents, "
-                                            "iwae, probe)")
+                          help="evaluation settings, e.g. --set eval.iw_samples=5000 (default: every test image, "
+                               "the reference sample sizes)")
+    evaluate.add_argument("--metrics", help=_metrics_help())
     evaluate.add_argument("--top", type=int, help="a study's N best finished runs")
     evaluate.add_argument("--by", help="the validation metric that ranks a study's runs (default: its search.metric)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

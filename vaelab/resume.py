@@ -2,7 +2,7 @@
 
 After every `train.checkpoint_every` epochs, fit() hands a TrainState (weights,
 optimiser moments, the batch-order and noise generators, early-stopping state,
-the history so far) to a writer; `save_state` writes it atomically (vaelab.atomic),
+the history so far) to a writer; `save_state` writes it atomically (vaelab.ops.atomic),
 so a kill at any instant leaves the previous state or the new one, never half a
 file. Rerunning the same command finds the state by experiment and run hash and
 continues from the next epoch, with the same numbers an uninterrupted run would
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from vaelab.atomic import atomic_torch_save
 from vaelab.errors import ResumeError, RunInProgress
+from vaelab.ops.atomic import atomic_torch_save
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = 1

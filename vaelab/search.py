@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vaelab.checks import Check, Choice, Float, Int, IntList, SpecError, Text, fail, show, show_key
-from vaelab.spec import RunSpec, check_run, field_check, with_values
+from vaelab.runspec import RunSpec, check_run, field_check, with_values
 
 KINDS = ("grid", "optuna")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")

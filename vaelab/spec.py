@@ -1,252 +1,45 @@
 """YAML experiment specs -> frozen, validated dataclasses.
 
-A spec file has `name`, `description` and `base` (one run, in sections data,
-model, loss, train, eval). Every field is addressed by its dotted path
-(`model.z_dim`), and that same path is used by `--set`, MLflow params and reports.
+A spec file has `name`, `description`, `base` (one run: vaelab.runspec) and an optional `search`
+(vaelab.search). Every field is addressed by its dotted path (`model.z_dim`), and that same path is used by
+`--set`, MLflow params and reports. This module reads the file and applies overrides; the run's fields and
+the search's live below it, so the three import downward only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from vaelab.checks import (
-    AutoBool,
-    Bool,
-    ByteSize,
-    Check,
-    Choice,
-    Float,
-    Int,
-    IntChoice,
-    IntList,
-    Name,
-    Optional,
-    SpecError,
-    Text,
-    fail,
-    show_key,
+from vaelab.checks import Name, SpecError, Text, fail, show_key
+from vaelab.runspec import (  # re-exported: most code reads a run's names through this module
+    HOW_NOT_WHAT,
+    RUN_HASH_VERSION,
+    SECTIONS,
+    DataSpec,
+    LossSpec,
+    RunSpec,
+    _leaves,
+    check_run,
+    field_check,
+    flatten,
+    is_section,
+    parse_run,
+    run_to_yaml,
+    to_dict,
+    unused_keys,
+    with_values,
 )
-from vaelab.objectives import OBJECTIVES, SCHEDULES
+from vaelab.search import SEARCH_KEYS, GridSearch, OptunaSearch, parse_search
 
-if TYPE_CHECKING:  # search.py checks its values against this module's fields: it imports spec.py
-    from vaelab.search import GridSearch, OptunaSearch
-
-__all__ = ["SpecError", "RunSpec", "Spec", "load_spec", "parse_spec", "apply_overrides", "flatten"]
-
-# Part of every RunSpec.hash(): bump it when what a resolved run means changes, so states
-# and sweep points keyed by an older hash are not reused. 2: every value counts, defaults too.
-# 3: image folders' split folders are recognised by name (a layout may now mean other splits).
-RUN_HASH_VERSION = 3
-
-# Keys that say how the data is held, not what a run is: the same run resumes, and a study
-# goes on, whether its images are resident or streamed, decoded by 2 processes or 16.
-HOW_NOT_WHAT = frozenset({"data.storage", "data.memory_budget", "data.decode_workers", "data.cache_dir",
-                          "train.system_metrics", "train.system_metrics_s"})
-
-
-@dataclass(frozen=True)
-class RegistryChoice(Check):
-    """A name that must be registered in vaelab.registry (looked up when a spec is
-    parsed; the registry names its builders as strings, so this imports no torch)."""
-
-    kind: str
-
-    def names(self) -> list[str]:
-        from vaelab import registry  # records only: naming them imports neither torch nor the models
-
-        return registry.names(self.kind)
-
-    def describe(self) -> str:
-        return "one of " + ", ".join(self.names())
-
-    def parse(self, value: Any, path: str) -> str:
-        return Choice(tuple(self.names())).parse(value, path)
-
-
-def _f(default: Any, check: Check, doc: str) -> Any:
-    return field(default=default, metadata={"check": check, "doc": doc})
-
-
-def _sub(cls: type) -> Any:
-    """A nested section (`data.hf.name`): a mapping in YAML, dotted paths everywhere else."""
-    return field(default_factory=cls, metadata={"section": cls})
-
-
-_SPLIT_NAME = Optional(Text(numbers=True))  # a folder may be named "2019"
-
-
-@dataclass(frozen=True)
-class SplitNames:
-    """Which folder (image_folder) or split (huggingface) plays each part; null = recognised by name."""
-
-    train: str | None = _f(None, _SPLIT_NAME, "the training split's folder or split name; null = recognised "
-                                              "(train, training, 'Training Data', ...)")
-    val: str | None = _f(None, _SPLIT_NAME, "the validation split's name; null = recognised (val, valid, "
-                                            "validation, dev), else held out from train by val_fraction")
-    test: str | None = _f(None, _SPLIT_NAME, "the test split's name; null = recognised (test, testing), "
-                                             "else held out by test_fraction")
-
-
-@dataclass(frozen=True)
-class HFSpec:
-    """A Hugging Face dataset (data.dataset: huggingface)."""
-
-    name: str | None = _f(None, Optional(Text()), "hub dataset 'owner/name' (the local cache when offline)")
-    revision: str | None = _f(None, Optional(Text(numbers=True)), "hub revision: a branch, tag or commit; null = main")
-    path: str | None = _f(None, Optional(Text()), "instead of name: a save_to_disk folder, or parquet files "
-                                                  "(a file, a folder or a glob)")
-    image_column: str | None = _f(None, Optional(Text()), "column of images; null = the first Image column")
-    label_column: str | None = _f(None, Optional(Text()), "column of class labels; null = 'label' or 'labels' "
-                                                          "if present, else one class")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    dataset: str = _f("fashion_mnist", RegistryChoice("dataset"), "which dataset")
-    root: str = _f("data", Text(), "folder searched first for the dataset files")
-    download: bool = _f(True, Bool(), "try a torchvision download when the files are not found")
-    val_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True), "share of training images held out for validation")
-    split_seed: int = _f(0, Int(0), "seed of the train/val split (fixed across train.seed)")
-    subset: int | None = _f(None, Optional(Int(1)), "use only the first N training images; null = all")
-    image_size: int = _f(64, Int(28, 512), "image_folder, huggingface: side of the square images fed to the model")
-    channels: int = _f(3, IntChoice((1, 3)), "image_folder, huggingface: 1 (grey) or 3 (RGB)")
-    resize: str = _f("crop", Choice(("crop", "stretch")), "image_folder, huggingface: centre-crop to square or stretch")
-    test_fraction: float = _f(0.1, Float(0.0, 0.9, min_open=True),
-                              "image_folder, huggingface without a test split: share of train held out for testing")
-    cache_dir: str = _f("data/cache", Text(),
-                        "image_folder, huggingface, dsprites: where decoded or rendered images are cached")
-    splits: SplitNames = _sub(SplitNames)
-    hf: HFSpec = _sub(HFSpec)
-    storage: str = _f("auto", Choice(("auto", "resident", "stream")),
-                      "images on the device (resident) or streamed from the disk cache; auto = resident when "
-                      "they fit data.memory_budget")
-    memory_budget: int | str = _f("auto", ByteSize(), "bytes the images may take in memory (host, or device on "
-                                                      "CUDA); auto = half of what is free when the run starts")
-    decode_workers: int | None = _f(None, Optional(Int(1, 256)), "processes decoding images into the cache; "
-                                                                 "null = one per CPU core")
-    augment: bool = _f(False, Bool(), "random horizontal flips and small rotations of training batches")
-    binarize: str = _f("none", Choice(("none", "static", "dynamic")),
-                       "sample binary pixels: once (static) or anew each time an image is seen (dynamic)")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    arch: str = _f("mlp", RegistryChoice("arch"), "encoder/decoder architecture")
-    z_dim: int = _f(20, Int(1, 4096), "latent dimensions")
-    hidden: tuple[int, ...] = _f((400,), IntList(Int(1, 65536)), "mlp hidden layer sizes")
-    conditional: bool = _f(False, Bool(), "condition encoder and decoder on the class label (a CVAE)")
-    channels: tuple[int, ...] | None = _f(None, Optional(IntList(Int(1, 4096), max_len=6)),
-                                          "conv/resnet channels per stride-2 stage; null = from the image size")
-
-
-@dataclass(frozen=True)
-class DiscriminatorSpec:
-    """FactorVAE's discriminator (Kim & Mnih 2018, appendix A; disentanglement_lib's defaults)."""
-
-    layers: int = _f(6, Int(1, 32), "hidden layers of the MLP that tells q(z) from the product of its marginals")
-    hidden: int = _f(1000, Int(1, 100_000), "units per hidden layer (leaky ReLU, slope 0.2)")
-    lr: float = _f(1e-4, Float(0.0, 10.0, min_open=True), "the discriminator's own Adam learning rate")
-    beta1: float = _f(0.5, Float(0.0, 1.0, max_open=True), "its Adam beta1")
-    beta2: float = _f(0.9, Float(0.0, 1.0, max_open=True), "its Adam beta2")
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    likelihood: str = _f("bernoulli", RegistryChoice("likelihood"), "p(x|z)")
-    objective: str = _f("beta_vae", Choice(OBJECTIVES),
-                        "beta_vae: recon + beta * KL; beta_tcvae: recon + KL + (beta - 1) * total correlation "
-                        "(Chen et al. 2018); factorvae: recon + beta * KL + factor_gamma * TC by a discriminator "
-                        "(Kim & Mnih 2018); dip_vae_i / dip_vae_ii: recon + beta * KL + moment penalty "
-                        "(Kumar et al. 2018)")
-    factor_gamma: float = _f(10.0, Float(0.0, 1e6), "factorvae: weight of the discriminator's total-correlation "
-                                                    "estimate")
-    discriminator: DiscriminatorSpec = _sub(DiscriminatorSpec)
-    dip_lambda_od: float = _f(10.0, Float(0.0, 1e6), "dip_vae_*: weight of the off-diagonal covariance penalty "
-                                                     "(the diagonal's is 10x for dip_vae_i, 1x for dip_vae_ii)")
-    beta: float = _f(1.0, Float(0.0, 1e6), "weight of the KL term in the training loss")
-    sigma: float = _f(0.1, Float(0.0, 1e3, min_open=True),
-                      "gaussian std, laplace scale, or the starting std of gaussian_learned")
-    sigma_mode: str = _f("shared", Choice(("shared", "per_pixel")), "gaussian_learned: one sigma, or one per pixel")
-    kl_schedule: str = _f("constant", Choice(SCHEDULES),
-                          "how the KL weight evolves during training")
-    warmup_epochs: float = _f(10.0, Float(0.0, 1e5, min_open=True), "linear: epochs to ramp the KL weight to beta")
-    cycles: int = _f(4, Int(1, 1000), "cyclical: number of ramp cycles over train.epochs")
-    capacity_max: float = _f(25.0, Float(0.0, 1e5), "capacity: final KL target C in nats")
-    capacity_epochs: float = _f(10.0, Float(0.0, 1e5, min_open=True), "capacity: epochs to grow C to capacity_max")
-    gamma: float = _f(100.0, Float(0.0, 1e6), "capacity: weight of |KL - C|")
-    free_bits: float = _f(0.0, Float(0.0, 1e3), "minimum KL per latent dimension in the training loss (nats)")
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    epochs: int = _f(10, Int(1, 100_000), "maximum epochs")
-    batch_size: int = _f(128, Int(1, 1_000_000), "examples per optimiser step")
-    lr: float = _f(1e-3, Float(0.0, 10.0, min_open=True), "Adam learning rate")
-    patience: int | None = _f(5, Optional(Int(1)), "epochs without val/loss improvement before stopping; null = never")
-    seed: int = _f(0, Int(0, 2**32 - 1), "seed of initialisation, batching and sampling")
-    device: str = _f("auto", Choice(("auto", "cpu", "cuda")), "auto = cuda when available")
-    figure_every: int = _f(0, Int(0, 100_000), "also write reconstructions and samples every N epochs; 0 = off")
-    precision: str = _f("fp32", Choice(("fp32", "bf16")),
-                        "bf16: training matmuls in bfloat16 autocast (weights, loss and evaluation stay fp32)")
-    compile: bool = _f(False, Bool(), "torch.compile the training step (CUDA graphs on GPU); eager if it fails")
-    checkpoint_every: int = _f(1, Int(0, 100_000), "save the resumable training state every N epochs; 0 = never")
-    system_metrics: bool | str = _f("auto", AutoBool(), "log the machine's CPU, memory (and GPU utilisation and "
-                                    "memory, by NVML) as system/* metrics of the run (MLflow's system metrics); "
-                                    "auto = on with a tracking server, off with a local SQLite store")
-    system_metrics_s: float = _f(10.0, Float(0.5, 3600.0), "seconds between system-metric samples")
-    nan_policy: str = _f("fail", Choice(("fail", "retry")),
-                         "on a non-finite epoch: fail the run, or roll back once to the last good epoch at lr/10")
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    batch_size: int = _f(1000, Int(1, 1_000_000), "examples per evaluation batch")
-    tsne_points: int = _f(1000, Int(0, 20_000), "test points in the t-SNE figure; 0 = no t-SNE")
-    iw_samples: int = _f(100, Int(0, 100_000), "importance samples k per test image for test/nll_iw; 0 = skip")
-    iw_images: int | None = _f(1000, Optional(Int(1)),
-                               "test images in test/nll_iw (a seeded subset, the same for every run); null = all")
-    iw_capped: bool = _f(True, Bool(), "cap test/nll_iw's images so it costs no more decoder passes than training "
-                                       "did (at least 100 images); false = exactly iw_images")
-    probe: bool = _f(True, Bool(), "fit a logistic-regression probe on latent means (test/probe_acc)")
-    disentanglement: bool | str = _f("auto", AutoBool(), "score disentanglement (test/dis/*: BetaVAE, FactorVAE, MIG, "
-                                                        "SAP, DCI, modularity): auto = when the data has ground-truth "
-                                                        "factors (dsprites); true = required of the data")
-    dis_samples: float = _f(1.0, Float(0.0, 1.0, min_open=True),
-                            "share of disentanglement_lib's sample sizes the disentanglement metrics use")
-    dci_importance: str = _f("gbt", Choice(("gbt", "random_forest")),
-                             "DCI's importance estimator: gbt (disentanglement_lib's, minutes per run on a CPU) "
-                             "or random_forest (seconds; numbers differ, compare runs on one estimator only)")
-    figures: bool = _f(True, Bool(), "write the PNG figures")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything one training run needs."""
-
-    data: DataSpec = field(default_factory=DataSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    loss: LossSpec = field(default_factory=LossSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-
-    def hash(self) -> str:
-        """A short, stable identity of the resolved run: resume states, sweep points and
-        the `vaelab.run_hash` tag are keyed by it. Every resolved key and value counts,
-        defaults included, so a default that changes between versions (or a new field)
-        gives a new identity instead of reusing a state saved for another configuration;
-        RUN_HASH_VERSION changes it when the way a run is resolved changes. HOW_NOT_WHAT
-        keys (where the images live) do not count."""
-        run = {key: value for key, value in flatten(self).items() if key not in HOW_NOT_WHAT}
-        blob = json.dumps({"version": RUN_HASH_VERSION, "run": run}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+__all__ = ["HOW_NOT_WHAT", "RUN_HASH_VERSION", "SECTIONS", "DataSpec", "LossSpec", "RunSpec", "Spec", "SpecError",
+           "apply_overrides", "check_run", "describe_fields", "field_check", "flatten", "load_spec", "parse_run",
+           "parse_spec", "run_to_yaml", "to_dict", "unused_keys", "with_values"]
 
 
 @dataclass(frozen=True)
@@ -255,99 +48,6 @@ class Spec:
     description: str = ""
     base: RunSpec = field(default_factory=RunSpec)
     search: GridSearch | OptunaSearch | None = None
-
-
-SECTIONS: dict[str, type] = {
-    "data": DataSpec, "model": ModelSpec, "loss": LossSpec, "train": TrainSpec, "eval": EvalSpec,
-}
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _parse_section(cls: type, raw: Any, path: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise fail(path, "a mapping", raw)
-    known = {f.name: f for f in fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise SpecError(f"{path}.{show_key(key)}: unknown key; allowed: {', '.join(known)}")
-    values = {}
-    for name, f in known.items():
-        if name in raw and "section" in f.metadata:
-            values[name] = _parse_section(f.metadata["section"], raw[name], f"{path}.{name}")
-        elif name in raw:
-            values[name] = f.metadata["check"].parse(raw[name], f"{path}.{name}")
-    return cls(**values)
-
-
-def parse_run(raw: Any, path: str = "base") -> RunSpec:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise fail(path or "(run)", "a mapping with sections " + ", ".join(SECTIONS), raw)
-    for key in raw:
-        if key not in SECTIONS:
-            raise SpecError(f"{_join(path, show_key(key))}: unknown section; allowed: {', '.join(SECTIONS)}")
-    run = RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
-    check_run(run)
-    return run
-
-
-_MNIST_FAMILY = ("mnist", "fashion_mnist")
-_FOLDERS = ("image_folder", "huggingface")
-
-
-# (when a run does not use them, the keys or key prefixes): spec.unused_keys.
-_NOT_USED: tuple[tuple[Callable[[RunSpec], bool], tuple[str, ...]], ...] = (
-    (lambda r: r.data.dataset not in _MNIST_FAMILY, ("data.download",)),
-    (lambda r: r.data.dataset in _MNIST_FAMILY, ("data.test_fraction", "data.decode_workers")),
-    (lambda r: r.data.dataset not in _FOLDERS,
-     ("data.image_size", "data.channels", "data.resize", "data.splits.", "data.decode_workers")),
-    (lambda r: r.data.dataset != "huggingface", ("data.hf.",)),
-    (lambda r: r.model.arch == "mlp", ("model.channels",)),
-    (lambda r: r.model.arch != "mlp", ("model.hidden",)),
-    (lambda r: r.loss.likelihood in ("bernoulli", "continuous_bernoulli"), ("loss.sigma",)),
-    (lambda r: r.loss.likelihood != "gaussian_learned", ("loss.sigma_mode",)),
-    (lambda r: r.loss.kl_schedule != "linear", ("loss.warmup_epochs",)),
-    (lambda r: r.loss.kl_schedule != "cyclical", ("loss.cycles",)),
-    (lambda r: r.loss.kl_schedule != "capacity", ("loss.capacity_max", "loss.capacity_epochs", "loss.gamma")),
-    (lambda r: not r.loss.objective.startswith("dip_vae"), ("loss.dip_lambda_od",)),
-    (lambda r: r.loss.objective != "factorvae", ("loss.factor_gamma", "loss.discriminator.")),
-    (lambda r: r.eval.iw_samples == 0, ("eval.iw_images", "eval.iw_capped")),
-    (lambda r: r.eval.disentanglement is False or not _has_factors(r), ("eval.dis_samples", "eval.dci_importance")),
-)
-
-
-def _has_factors(run: RunSpec) -> bool:
-    from vaelab.registry import DATASETS
-
-    return DATASETS[run.data.dataset].factors
-
-
-def unused_keys(run: RunSpec) -> set[str]:
-    """The dotted keys whose value does not change what this run does (loss.sigma of a Bernoulli run,
-    data.hf.* of an image folder, the discriminator of a beta_vae): left out of its MLflow params so the
-    UI shows what mattered. They still count in RunSpec.hash (identity covers every key)."""
-    keys = flatten(run)
-    unused: set[str] = set()
-    for applies, names in _NOT_USED:
-        if applies(run):
-            unused.update(k for k in keys if k in names or k.startswith(tuple(n for n in names if n.endswith("."))))
-    return unused
-
-
-def check_run(run: RunSpec) -> None:
-    """What one key cannot say alone: settings that need something of another section."""
-    from vaelab.registry import DATASETS
-
-    if run.eval.disentanglement is True and not DATASETS[run.data.dataset].factors:
-        with_factors = ", ".join(name for name, d in DATASETS.items() if d.factors)
-        raise SpecError(f"eval.disentanglement: true needs data with ground-truth factors ({with_factors}); "
-                        f"data.dataset {run.data.dataset} has none (use auto or false)")
 
 
 TOP_LEVEL = ("name", "description", "base", "search")
@@ -361,8 +61,6 @@ def parse_spec(raw: Any) -> Spec:
             raise SpecError(f"{show_key(key)}: unknown key; allowed: {', '.join(TOP_LEVEL)}")
     if "name" not in raw:
         raise SpecError("name: missing; every spec needs a name (it names the MLflow experiment)")
-    from vaelab.search import parse_search  # search checks values against this module's fields
-
     base = parse_run(raw.get("base"))
     return Spec(
         name=Name().parse(raw["name"], "name"),
@@ -410,19 +108,6 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """A spec or run spec as plain YAML-able data."""
-    return _to_plain(obj)
-
-
 def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
     """Apply `--set data.subset=1000` style overrides to the base run; values are
     YAML-typed and validated exactly like the file."""
@@ -447,76 +132,9 @@ def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
         raise SpecError(f"--set {err}") from None
 
 
-def field_check(dotted: str) -> Check | None:
-    """The check of a dotted run path such as `model.z_dim` or `data.hf.name`, or None if no such path."""
-    section, _, rest = dotted.partition(".")
-    cls: type | None = SECTIONS.get(section)
-    parts = rest.split(".") if rest else []
-    for i, part in enumerate(parts):
-        found = {f.name: f for f in fields(cls)}.get(part) if cls is not None else None
-        if found is None:
-            return None
-        if "section" not in found.metadata:
-            return found.metadata["check"] if i == len(parts) - 1 else None
-        cls = found.metadata["section"]
-    return None
-
-
-def is_section(dotted: str) -> bool:
-    """Whether a dotted path names a nested section (`data.splits`), which --set may give as a mapping."""
-    section, _, rest = dotted.partition(".")
-    cls: type | None = SECTIONS.get(section)
-    for part in rest.split(".") if rest else []:
-        found = {f.name: f for f in fields(cls)}.get(part) if cls is not None else None
-        if found is None or "section" not in found.metadata:
-            return False
-        cls = found.metadata["section"]
-    return bool(rest)
-
-
-def _replaced(obj: Any, parts: list[str], value: Any) -> Any:
-    if len(parts) == 1:
-        return dataclasses.replace(obj, **{parts[0]: value})
-    return dataclasses.replace(obj, **{parts[0]: _replaced(getattr(obj, parts[0]), parts[1:], value)})
-
-
-def with_values(run: RunSpec, values: Mapping[str, Any]) -> RunSpec:
-    """`run` with dotted values replaced (values already checked)."""
-    for dotted, value in values.items():
-        run = _replaced(run, dotted.split("."), tuple(value) if isinstance(value, list) else value)
-    return run
-
-
-def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, dataclasses.Field]]:
-    for f in fields(obj):
-        if "section" in f.metadata:
-            yield from _leaves(f.metadata["section"], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", f
-
-
-def flatten(run: RunSpec) -> dict[str, Any]:
-    """{'model.z_dim': 20, 'data.hf.name': None, ...}: the dotted names used everywhere."""
-    flat: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        for dotted, _ in _leaves(cls, f"{section}."):
-            value: Any = run
-            for part in dotted.split("."):
-                value = getattr(value, part)
-            flat[dotted] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def run_to_yaml(run: RunSpec, name: str) -> str:
-    """The resolved run as a spec file that `load_spec` reads back."""
-    return yaml.safe_dump({"name": name, "base": to_dict(run)}, sort_keys=False)
-
-
 def describe_fields() -> list[tuple[str, Any, str, str]]:
     """(dotted path, default, allowed, doc) for every field, then the search section's keys that
     have a default: used by `vaelab keys`."""
-    from vaelab.search import SEARCH_KEYS  # search.py imports this module
-
     rows = []
     for section, cls in SECTIONS.items():
         for dotted, f in _leaves(cls, f"{section}."):

@@ -4,8 +4,8 @@ artifacts — bound to one chosen interface, in the foreground until Ctrl-C or S
 
 Least privilege: the workers' database role owns the Optuna database and nothing else, the MLflow server
 has a role of its own, and the superuser is used by this command alone, through the data folder's socket
-(`vaelab.pg_roles`). Started as root, neither server runs as root or with root's group: PostgreSQL as
-`postgres`, MLflow as `vaelab-mlflow` (`vaelab.server_user`). Both stop when this command dies, even by
+(`vaelab.ops.pg_roles`). Started as root, neither server runs as root or with root's group: PostgreSQL as
+`postgres`, MLflow as `vaelab-mlflow` (`vaelab.ops.server_user`). Both stop when this command dies, even by
 kill -9, and a next start ends any that outlived it.
 
 Secrets never travel on a command line or into output: each role's password sits in a libpq pgpass file
@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaelab import pg_roles
 from vaelab.errors import UsageError
-from vaelab.serve import check_port_free, stop_group
-from vaelab.server_user import (
+from vaelab.ops import pg_roles
+from vaelab.ops.serve import check_port_free, stop_group
+from vaelab.ops.server_user import (
     ServerUser,
     check_reachable,
     die_with_parent,

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial
 
-from vaelab.locks import study_lock
+from vaelab.ops.locks import study_lock
 from vaelab.search import GridSearch, OptunaSearch, expand_grid
 from vaelab.spec import Spec
 from vaelab.sweeps.fingerprint import base_changed, check_spec, study_spec_hash

@@ -1,7 +1,7 @@
 """`vaelab dashboard SPEC`: optuna-dashboard over a study's storage (its journal under studies/<name>/ or
 its database URL), on 127.0.0.1 unless told otherwise.
 
-The server runs as `python -m vaelab.sweeps.dashboard` in a process group of its own (vaelab.serve),
+The server runs as `python -m vaelab.sweeps.dashboard` in a process group of its own (vaelab.ops.serve),
 and learns the storage from an environment variable, never from its command line: a database URL may
 carry a password, and a command line is visible to every user of the machine."""
 

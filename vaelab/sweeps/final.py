@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from vaelab.evaluation.later import EvaluatedRun, evaluate_finished
 from vaelab.evaluation.stage import select
-from vaelab.locks import study_lock
+from vaelab.ops.locks import study_lock
 from vaelab.sweeps.storage import storage_url, study_dir
 
 DONE_PREFIX = "vaelab.final_eval."
