@@ -24,6 +24,17 @@ from vaelab.spec import RunSpec
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its share of the cores for torch's threads, and so do the vaelab
+    processes its tests start (they inherit the environment): two workers each running every core fight over
+    them. This runs before the test modules (and torch) are imported; an explicit OMP_NUM_THREADS stays."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def fashion_mnist_dir() -> Path | None:
     for folder in candidate_dirs(SOURCES["fashion_mnist"], REPO / "data"):
         if all((folder / f"{stem}.gz").is_file() or (folder / stem).is_file() for stem in FILES.values()):
