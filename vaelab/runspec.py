@@ -261,10 +261,11 @@ class RunSpec:
         skipped = unhashed_keys(self.loss.objective)
         run = {key: value for key, value in flatten(self).items()
                if key not in HOW_NOT_WHAT and not _named(key, skipped)}
-        unused = unused_keys(self)
-        for key, (new, old) in _DEFAULT_WAS.items():
-            if key in unused and run.get(key) == new:
-                run[key] = old  # a changed default of a key this run does not use keeps its identity
+        changed = [key for key, (new, _) in _DEFAULT_WAS.items() if run.get(key) == new]
+        unused = unused_keys(self) if changed else set()  # only where a key holds its new default
+        for key in changed:
+            if key in unused:
+                run[key] = _DEFAULT_WAS[key][1]  # a changed default of a key this run does not use keeps its identity
         blob = json.dumps({"version": RUN_HASH_VERSION, "run": run}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

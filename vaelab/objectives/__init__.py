@@ -30,14 +30,12 @@ from vaelab.objectives.record import Auxiliary, Objective, Penalty, RunObjective
 
 __all__ = ["SCHEDULES", "KLWeighting", "Terms", "kl_per_dimension", "kl_to_standard_normal", "training_loss",
            "stacked_training_loss", "vae_terms", "Auxiliary", "Objective", "Penalty", "RunObjective", "SpecKey",
-           "OBJECTIVES", "STRENGTH", "objective_keys", "foreign_keys", "unhashed_keys", "kl_weighting", "objective_of"]
+           "OBJECTIVES", "objective_keys", "foreign_keys", "unhashed_keys", "kl_weighting", "objective_of"]
 
 # The registry, in the order loss.objective's help and the report's rows list them (the default first).
 _RECORDS = (beta_vae.OBJECTIVE, beta_tcvae.OBJECTIVE, factorvae.OBJECTIVE, dip_vae.DIP_VAE_I, dip_vae.DIP_VAE_II,
             infovae.OBJECTIVE)
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in _RECORDS}
-# Each objective's strength key: the x axis of a study's per-objective figures.
-STRENGTH: dict[str, str] = {name: o.strength for name, o in OBJECTIVES.items()}
 
 
 def objective_keys() -> list[SpecKey]:

@@ -96,8 +96,9 @@ def training_loss(weighting: KLWeighting, recon: Tensor, kl_dims: Tensor, t: flo
     weighted: vaelab.objectives.Penalty) or None. The penalty enters the training loss only;
     validation and test pass none, so their loss is the weighted ELBO and early stopping compares
     like with like."""
-    objective = weighting.objective(recon, kl_dims, t)
     loss = weighting.per_example(recon, kl_dims.sum(1), t)
+    # Without free bits the objective is the loss's mean; computed once on the training step's path.
+    objective = loss.mean() if weighting.free_bits <= 0 else weighting.objective(recon, kl_dims, t)
     if penalty is None:
         return objective, loss
     return objective + penalty, loss + penalty.detach()

@@ -28,8 +28,7 @@ def _lost_insert_race(err: BaseException) -> bool:
     """Whether `err` is a unique-key violation (SQLite's or PostgreSQL's, directly or through a tracking
     server's reply): another writer inserted the same row between our look and our insert."""
     text = str(err)
-    return any(mark in text for mark in ("UNIQUE constraint failed", "duplicate key value violates unique",
-                                         "IntegrityError"))
+    return any(mark in text for mark in ("UNIQUE constraint failed", "duplicate key value violates unique"))
 
 
 def param_text(value: Any) -> str:
