@@ -142,15 +142,19 @@ def _unfit(ctx: EvalContext) -> str | None:
 
 
 def encoder(model: Any, device: Any, progress: Progress) -> Callable[[Any], Any]:
-    """Observations -> `model`'s posterior means as float64 numpy (the code the metrics score), on `device`."""
+    """Observations -> `model`'s posterior means as float64 numpy (the code the metrics score), on `device`;
+    encoded as many at a time as the model's evaluation budget holds (vaelab.models.footprint)."""
     import torch
+
+    from vaelab.models.footprint import in_chunks, rows
 
     model.eval()
 
     def encode(observations: Any) -> Any:
         with torch.inference_mode():
             x = torch.as_tensor(observations, dtype=torch.float32, device=device)
-            means = model.encode(x)[0].double().cpu().numpy()
+            codes = in_chunks(lambda a, b: model.encode(x[a:b])[0], len(x), rows(model, "encode", len(x)))
+            means = codes.double().cpu().numpy()
         progress(len(x))
         return means
 
@@ -230,6 +234,12 @@ def _measure(model: Any, x: Any, facts: Facts, _settings: Settings) -> Rate:
     return Rate(_passes(small) / max(clock[0], 1e-9), max(0.0, total - clock[0]))
 
 
+def _holds(_facts: Facts, _settings: Settings) -> tuple[str, int]:
+    from vaelab.disentanglement.metrics import ENCODE_CHUNK  # the observations rendered and encoded at a time
+
+    return "encode", ENCODE_CHUNK
+
+
 def _plan(run: RunSpec) -> str:
     what = "test/dis/* (BetaVAE, FactorVAE, MIG, SAP, DCI, modularity) on factors drawn from the whole grid"
     if run.eval.dis_samples != "auto":
@@ -253,6 +263,7 @@ EVALUATOR = Evaluator(
     suffix_shape="_s<share>",
     title="disentanglement scores (test/dis/*)",
     measure=_measure,
+    holds=_holds,
     section=Section("Disentanglement", (
         "Scores against the ground-truth factors (higher is better, 0–1), at the sample sizes each run's "
         "`vaelab.eval.disentanglement` tag records: BetaVAE (Higgins et al. 2017), FactorVAE (Kim & Mnih "

@@ -15,6 +15,7 @@ from vaelab.data import Split
 from vaelab.data.store import Images
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
+from vaelab.models.footprint import rows
 from vaelab.objectives import KLWeighting, kl_per_dimension, vae_terms
 
 # Burda et al. 2016 (IWAE), section 5.2: a unit is active when Cov_x(E_q[z_u]) > 0.01.
@@ -23,6 +24,9 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 
 # What split_terms reports, in order (stacked validation reports the same).
 SPLIT_TERMS = ("loss", "recon", "kl", "elbo", "mse")
+# Importance samples are drawn for groups of DRAW_ROWS // k images at a time (DRAW_ROWS at most per
+# draw): fixed, so the draws, and the estimate, do not depend on how many rows memory allows at once.
+DRAW_ROWS = 16_384
 
 
 @torch.inference_mode()
@@ -31,8 +35,10 @@ def split_terms(
     generator: torch.Generator,
 ) -> dict[str, float]:
     """Means over the split of loss, recon, kl, elbo (= recon + kl, the negative
-    ELBO) and mse (per pixel, between the image and the decoder mean)."""
+    ELBO) and mse (per pixel, between the image and the decoder mean). Batches of `batch_size`
+    images, fewer where the model's evaluation budget holds fewer (vaelab.models.footprint)."""
     was_training = model.training
+    batch_size = rows(model, "forward", batch_size)
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=split.x.device)
     starts = range(0, len(split), batch_size)
@@ -49,6 +55,8 @@ def split_terms(
 
 @torch.inference_mode()
 def latent_means(model: VAE, x: Tensor | Images, batch_size: int, y: Tensor | None = None) -> Tensor:
+    """Posterior means of x, `batch_size` images at a time (fewer where the budget holds fewer)."""
+    batch_size = rows(model, "encode", batch_size)
     model.eval()
     return torch.cat([model.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size])[0]
                       for i in range(0, len(x), batch_size)])
@@ -61,39 +69,54 @@ def active_units(means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int
 
 @torch.inference_mode()
 def importance_weighted_nll(
-    model: VAE, x: Tensor | Images, likelihood: Likelihood, k: int, generator: torch.Generator, budget: int = 16_384,
-    y: Tensor | None = None, on_batch: Callable[[int], None] | None = None,
+    model: VAE, x: Tensor | Images, likelihood: Likelihood, k: int, generator: torch.Generator,
+    budget: int | None = None, y: Tensor | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> Tensor:
     """-log p(x) per example, estimated with k importance samples from q(z|x)
     (Burda et al. 2016, eq. 8): log (1/k) sum_i p(x, z_i) / q(z_i | x). The bound
-    tightens as k grows; k = 1 is the ELBO. Samples are drawn in chunks so that at
-    most `budget` decoder rows are in memory at once; the estimates stay on the
-    device until the end (no host sync per batch). `on_batch(n)` is told of each
-    batch of n images done, for a progress bar."""
+    tightens as k grows; k = 1 is the ELBO. The noise is drawn per group of DRAW_ROWS // k
+    images, as (samples, images, z) pieces of at most DRAW_ROWS rows, whatever the memory; the
+    decoder then takes at most `budget` rows at once (None: as many as the model's evaluation
+    budget holds, vaelab.models.footprint), so the peak follows the budget, not the image size,
+    and the numbers do not depend on it. Estimates stay on the device until the end (no host
+    sync per batch). `on_batch(n)` is told of each n images done, for a progress bar."""
     model.eval()
-    batch = max(1, budget // min(k, budget))
+    decode_rows = budget or rows(model, "decode", DRAW_ROWS)
+    encode_rows = rows(model, "encode", DRAW_ROWS)
+    group = max(1, DRAW_ROWS // min(k, DRAW_ROWS))
     estimates = []
-    for start in range(0, len(x), batch):
-        xb = x[start : start + batch]
-        yb = None if y is None else y[start : start + batch]
-        mu, logvar = model.encode(xb, yb)
-        std = torch.exp(0.5 * logvar)
-        log_weights = []
-        chunk = max(1, budget // len(xb))
-        for done in range(0, k, chunk):
-            n = min(chunk, k - done)
-            eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + eps * std  # (n, B, z)
-            log_q = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(-1)
-            log_prior = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
-            params = model.decode(z.flatten(0, 1), None if yb is None else yb.repeat(n))
-            x_rep = xb.unsqueeze(0).expand(n, *xb.shape).flatten(0, 1)
-            log_lik = likelihood.log_prob(x_rep, params).view(n, len(xb))
-            log_weights.append(log_lik + log_prior - log_q)
-        log_w = torch.cat(log_weights)  # (k, B)
-        estimates.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)))
-        if on_batch is not None:
-            on_batch(len(xb))
+    for start in range(0, len(x), group):
+        size = min(group, len(x) - start)
+        piece = max(1, DRAW_ROWS // size)  # samples per draw
+        eps = torch.cat([torch.randn((min(piece, k - done), size, model.z_dim), generator=generator,
+                                     device=x.device) for done in range(0, k, piece)])  # (k, size, z)
+        # Images at a time, and samples of them at a time, within the decoder's rows.
+        images = max(1, min(size, decode_rows // k))
+        samples = max(1, min(k, decode_rows // images))
+        for first in range(0, size, images):
+            last = min(first + images, size)
+            xb = x[start + first : start + last]
+            yb = None if y is None else y[start + first : start + last]
+            encoded = [model.encode(xb[i : i + encode_rows], None if yb is None else yb[i : i + encode_rows])
+                       for i in range(0, len(xb), encode_rows)]
+            mu = torch.cat([m for m, _ in encoded]) if len(encoded) > 1 else encoded[0][0]
+            logvar = torch.cat([v for _, v in encoded]) if len(encoded) > 1 else encoded[0][1]
+            std = torch.exp(0.5 * logvar)
+            log_weights = []
+            for done in range(0, k, samples):
+                e = eps[done : done + samples, first:last].to(mu.dtype)
+                n = len(e)
+                z = mu + e * std  # (n, B, z)
+                log_q = (-0.5 * e.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(-1)
+                log_prior = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+                params = model.decode(z.flatten(0, 1), None if yb is None else yb.repeat(n))
+                x_rep = xb.unsqueeze(0).expand(n, *xb.shape).flatten(0, 1)
+                log_lik = likelihood.log_prob(x_rep, params).view(n, len(xb))
+                log_weights.append(log_lik + log_prior - log_q)
+            log_w = torch.cat(log_weights)  # (k, B)
+            estimates.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)))
+            if on_batch is not None:
+                on_batch(len(xb))
     return torch.cat(estimates)
 
 
@@ -108,6 +131,7 @@ def bits_per_dim(nll_nats: float, pixels: int, discrete: bool) -> float:
 
 def mean_kl_per_dimension(model: VAE, x: Tensor | Images, batch_size: int, y: Tensor | None = None) -> Tensor:
     """KL(q(z_d|x) || N(0,1)) of each latent dimension d, averaged over the images x: (z_dim,), in nats."""
+    batch_size = rows(model, "encode", batch_size)
     with torch.inference_mode():
         model.eval()
         total = torch.zeros(model.z_dim, device=x.device)

@@ -34,6 +34,7 @@ EVALUATOR = Evaluator(
     settings=_settings,
     passes=lambda settings: PASSES_PER_IMAGE * settings["images"],
     per_image=lambda settings: PASSES_PER_IMAGE,
+    holds=lambda facts, settings: ("encode", min(facts.run.eval.batch_size, max(1, settings["images"]))),
     compute=_compute,
     plan=lambda run: "test/active_units, test/kl_dim/<d> on every test image",
 )

@@ -7,7 +7,7 @@ them in run order) and never name an evaluator. Imports no torch: the plan of a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class Facts:
     test_images: int
     epochs_run: int
     discrete: bool
+    spent: int = 0  # image passes the rest of the evaluation takes (the figures, the other evaluators)
 
     @property
     def seed(self) -> int:
@@ -45,6 +46,11 @@ class Facts:
     def training_passes(self, epochs: int) -> int:
         """Image passes `epochs` of training cost."""
         return PASSES_PER_TRAINING_IMAGE * epochs * self.train_images
+
+    def allowance(self, epochs: int) -> int:
+        """Image passes left to an evaluator capped by training's cost: those `epochs` of training took,
+        less what the rest of the evaluation takes, so that the evaluation as a whole costs no more."""
+        return max(0, self.training_passes(epochs) - self.spent)
 
 
 @dataclass
@@ -55,6 +61,7 @@ class EvalContext:
     data: ImageData
     run: RunSpec
     epochs_run: int
+    reserved: int = 0  # image passes the caller spends beside the evaluators (a run's figures)
 
     @property
     def seed(self) -> int:
@@ -63,7 +70,7 @@ class EvalContext:
     @property
     def facts(self) -> Facts:
         return Facts(self.run, len(self.data.train), len(self.data.test), self.epochs_run,
-                     bool(self.model.likelihood.discrete))
+                     bool(self.model.likelihood.discrete), self.reserved)
 
     def generator(self) -> torch.Generator:
         import torch
@@ -136,6 +143,14 @@ def _unmarked(_settings: Settings) -> str:
     return ""
 
 
+def _accepts(_settings: Settings) -> str | None:
+    return None
+
+
+def _batch(facts: Facts, _settings: Settings) -> tuple[str, int]:
+    return "forward", min(facts.run.eval.batch_size, max(1, facts.test_images))
+
+
 @dataclass(frozen=True)
 class Evaluator:
     """One family of test metrics.
@@ -154,6 +169,11 @@ class Evaluator:
       rate would mislead (its own batches, classifiers); None: the plain rate and `fixed_s`, seconds
       beyond its passes (a solver that does not scale with them). Cost = passes / rate + fixed.
     - `section`: its metrics get a report section of their own.
+    - `declines(settings)`: why the settings leave nothing worth computing (a cap left too few samples),
+      or None; the evaluator is then skipped with that reason.
+    - `holds(facts, settings)`: the pass its chunks make ("forward", "encode" or "decode", as
+      vaelab.models.footprint measures them) and the rows it would hold at once were memory no limit;
+      the evaluation budget caps them. The pre-flight estimate's evaluation phase comes from these.
     """
 
     name: str
@@ -172,6 +192,8 @@ class Evaluator:
     measure: Callable[..., Rate] | None = None
     fixed_s: float = 0.0
     section: Section | None = None
+    holds: Callable[[Facts, Settings], tuple[str, int]] = _batch
+    declines: Callable[[Settings], str | None] = _accepts
 
     def skip_reason(self, ctx: EvalContext) -> str | None:
         """Why it does not run on `ctx`, or None."""
@@ -194,3 +216,22 @@ class Evaluator:
     def _marked(self, tail: str) -> bool:
         # A suffix starts with "_" and its first letter (k, s): test/nll_iw_se is not test/nll_iw marked.
         return bool(self.suffix_shape) and tail.startswith(self.suffix_shape[:2]) and tail[2:3].isdigit()
+
+
+def settle(facts: Facts,
+           chosen: list[tuple[Evaluator, str | None]]) -> list[tuple[Evaluator, Settings | None, str | None]]:
+    """(evaluator, its settings or None, why it is skipped or None) for each (evaluator, reason it is
+    skipped or None), in run order. Each evaluator's settings see as spent (`Facts.spent`) what the
+    ones before it take, beside `facts.spent` (the figures): one capped by training's cost (iwae) then
+    keeps what runs up to it within training's passes."""
+    rows: list[tuple[Evaluator, Settings | None, str | None]] = []
+    spent = facts.spent
+    for evaluator, reason in chosen:
+        if reason is not None:
+            rows.append((evaluator, None, reason))
+            continue
+        settings = evaluator.settings(replace(facts, spent=spent))
+        declined = evaluator.declines(settings)
+        rows.append((evaluator, None if declined else settings, declined))
+        spent += 0 if declined else evaluator.passes(settings)
+    return rows

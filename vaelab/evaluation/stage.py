@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
+from vaelab import progress
 from vaelab.errors import UserInputError
 from vaelab.evaluation.evaluators import EVALUATORS
-from vaelab.evaluation.record import EvalContext, Evaluator
+from vaelab.evaluation.record import EvalContext, Evaluator, settle
 
 SKIPPED_TAG = "vaelab.eval.skipped"
 NOT_FINITE_TAG = "vaelab.eval.not_finite"  # "<metric> = nan (<evaluator>)": computed but not logged
@@ -51,13 +49,9 @@ def settings_text(settings: dict) -> str:
 
 
 def plan(ctx: EvalContext, evaluators: list[Evaluator]) -> list[tuple[Evaluator, dict | None, str | None]]:
-    """(evaluator, its settings or None, why it is skipped or None) for each evaluator."""
-    rows = []
-    facts = ctx.facts
-    for evaluator in evaluators:
-        reason = evaluator.skip_reason(ctx)
-        rows.append((evaluator, None if reason else evaluator.settings(facts), reason))
-    return rows
+    """(evaluator, its settings or None, why it is skipped or None) for each evaluator; an evaluator
+    capped by training's cost leaves room for the others and the figures (`record.settle`)."""
+    return settle(ctx.facts, [(evaluator, evaluator.skip_reason(ctx)) for evaluator in evaluators])
 
 
 def evaluate(ctx: EvalContext, evaluators: list[Evaluator] | None = None, show_progress: bool = True,
@@ -87,8 +81,8 @@ def evaluate(ctx: EvalContext, evaluators: list[Evaluator] | None = None, show_p
         shown = out.not_finite[:NOTES_SHOWN] + ([f"{len(out.not_finite) - NOTES_SHOWN} more"]
                                                  if len(out.not_finite) > NOTES_SHOWN else [])
         out.tags[NOT_FINITE_TAG] = "; ".join(shown)
-        tqdm.write(f"vaelab: warning: not finite, so not logged: {out.tags[NOT_FINITE_TAG]} (noted in "
-                   f"{NOT_FINITE_TAG})", file=sys.stderr)
+        progress.say(f"vaelab: warning: not finite, so not logged: {out.tags[NOT_FINITE_TAG]} (noted in "
+                     f"{NOT_FINITE_TAG})")
     return out
 
 
@@ -108,8 +102,7 @@ def _run_one(ctx: EvalContext, evaluator: Evaluator, settings: dict, suffix: str
     per_image = evaluator.per_image(settings)
     words = evaluator.words(settings)
     label = f"eval {evaluator.name}" + (f" ({words})" if words else "")
-    with tqdm(total=evaluator.passes(settings), desc=label, unit="pass", unit_scale=True,
-              disable=not show_progress, dynamic_ncols=True, leave=True) as bar:
+    with progress.bar(evaluator.passes(settings), label, "pass", show=show_progress, unit_scale=True) as bar:
         started = time.perf_counter()
         metrics = evaluator.compute(ctx, settings, lambda n: bar.update(n * per_image))
         seconds = time.perf_counter() - started
@@ -120,6 +113,10 @@ def _run_one(ctx: EvalContext, evaluator: Evaluator, settings: dict, suffix: str
 
 def quiet_test_metrics(model, data, run, epochs_run: int = 1) -> dict[str, float]:
     """Every applicable `test/...` metric of `model` under `run`'s eval settings, quietly
-    (what a run logs, without its timings): for checks and notebooks."""
-    out = evaluate(EvalContext(model, data, run, epochs_run), show_progress=False)
+    (what a run logs, without its timings): for checks and notebooks. The run's figures are
+    counted as its own evaluation counts them (an evaluator capped by training's cost leaves room)."""
+    from vaelab.figures import figure_passes
+
+    drawn = figure_passes(run, len(data.train), len(data.test), epochs_run)
+    out = evaluate(EvalContext(model, data, run, epochs_run, drawn), show_progress=False)
     return {k: v for k, v in out.metrics.items() if k.startswith("test/")}

@@ -11,20 +11,25 @@ from pathlib import Path
 from vaelab import figures
 from vaelab.data import ImageData
 from vaelab.evaluation.estimators import latent_means, mean_kl_per_dimension
+from vaelab.figures import INTERPOLATION_STEPS, KL_IMAGES, TRAVERSAL_STEPS, FigurePlan, figure_plan
 from vaelab.runlog import RunLog
 from vaelab.spec import RunSpec
 from vaelab.training import EpochCallback
 
-# Figures also logged at the artifact root, so MLflow's compare view shows them side by side across runs.
+# Figures also shown at the artifact root, as thumbnails (figures.write_thumbnail), so MLflow's compare
+# view, which lines up only top-level files, shows them side by side across runs.
 COMPARED_FIGURES = ("samples.png", "reconstructions.png", "traversals.png", "learning_curves.png")
 FIGURE_STEPS = 8  # for the progress bar: one step per figure written
-
-
 def write_figures(model, likelihood, data: ImageData, history, folder: Path, run_spec: RunSpec,
-                  step: Callable[[], None] = lambda: None) -> None:
-    """Every figure of a finished run into `folder`; `step()` after each one (a progress bar)."""
+                  step: Callable[[], None] = lambda: None, plan: FigurePlan | None = None,
+                  metrics: dict[str, float] | None = None) -> None:
+    """Every figure of a finished run into `folder`; `step()` after each one (a progress bar). `plan`:
+    how many tiles (None: `figure_plan` for the epochs in `history`); `metrics`: the run's test metrics,
+    whose per-dimension KL (test/kl_dim/<d>, the latents evaluator's) the KL figure and the traversals
+    take rather than encoding the test images again."""
     seed = run_spec.train.seed
     test = data.test
+    plan = plan or figure_plan(run_spec, len(data.train), len(test), len(history))
     folder.mkdir(parents=True, exist_ok=True)
     n_tsne = min(run_spec.eval.tsne_points, len(test))
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -34,21 +39,28 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
         if n_tsne >= 10:
             means = latent_means(model, test.x.first(n_tsne), run_spec.eval.batch_size, test.y[:n_tsne])
             tsne = pool.submit(figures.tsne_embedding, means, seed)
-        figures.write_reconstructions(model, likelihood, test.x[:32], folder / "reconstructions.png", test.y[:32])
+        shown = plan.reconstructions
+        figures.write_reconstructions(model, likelihood, test.x[:shown], folder / "reconstructions.png",
+                                      test.y[:shown])
         step()
-        figures.write_samples(model, likelihood, folder / "samples.png", n=64, seed=seed)
+        figures.write_samples(model, likelihood, folder / "samples.png", n=plan.samples, seed=seed,
+                              class_names=data.class_names)
         step()
-        pairs = min(8, len(test)) // 2 * 2  # consecutive test images form the interpolation pairs
+        pairs = min(2 * plan.pairs, len(test)) // 2 * 2  # consecutive test images form the interpolation pairs
         if pairs:
             figures.write_interpolation(model, likelihood, test.x[:pairs], folder / "interpolation.png",
-                                        y=test.y[:pairs])
+                                        steps=INTERPOLATION_STEPS, y=test.y[:pairs])
         step()
         figures.write_learning_curves(history, folder / "learning_curves.png")
         step()
-        kl_dims = mean_kl_per_dimension(model, test.x.first(2000), run_spec.eval.batch_size, test.y[:2000])
+        kl_dims = logged_kl(metrics or {}, model.z_dim)
+        if kl_dims is None:
+            kl_dims = mean_kl_per_dimension(model, test.x.first(KL_IMAGES), run_spec.eval.batch_size,
+                                            test.y[:KL_IMAGES])
         figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
         step()
-        figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png", y=test.y[:1])
+        figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png",
+                                 max_dims=plan.dims, steps=TRAVERSAL_STEPS, y=test.y[:1])
         step()
         if data.factors is not None and run_spec.eval.disentanglement and not model.num_classes:
             from vaelab.disentanglement.figures import FIGURE_SAMPLES, write_factor_figures
@@ -64,6 +76,14 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
         step()
 
 
+def logged_kl(metrics: dict[str, float], z_dim: int):  # noqa: ANN201 - a Tensor or None
+    """Each latent dimension's mean KL as the latents evaluator logged it, or None where it did not."""
+    import torch
+
+    values = [metrics.get(f"test/kl_dim/{d}") for d in range(z_dim)]
+    return None if None in values else torch.tensor(values)
+
+
 def epoch_figures(run_spec: RunSpec, model, data: ImageData, log: RunLog) -> EpochCallback:
     """Reconstructions and samples every train.figure_every epochs, named by epoch."""
     every = run_spec.train.figure_every
@@ -75,7 +95,8 @@ def epoch_figures(run_spec: RunSpec, model, data: ImageData, log: RunLog) -> Epo
             folder = Path(tmp)
             figures.write_reconstructions(model, model.likelihood, data.test.x[:32],
                                           folder / "reconstructions.png", data.test.y[:32])
-            figures.write_samples(model, model.likelihood, folder / "samples.png", seed=run_spec.train.seed)
+            figures.write_samples(model, model.likelihood, folder / "samples.png", seed=run_spec.train.seed,
+                                  class_names=data.class_names)
             # Image logging with the epoch as its step: MLflow's run page slides through them.
             for name in ("reconstructions", "samples"):
                 log.log_image(folder / f"{name}.png", key=name, step=epoch)

@@ -3,17 +3,16 @@ weights' model record, figures, the checkpoint, and where the time went."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from vaelab import progress
 from vaelab.checkpoint import DIGEST_TAG, read_run_record, save_checkpoint
 from vaelab.data import ImageData
 from vaelab.evaluation.record import EvalContext
 from vaelab.evaluation.stage import evaluate
+from vaelab.figures import figure_passes, figure_plan, write_thumbnail
 from vaelab.runlog import RunLog
 from vaelab.runner.figures import COMPARED_FIGURES, FIGURE_STEPS, write_figures
 from vaelab.runner.model_record import ModelRecord
@@ -29,7 +28,10 @@ def finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: R
     time/tracking_s (run-log writes), time/figures_s (drawing), time/upload_s (checkpoint and upload) and
     time/artifacts_s (their sum)."""
     likelihood = model.likelihood
-    context = EvalContext(model, data, run_spec, result.epochs_run)
+    plan = figure_plan(run_spec, len(data.train), len(data.test), result.epochs_run)
+    # The figures' passes are reserved: an evaluator capped by training's cost leaves room for them.
+    context = EvalContext(model, data, run_spec, result.epochs_run,
+                          figure_passes(run_spec, len(data.train), len(data.test), result.epochs_run))
     evaluation = evaluate(context, show_progress=show_progress)
     metrics = dict(evaluation.metrics)
     metrics.update({"train/best_epoch": result.best_epoch, "train/epochs_run": result.epochs_run,
@@ -48,18 +50,19 @@ def finish(run_spec: RunSpec, experiment: str, model, data: ImageData, result: R
     figures_s = 0.0
     try:
         with tempfile.TemporaryDirectory(prefix="vaelab-") as tmp, \
-                tqdm(total=(FIGURE_STEPS if run_spec.eval.figures else 0) + 2, desc="figures and checkpoint",
-                     unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
+                progress.bar((FIGURE_STEPS if run_spec.eval.figures else 0) + 2, "figures and checkpoint", "step",
+                             show=show_progress) as bar:
             if run_spec.eval.figures:
                 write_figures(model, likelihood, data, result.history, Path(tmp) / FIGURES_DIR, run_spec,
-                              step=lambda: bar.update(1))
-                # MLflow's compare view lines up only top-level files: the key figures go there too.
+                              step=lambda: bar.update(1), plan=plan, metrics=metrics)
+                # MLflow's compare view lines up only top-level files: the key figures go there too, as
+                # thumbnails (each figure is stored once, in figures/).
                 for name in COMPARED_FIGURES:
                     if (Path(tmp) / FIGURES_DIR / name).is_file():
-                        shutil.copyfile(Path(tmp) / FIGURES_DIR / name, Path(tmp) / name)
+                        write_thumbnail(Path(tmp) / FIGURES_DIR / name, Path(tmp) / name)
                 figures_s = time.perf_counter() - started
             folder = save_checkpoint(Path(tmp) / CHECKPOINT_DIR, model, run_spec, experiment, metrics,
-                                     run_id=log.run_id)
+                                     run_id=log.run_id, classes=data.class_names)
             # The run names the weights it logged, so a later evaluation can refuse any others (run.json says it too).
             written = read_run_record(folder)
             if written is not None and written.digest:

@@ -4,20 +4,20 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from tqdm.auto import tqdm
-
-from vaelab import preflight
+from vaelab import preflight, progress
 from vaelab.data import ImageData
 from vaelab.errors import LeaseLost, RunStopped
+from vaelab.models.build import check_labels
+from vaelab.models.footprint import attach
 from vaelab.registry import load_dataset
 from vaelab.resume import clear_state, holding
-from vaelab.runlog import RunLogs
+from vaelab.runlog import HASH_TAG, RunLogs
 from vaelab.runner.figures import epoch_figures
 from vaelab.runner.finish import finish
+from vaelab.runner.keep import kept_checkpoints
 from vaelab.runner.outcome import RunOutcome, run_name
 from vaelab.runner.start import Opened, open_member, resume_folder, run_tags
 from vaelab.spec import RunSpec
@@ -89,10 +89,15 @@ def run_group(
     k = len(run_specs)
     forget_stop()
     device = resolve_device(run_specs[0].train.device)
+    check_labels(run_specs[0])  # a conditional model on data without labels: refused before any image is decoded
     data = load_dataset(run_specs[0].data, device, show_progress)
+    # Every phase's memory estimated on the meta device, and refused in one line, before a weight is built.
+    flight = preflight.check(run_specs, data.shape, len(data.train), len(data.test), device)
+    if show_progress:
+        progress.say(flight.line)
     models = [init_model(r, data.shape, device) for r in run_specs]
-    # A stack's activations are K batches' worth.
-    flight = preflight.check(models[0], data.shape, run_specs[0].train.batch_size * k, device)
+    for model in models:
+        attach(model, flight.footprint)  # evaluation and figures chunk their rows by the run's budget
     datasets = data.records()
     extra_tags = extra_tags or [{} for _ in run_specs]
     names = names or [run_name(r) for r in run_specs]
@@ -102,13 +107,13 @@ def run_group(
         try:
             for i, r in enumerate(run_specs):
                 tags = {**run_tags(r, data, device, flight, extra_tags[i]), **({"vaelab.stacked": k} if k > 1 else {})}
-                held.enter_context(holding(resume_folder(logs, experiment, tags["vaelab.run_hash"])))
+                held.enter_context(holding(resume_folder(logs, experiment, tags[HASH_TAG])))
                 opened[i] = open_member(logs, r, experiment, names[i], tags, on_start[i] if on_start else None,
                                         datasets, guards[i] if guards else None)
                 prior = opened[i].prior
                 if show_progress and prior is not None:
-                    tqdm.write(f"resuming run {opened[i].log.run_id} ({names[i]}) after epoch {prior.epoch} of "
-                               f"{r.train.epochs}", file=sys.stderr)
+                    progress.say(f"resuming run {opened[i].log.run_id} ({names[i]}) after epoch {prior.epoch} of "
+                                 f"{r.train.epochs}")
             by_epoch: dict[int, list[int]] = {}
             for i, o in opened.items():
                 by_epoch.setdefault(o.prior.epoch if o.prior else 0, []).append(i)
@@ -138,6 +143,7 @@ def _fit(group: list[int], run_specs: list[RunSpec], models: list, data: ImageDa
         return fit_group(
             [run_specs[i] for i in group], [models[i] for i in group], data,
             callbacks=[[opened[i].timed.log_epoch, epoch_figures(run_specs[i], models[i], data, opened[i].log),
+                        *kept_checkpoints(run_specs[i], models[i], data, opened[i], show_progress),
                         *(epoch_callbacks[i] if epoch_callbacks else [])] for i in group],
             resumes=[opened[i].prior for i in group], save_states=[opened[i].save for i in group],
             show_progress=show_progress)

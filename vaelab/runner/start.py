@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vaelab.data import ImageData
 from vaelab.resume import TrainState, load_state, save_state, state_dir
-from vaelab.runlog import RunLog, RunLogs
+from vaelab.runlog import HASH_TAG, RunLog, RunLogs
 from vaelab.spec import RunSpec, flatten, unused_keys
 
 # What each metric means, stored on the run so no one misreads a sign or a unit.
@@ -25,11 +25,12 @@ UNUSED_TAG = "vaelab.params_not_used"
 
 def run_tags(run_spec: RunSpec, data: ImageData, device, flight, extra_tags: dict[str, str] | None) -> dict:
     return {
-        "vaelab.run_hash": run_spec.hash(),
+        HASH_TAG: run_spec.hash(),
         "vaelab.data": data.description,
         "vaelab.device": str(device),
         "vaelab.n_params": flight.n_params,
         "vaelab.activation_mb": round(flight.activation_mb, 1),
+        "vaelab.preflight": flight.line,
         "mlflow.note.content": METRIC_NOTES,
         **(extra_tags or {}),
     }
@@ -82,7 +83,7 @@ def open_member(logs: RunLogs, run_spec: RunSpec, experiment: str, name: str, ta
                 guard: Callable[[], None] | None = None) -> Opened:
     """The member's run: the one its resume state names (RUNNING again), else a new one."""
     started = time.perf_counter()
-    run_hash = tags["vaelab.run_hash"]
+    run_hash = tags[HASH_TAG]
     folder = resume_folder(logs, experiment, run_hash)
     prior = load_state(folder, run_hash)
     log = logs.reopen_run(prior.run_id) if prior is not None else None
