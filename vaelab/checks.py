@@ -7,6 +7,7 @@ dotted path, the bad value and what is allowed, so a user sees one line such as
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -76,6 +77,23 @@ def fail(path: str, allowed: str, value: Any) -> SpecError:
     return SpecError(f"{path}: expected {allowed}, got {show(value)}")
 
 
+def did_you_mean(word: Any, known: Iterable[str]) -> str:
+    """`; did you mean train.epochs?` when one of `known` is a likely typo's target, else ''."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def as_list(value: Any) -> str:
+    """A value meant as a list, written as one (`512,256` -> `[512,256]`, `512` -> `[512]`), for hints."""
+    items = re.split(r"[,\s]+", value.strip().strip("()")) if isinstance(value, str) else [value]
+    if items and all((isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.isdigit())
+                     for v in items):
+        return "[" + ",".join(str(v) for v in items) + "]"
+    return "[64,128]"
+
+
 class Check:
     """Base class: `parse(value, path)` returns the typed value or raises SpecError."""
 
@@ -84,6 +102,10 @@ class Check:
 
     def describe(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def hint(self, value: Any) -> str:
+        """What to add to the error for `value`, when its form (not its size) is what is wrong."""
+        return ""
 
 
 # No int a spec sets (a size, a count, a seed) is wider than 64 bits; a bigger one (YAML reads
@@ -248,7 +270,10 @@ class Optional(Check):
         try:
             return self.inner.parse(value, path)
         except SpecError:
-            raise fail(path, self.describe(), value) from None
+            raise SpecError(f"{fail(path, self.describe(), value)}{self.hint(value)}") from None
+
+    def hint(self, value: Any) -> str:
+        return "" if value is None else self.inner.hint(value)
 
 
 @dataclass(frozen=True)
@@ -266,7 +291,10 @@ class OrAuto(Check):
         try:
             return self.inner.parse(value, path)
         except SpecError:
-            raise fail(path, self.describe(), value) from None
+            raise SpecError(f"{fail(path, self.describe(), value)}{self.hint(value)}") from None
+
+    def hint(self, value: Any) -> str:
+        return "" if value == "auto" else self.inner.hint(value)
 
 
 @dataclass(frozen=True)
@@ -280,8 +308,11 @@ class IntList(Check):
 
     def parse(self, value: Any, path: str) -> tuple[int, ...]:
         if not isinstance(value, (list, tuple)) or not self.min_len <= len(value) <= self.max_len:
-            raise fail(path, self.describe(), value)
+            raise SpecError(f"{fail(path, self.describe(), value)}{self.hint(value)}")
         return tuple(self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+    def hint(self, value: Any) -> str:
+        return "" if isinstance(value, (list, tuple)) else f"; a list is written in brackets: {as_list(value)}"
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*", re.IGNORECASE)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from vaelab.checks import Name, SpecError, Text, fail, show_key
+from vaelab.checks import Name, SpecError, Text, as_list, did_you_mean, fail, show, show_key
 from vaelab.runspec import (  # re-exported: most code reads a run's names through this module
     HOW_NOT_WHAT,
     RUN_HASH_VERSION,
@@ -58,7 +58,8 @@ def parse_spec(raw: Any) -> Spec:
         raise fail("(top level)", "a mapping with keys " + ", ".join(TOP_LEVEL), raw)
     for key in raw:
         if key not in TOP_LEVEL:
-            raise SpecError(f"{show_key(key)}: unknown key; allowed: {', '.join(TOP_LEVEL)}")
+            raise SpecError(f"{show_key(key)}: unknown key; allowed: {', '.join(TOP_LEVEL)}"
+                            f"{did_you_mean(key, TOP_LEVEL)}")
     if "name" not in raw:
         raise SpecError("name: missing; every spec needs a name (it names the MLflow experiment)")
     base = parse_run(raw.get("base"))
@@ -119,12 +120,20 @@ def apply_overrides(spec: Spec, overrides: list[str]) -> Spec:
         key = key.strip()
         if not sep or not key:
             raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. model.z_dim=10")
-        if field_check(key) is None and not is_section(key):
-            raise SpecError(f"{key}: not a spec path (e.g. model.z_dim; `vaelab keys` lists them all)")
+        check = field_check(key)
+        if check is None and not is_section(key):
+            known = [dotted for section, cls in SECTIONS.items() for dotted, _ in _leaves(cls, f"{section}.")]
+            suggestion = did_you_mean(key, known)
+            rest = f"{suggestion} (`vaelab keys` lists them all)" if suggestion else \
+                " (e.g. model.z_dim; `vaelab keys` lists them all)"
+            raise SpecError(f"{key}: not a spec path{rest}")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
+        if check is not None and check.hint(value):  # `model.hidden=512,256`: the shell needs the brackets quoted
+            raise SpecError(f"--set {key}: expected {check.describe()}, got {show(value)}; a list is written in "
+                            f"brackets, quoted for the shell: --set '{key}={as_list(value)}'")
         _set_dotted(raw, key, value)
     try:
         return dataclasses.replace(spec, base=parse_run(raw, path=""))

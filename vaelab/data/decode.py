@@ -29,9 +29,10 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from vaelab.errors import DataError
+from vaelab.progress import bar as progress_bar
+from vaelab.progress import say
 
 __all__ = ["EXTENSIONS", "decode_file", "decode_image", "decode_many", "walk_images"]
 
@@ -42,7 +43,7 @@ Source = str | os.PathLike[str] | bytes
 Decoded = tuple[np.ndarray | None, str | None]  # (image, warning reason)
 
 _HIGH_DEPTH = {"I", "I;16", "I;16L", "I;16B", "I;16N"}  # one channel, 16 (or 32) bits per pixel
-_BAR_DELAY_S = 1.0  # a bar appears only when decoding takes longer than this
+_BAR_DELAY_S = 1.0  # a bar (or, in a log, its line) only when decoding takes longer than this
 _CHUNK_MAX = 32  # images per worker task: few round trips, small results in flight
 
 
@@ -262,7 +263,7 @@ def _warning_line(name: str, reason: str) -> str:
 
 
 def _warn(name: str, reason: str) -> None:
-    tqdm.write(_warning_line(name, reason), file=sys.stderr)  # clears and redraws any progress bar
+    say(_warning_line(name, reason))  # clears and redraws any progress bar
 
 
 # --- folders -----------------------------------------------------------------------------------------------------
@@ -324,9 +325,9 @@ def decode_many(sources: Sequence[Source], channels: int, size: int, resize: str
                 names: Sequence[str] | None = None, workers: int | None = None,
                 desc: str = "decoding images", progress: bool = True) -> Iterator[np.ndarray | None]:
     """decode_image over `sources`, yielded IN ORDER, in `workers` processes (default: os.cpu_count();
-    1 = in this process, no pool), with a tqdm progress bar (unit 'img', to stderr, shown once
-    decoding takes over a second). Memory stays bounded: a few chunks per worker are in flight,
-    never a list of all decoded images. Warnings are printed here, in order, between bar updates.
+    1 = in this process, no pool), with a progress bar (vaelab.progress: unit 'img', to stderr, shown once
+    decoding takes over a second; in a log, one line when it ends). Memory stays bounded: a few chunks per
+    worker are in flight, never a list of all decoded images. Warnings are printed here, in order, between bar updates.
 
     Arguments are checked at once; decoding starts when the first item is asked for, and a
     generator closed early stops its workers."""
@@ -343,8 +344,7 @@ def _decode_many(sources: Sequence[Source], names: list[str], settings: tuple[in
                  workers: int, desc: str, progress: bool) -> Iterator[np.ndarray | None]:
     results = _results(sources, settings, workers)
     try:
-        with tqdm(total=len(sources), desc=desc, unit="img", file=sys.stderr, delay=_BAR_DELAY_S,
-                  disable=not progress) as bar:
+        with progress_bar(len(sources), desc, "img", show=progress, delay=_BAR_DELAY_S, count=True) as bar:
             for (array, reason), name in zip(results, names, strict=True):
                 if reason is not None:
                     _warn(name, reason)

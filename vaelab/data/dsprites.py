@@ -335,7 +335,7 @@ class DSprites:
         Returns the file's path; a DSprites reading the official npz keeps it and returns its path."""
         if self.path is not None:
             return self.path
-        from tqdm.auto import tqdm
+        from vaelab import progress
 
         sizes = "x".join(map(str, self.factor_sizes))
         target = Path(folder).expanduser() / f"dsprites-grid-{RENDER_VERSION}-{sizes}.u8"
@@ -344,8 +344,8 @@ class DSprites:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             try:
-                with open(tmp, "wb") as out, tqdm(total=self.num_images, desc="dsprites: rendering the grid once",
-                                                 unit="img", disable=not show_progress, delay=1.0) as bar:
+                with open(tmp, "wb") as out, progress.bar(self.num_images, "dsprites: rendering the grid once", "img",
+                                                          show=show_progress, delay=1.0, count=True) as bar:
                     for start in range(0, self.num_images, 8192):
                         stop = min(start + 8192, self.num_images)
                         out.write(render(self.factors_at(np.arange(start, stop)), self.factor_sizes).tobytes())

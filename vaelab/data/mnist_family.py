@@ -1,8 +1,10 @@
 """Fashion-MNIST and MNIST from IDX files: find them, else download them.
 
-Search order: `data.root` (flat, `<root>/<dataset>/`, or torchvision's
-`<root>/<Class>/raw/`), then the Debian data package folder, then a
-torchvision download into `data.root` when `data.download` allows.
+Search order: `data.root` itself and the layouts torchvision and others leave under it
+(`<root>/raw/` when root is torchvision's `MNIST` folder, `<root>/<dataset>/`,
+`<root>/<Class>/raw/`), then the Debian data package folder, then a torchvision download
+into `data.root` when `data.download` allows; what failed says where it looked and why the
+download did not help.
 """
 
 from __future__ import annotations
@@ -71,12 +73,22 @@ def _file(folder: Path, stem: str) -> Path:
 
 
 def candidate_dirs(source: IdxDataset, root: Path) -> list[Path]:
-    return [
+    """Where a dataset's four IDX files may be, in the order looked at: `root` as given, one
+    level into it (torchvision's `<root>/MNIST/raw/` when root is its `MNIST` folder), the
+    layouts of torchvision (`<root>/FashionMNIST/raw/`) and of our own name, then system folders."""
+    # root/raw only when root is this dataset's own folder: `.../MNIST/raw` holds digits, which a
+    # fashion_mnist run must not read as clothes.
+    own = root.name in (source.name, source.torchvision_class)
+    found = [
         root,
+        *([root / "raw"] if own else []),
         root / source.name,
+        root / source.name / "raw",
+        root / source.torchvision_class,
         root / source.torchvision_class / "raw",
         *(Path(d) for d in source.system_dirs),
     ]
+    return list(dict.fromkeys(found))  # in order, once each
 
 
 def _complete_dir(dirs: list[Path]) -> Path | None:
@@ -96,6 +108,23 @@ def _download(source: IdxDataset, root: Path) -> None:
         getattr(tvd, source.torchvision_class)(str(root), train=False, download=True)
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one short line: its type and its message, lines joined (torchvision's
+    download error lists each mirror it tried on lines of their own)."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _partial(dirs: list[Path]) -> str:
+    """Where some of the four files are but not all (a download cut short, a file left out), in words."""
+    for folder in dirs:
+        missing = [stem for stem in FILES.values() if _find_file(folder, stem) is None]
+        if 0 < len(missing) < len(FILES):
+            return f"; {folder} holds some but lacks {', '.join(missing)}"
+    return ""
 
 
 def sizes(dataset: str, root: str | Path) -> dict[str, int]:
@@ -127,14 +156,14 @@ def load_raw(dataset: str, root: str | Path, download: bool = True) -> RawSplits
     if folder is None and download:
         try:
             _download(source, root)
-        except Exception as err:  # any network/IO failure means "not available"
-            download_error = f"; download failed ({type(err).__name__})"
+        except Exception as err:  # any network/IO failure means "not available": said, in one line
+            download_error = f"; download failed: {_one_line(err)}"
         folder = _complete_dir(dirs)
     if folder is None:
         names = ", ".join(FILES.values())
         raise DataError(
             f"{dataset}: IDX files not found; put {names} (optionally .gz) in {root}/ "
-            f"(searched {', '.join(str(d) for d in dirs)}){download_error}"
+            f"(searched {', '.join(str(d) for d in dirs)}){_partial(dirs)}{download_error}"
         )
     try:
         stamp = tuple(_file(folder, stem).stat().st_mtime for stem in FILES.values())

@@ -10,8 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from tqdm.auto import tqdm
-
+from vaelab import progress
 from vaelab.search import GridSearch, OptunaSearch, expand_grid
 from vaelab.spec import Spec
 from vaelab.sweeps.queue import FAILURE, TEST_ELBO, is_replaced
@@ -108,6 +107,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
     from vaelab.sweeps.coordinator import Sweep
 
     check_timing(args)
+    progress.use_bars(not args.no_progress)  # no bars; the plain lines stay
     sweep = Sweep(spec, args.storage, tracking_uri=args.tracking_uri, allow_spec_change=args.allow_spec_change,
                   heartbeat_s=args.heartbeat_s, grace_s=args.grace_s)
     parent = sweep.prepare()
@@ -117,21 +117,28 @@ def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
     if pending == 0:
         sweep.finish(parent)
         print(f"sweep '{spec.name}' is already complete; nothing to run.\n{_summary(sweep, counts)}")
-        _final_evaluation(sweep, parent, show_progress=not args.no_progress)
+        _final_evaluation(sweep, parent, show_progress=True)
         return 0
     if counts.done:
         print(f"resuming sweep '{spec.name}': {counts.line()}")
     metric = sweep.search.metric
-    # The bar counts what the queue holds, so it cannot read 100% while trials still wait.
-    bar = tqdm(total=counts.done + pending, initial=counts.done, unit="trial", desc=spec.name,
-               disable=args.no_progress, dynamic_ncols=True)
+    # The bar counts what the queue holds, so it cannot read 100% while trials still wait. In a log (or with
+    # --no-progress) there is no bar: a line says where the sweep starts, each trial's line how many are done,
+    # and a last line how long it took (vaelab.progress).
+    total = counts.done + pending
+    bar = progress.bar(total, spec.name, "trial", initial=counts.done, count=True)
+    plain = not progress.bars_shown()
+    if plain:
+        progress.say(f"{spec.name}: {counts.done}/{total} trials done, {pending} to run")
 
     def on_trial(trial) -> None:
-        tqdm.write(_trial_line(trial, metric))
         bar.update(1)
+        done = f"  [{bar.n:.0f}/{total} done]" if plain else ""
+        progress.say(_trial_line(trial, metric) + done, sys.stdout)
 
     def on_epoch(trial, epoch: int, metrics: dict) -> None:
-        bar.set_postfix_str(f"trial {trial.number} epoch {epoch} val/loss {metrics['val/loss']:.2f}")
+        if not plain:  # a log gets the trial's line when it ends, not its epochs
+            bar.set_postfix_str(f"trial {trial.number} epoch {epoch} val/loss {metrics['val/loss']:.2f}")
 
     try:
         if args.workers <= 1:
@@ -142,7 +149,7 @@ def run_sweep(spec: Spec, args: argparse.Namespace) -> int:
         bar.close()
     counts = sweep.finish(parent)
     print(_summary(sweep, counts))
-    _final_evaluation(sweep, parent, show_progress=not args.no_progress)
+    _final_evaluation(sweep, parent, show_progress=True)
     if sweep.pending(sweep.counts()) == 0:
         _report(spec, sweep, args)
     return 0

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
+from vaelab import progress
 from vaelab.data import ImageData
 from vaelab.evaluation.estimators import SPLIT_TERMS
 from vaelab.models import VAE
 from vaelab.resume import TrainState
+from vaelab.spec import flatten
 from vaelab.training.member import EpochCallback, Member
 from vaelab.training.result import RunResult, train_metrics
 from vaelab.training.session import stop_requested, training_session
@@ -52,27 +52,40 @@ def _train(members: list[Member], models: list[VAE], data: ImageData, show_progr
     n_batches = math.ceil(len(data.train) / train.batch_size)
     epoch = members[0].start_epoch
     while epoch <= train.epochs and not all(m.done for m in members):
-        with tqdm(total=n_batches, desc=f"epoch {epoch}/{train.epochs}{stepper.label}", unit="batch",
-                  disable=not show_progress, leave=True, dynamic_ncols=True) as bar:
+        # A bar per epoch on a terminal; in a log, one line when the epoch ends (vaelab.progress).
+        with progress.bar(n_batches, f"epoch {epoch}/{train.epochs}{stepper.label}", "batch",
+                          show=show_progress) as bar:
             started = time.perf_counter()
             train_means = stepper.train_epoch(epoch, members, bar)
             epoch_s = time.perf_counter() - started  # a stack's wall time: every member shared the whole of it
             val_means = stepper.validate(members)
             if len(members) == 1:
                 bar.set_postfix({"train/loss": f"{train_means[0][0]:.2f}", "val/loss": f"{val_means[0][0]:.2f}"})
-        for i, m in enumerate(members):
-            if m.done:
-                continue
+            else:
+                bar.set_postfix_str("val/loss " + ", ".join(f"{v[0]:.2f}" for v in val_means))
+        training = [i for i, m in enumerate(members) if not m.done]
+        for i in training:
+            m = members[i]
             metrics = train_metrics(m.weighting, epoch, n_batches, *train_means[i])
             metrics.update(stepper.epoch_extras(i))
             metrics["time/epoch_s"] = epoch_s
             metrics.update({f"val/{name}": v for name, v in zip(SPLIT_TERMS, val_means[i], strict=True)})
             m.end_epoch(epoch, metrics, stepper, i)
-        if stop_requested():
-            for m in members:
-                if not m.done:
-                    m.stop(epoch)
+            if show_progress and m.result.stopped_early and m.error is None:
+                progress.say(_member_name(members, i) + m.result.early_stop_line(epoch, train.patience))
+        if stop_requested():  # after any epoch, its last included: the run ends KILLED and resumes
+            for i in training:
+                if members[i].error is None and members[i].rollback is None:
+                    members[i].stop(epoch, stepper, i)
         epoch += 1
+
+
+def _member_name(members: list[Member], i: int) -> str:
+    """How a progress line names a stack's member (by the keys stack members may differ in)."""
+    if len(members) == 1:
+        return ""
+    values = flatten(members[i].run)
+    return "[" + ", ".join(f"{key}={values[key]}" for key in STACKABLE_KEYS) + "] "
 
 
 def fit_group(

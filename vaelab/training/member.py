@@ -129,9 +129,21 @@ class Member:
             self.save_state(self.last_good)
         self.done = epoch >= train.epochs
 
-    def stop(self, epoch: int) -> None:
-        """A Ctrl-C came: end here; the state saved at this epoch resumes the run."""
-        self._end(RunStopped(f"stopped after epoch {epoch} on request; the same command resumes it"))
+    def stop(self, epoch: int, stepper: Stepper | None = None, i: int = 0) -> None:
+        """A stop was asked for (a first Ctrl-C) during `epoch`: the run ends here, KILLED, even
+        when this was its last epoch, so a stop always means the same; the same command resumes
+        it, and a run with no epoch left goes straight on to its evaluation. The state of this
+        epoch is saved first where train.checkpoint_every did not save it (also when it is 0: a stop
+        is when a resume state is needed; none when early stopping ended the run here: a resume
+        replays the epoch and stops again)."""
+        train = self.run.train
+        unsaved = train.checkpoint_every == 0 or epoch % train.checkpoint_every != 0
+        if stepper is not None and unsaved and self.save_state is not None and not self.result.stopped_early:
+            self.last_good = self.snapshot(epoch, stepper, i)
+            self.save_state(self.last_good)
+        trained = epoch >= train.epochs or self.result.stopped_early
+        then = "; the same command resumes it" + (" and goes on to the evaluation" if trained else "")
+        self._end(RunStopped(f"stopped after epoch {epoch} of {train.epochs} on request{then}"))
 
     def _end(self, error: BaseException) -> None:
         self.error, self.done = error, True

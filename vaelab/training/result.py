@@ -32,6 +32,12 @@ class RunResult:
         self.stopped_early = patience is not None and self.stale >= patience
         return False
 
+    def early_stop_line(self, epoch: int, patience: int | None) -> str:
+        """What a console says when early stopping ends a run after `epoch`."""
+        epochs = f"{self.stale} epoch" + ("s" if self.stale != 1 else "")
+        return (f"early stopping after epoch {epoch}: val/loss has not improved for {epochs} "
+                f"(train.patience {patience}); keeping epoch {self.best_epoch} (val/loss {self.best_val_loss:.2f})")
+
 
 def non_finite_reason(metrics: dict[str, float], epoch: int) -> str | None:
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]

@@ -7,12 +7,12 @@ import copy
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from vaelab.data import ImageData
 from vaelab.evaluation.estimators import SPLIT_TERMS, split_terms
 from vaelab.models import VAE
 from vaelab.objectives import objective_of, training_loss
+from vaelab.progress import Bar
 from vaelab.training.member import Member
 from vaelab.training.setup import make_optimizer
 from vaelab.training.step import StepTerms, member_images
@@ -35,7 +35,7 @@ class SingleStepper:
                                     penalty=self.objective.penalty)
         self.extras: dict[str, float] = {}
 
-    def train_epoch(self, epoch: int, members: list[Member], bar: tqdm) -> list[list[float]]:
+    def train_epoch(self, epoch: int, members: list[Member], bar: Bar) -> list[list[float]]:
         (member,) = members
         data, model, optimizer, weighting = self.data, self.model, self.optimizer, member.weighting
         penalty_of = self.objective.penalty

@@ -21,12 +21,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
-from tqdm.auto import tqdm
 
 from vaelab.data import ImageData
 from vaelab.evaluation.estimators import SPLIT_TERMS
 from vaelab.models import VAE
 from vaelab.objectives import Penalty, kl_per_dimension, objective_of, stacked_training_loss
+from vaelab.progress import Bar
 from vaelab.spec import RunSpec, flatten
 from vaelab.training.member import Member
 from vaelab.training.setup import make_optimizer
@@ -50,6 +50,8 @@ def stack_blocker(run: RunSpec) -> str | None:
         return "loss.likelihood=gaussian_learned learns its sigma inside the likelihood"
     if run.train.figure_every:
         return "train.figure_every draws each run's weights mid-training, which live in the stack"
+    if run.train.keep_every or run.train.keep_best:
+        return "train.keep_every / keep_best save each run's weights mid-training, which live in the stack"
     blocker = objective_of(run).stack_blocker
     if blocker is not None:
         return f"loss.objective={run.loss.objective} {blocker}"
@@ -223,7 +225,7 @@ class StackedStepper:
         return {n: p.transpose(1, 2) if n in self.linear else p for n, p in self.storage.items()}
 
     # ---- training and validation --------------------------------------------------------------------
-    def train_epoch(self, epoch: int, members: list[Member], bar: tqdm) -> list[list[float]]:
+    def train_epoch(self, epoch: int, members: list[Member], bar: Bar) -> list[list[float]]:
         data, train = self.data, members[0].run.train
         device = data.train.x.device
         n = len(data.train)

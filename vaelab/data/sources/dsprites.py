@@ -27,8 +27,8 @@ class GridPart:
 
     def take(self, rows: np.ndarray, name: str) -> Part:
         import torch
-        from tqdm.auto import tqdm
 
+        from vaelab import progress
         from vaelab.data.cache import cache_key, load_cached, write_cache
 
         cache_dir = Path(self.spec.cache_dir).expanduser()
@@ -39,9 +39,10 @@ class GridPart:
         if cached is None:
             chunks = (self.grid.binary_images(factors[i : i + 4096]) * np.uint8(255) for i in range(0, len(rows), 4096))
             images = (image[None] for chunk in chunks for image in chunk)
-            bar = tqdm(images, total=len(rows), desc=f"dsprites {name}", unit="img", disable=not self.show_progress,
-                       delay=1.0)
-            cached = write_cache(cache_dir, key, bar, factors[:, 0], (1, 64, 64), f"dsprites {name}")
+            with progress.bar(len(rows), f"dsprites {name}", "img", show=self.show_progress, delay=1.0,
+                              count=True) as bar:
+                cached = write_cache(cache_dir, key, progress.counted(images, bar), factors[:, 0], (1, 64, 64),
+                                     f"dsprites {name}")
         return Part(cached.images(torch.device("cpu")), cached.labels, SplitInfo(self.source, name, cached.digest))
 
 
