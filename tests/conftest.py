@@ -113,10 +113,10 @@ def mnist_root(tmp_path: Path) -> Path:
 def empty_mlflow_store(tmp_path_factory) -> Path:
     """An empty SQLite MLflow store, its schema made once per session: making it runs MLflow's migrations,
     seconds of small synced writes, so each test's store starts as a copy of this one."""
-    from vaelab.tracking import Store
+    from vaelab.tracking import MlflowRuns
 
     path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
-    Store(f"sqlite:///{path}")
+    MlflowRuns(f"sqlite:///{path}").create()  # a write makes a store; reading one that is not there is an error
     return path
 
 

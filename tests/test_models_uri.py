@@ -40,7 +40,7 @@ def swept(tmp_path: Path, mnist_root: Path) -> Path:
 
 def test_each_run_is_a_logged_model_with_its_test_metrics(tmp_path: Path, mnist_root: Path):
     swept(tmp_path, mnist_root)
-    client = MlflowClient(store(tmp_path))
+    client = MlflowClient(store(tmp_path), registry_uri=store(tmp_path))  # not the process-wide registry
     experiment = client.get_experiment_by_name("sweep_demo")
     children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     for run in children:
@@ -59,7 +59,7 @@ def test_the_best_run_is_registered_and_sampled_from_its_models_uri(tmp_path: Pa
     done = vaelab(tmp_path, "register", "sweep_demo", "--by", "val/elbo")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("models:/sweep_demo/1")
-    client = MlflowClient(store(tmp_path))
+    client = MlflowClient(store(tmp_path), registry_uri=store(tmp_path))  # not the process-wide registry
     version = client.get_model_version("sweep_demo", "1")
     experiment = client.get_experiment_by_name("sweep_demo")
     children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
@@ -120,7 +120,7 @@ def _register_folder(client: MlflowClient, name: str, folder: Path) -> None:
 
 def test_a_planted_pickle_in_a_registered_model_is_refused_not_run(tmp_path: Path, mnist_root: Path):
     swept(tmp_path, mnist_root)
-    client = MlflowClient(store(tmp_path))
+    client = MlflowClient(store(tmp_path), registry_uri=store(tmp_path))  # not the process-wide registry
     good = Path(client.download_artifacts(client.search_runs(
         [client.get_experiment_by_name("sweep_demo").experiment_id])[0].info.run_id, "checkpoint", str(tmp_path)))
     evil = tmp_path / "evil"

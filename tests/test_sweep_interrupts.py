@@ -166,5 +166,7 @@ def test_an_optuna_search_given_more_trials_reports_the_earlier_ones_too(tmp_pat
     assert Counter(r.data.tags["mlflow.parentRunId"] for r in children) == Counter({first: 2, second: 1})
     spec = load_spec(tmp_path / "experiments" / "sweep_demo.yaml")
     report = write_study_report(spec, tracker, tmp_path / "report").read_text()
+    # The study taken up again proposes new points, not its first ones again (each run is its own row).
+    assert len({r.data.params["loss.beta"] for r in children}) == 3
     assert all(r.info.run_id[:8] in report for r in children)
     assert "earlier specs" not in report and "Partial study" not in report

@@ -33,6 +33,13 @@ def answers(port: int, path: str = "/health") -> bool:
 
 
 def start_ui(cwd: Path, port: int, *extra: str) -> subprocess.Popen:
+    """`vaelab ui` in `cwd`, on its runs/mlflow.db (made here, empty, where it is not there yet: `vaelab ui`
+    only reads a store, and refuses where there is none)."""
+    from vaelab.tracking import MlflowRuns
+
+    if "--tracking-uri" not in extra and not (cwd / "runs" / "mlflow.db").is_file():
+        (cwd / "runs").mkdir(exist_ok=True)
+        MlflowRuns(f"sqlite:///{cwd / 'runs' / 'mlflow.db'}").create()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(REPO)
     # Not a session of its own: signals go to vaelab alone, as `kill <pid>` would send them.

@@ -474,6 +474,20 @@ def _column_values(dataset: Any, column: str, where: str) -> np.ndarray:
     return np.asarray(values.to_numpy(zero_copy_only=False))
 
 
+# A column of strings is read as class names only while it looks like one: at most this many names, and on
+# average at least 2 images per name. Captions or file names (60 strings over 60 rows) would otherwise become
+# 60 one-image "classes", a probe accuracy of 0 and a conditional model with a useless label.
+MAX_TEXT_CLASSES = 1000
+
+
+def _check_text_classes(classes: int, rows: int, column: str, source: str) -> None:
+    if classes > MAX_TEXT_CLASSES or 2 * classes > rows:
+        raise DataError(f"data.hf.label_column: column {column!r} of {source} holds {classes} distinct strings over "
+                        f"{rows} rows, free text rather than classes (a string column is read as classes when it has "
+                        f"at most {MAX_TEXT_CLASSES} and no more than half as many as rows); set data.hf.label_column "
+                        "to a column of classes, or cast this one to datasets.ClassLabel if it really is one")
+
+
 def _labels(
     chosen: dict[str, tuple[str, Any]], column: str, source: str
 ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
@@ -498,6 +512,8 @@ def _labels(
         raise DataError(f"data.hf.label_column: column {column!r} of {source} holds {feature}; labels must be a "
                         "ClassLabel, integers or strings")
     classes = np.unique(np.concatenate([v for v in values.values()]))
+    if feature.dtype in ("string", "large_string"):
+        _check_text_classes(len(classes), sum(len(v) for v in values.values()), column, source)
     return {role: np.searchsorted(classes, v).astype(np.int64) for role, v in values.items()}, tuple(
         str(c) for c in classes.tolist()
     )

@@ -15,14 +15,23 @@ PROBE_MIN_IMAGES = 20
 SOLVER_S = 2.0  # the logistic regression's fit, about the same for any size up to PROBE_TRAIN_IMAGES
 
 
+# The encoder of a conditional VAE is given the label, so a probe reading the label off its code measures the
+# input, not the code (it scores 1.0): nothing to report.
+CONDITIONAL = "model.conditional: the encoder is given the label, so a probe of its code measures nothing"
+
+
 def _turned_off(run: RunSpec) -> str | None:
-    return None if run.eval.probe else "eval.probe is false"
+    if not run.eval.probe:
+        return "eval.probe is false"
+    return CONDITIONAL if run.model.conditional else None
 
 
 def _unfit(ctx: EvalContext) -> str | None:
     import torch
 
     train, test = ctx.data.train, ctx.data.test
+    if ctx.model.num_classes:  # a conditional model loaded from a checkpoint
+        return CONDITIONAL
     if len(train) < PROBE_MIN_IMAGES:
         return f"{len(train)} training images (the probe needs {PROBE_MIN_IMAGES})"
     if len(torch.unique(train.y[:PROBE_TRAIN_IMAGES])) < 2 or len(torch.unique(test.y)) < 2:

@@ -17,6 +17,7 @@ from vaelab.evaluation.evaluators import EVALUATORS, Evaluator, owner
 from vaelab.evaluation.evaluators import metrics as evaluator_metrics
 from vaelab.report import figures as report_figures
 from vaelab.report.escape import md_cell, md_text, md_url
+from vaelab.runlog import HASH_TAG
 from vaelab.tracking import UI_BASE, run_link, ui_base_for
 
 # The run's own metrics a table shows, after the evaluators': metric -> (header, which way is better).
@@ -132,9 +133,39 @@ def _marked(evaluator: Evaluator) -> bool:
     return any(metric.by_settings for metric in evaluator.metrics)
 
 
+HASH_COLUMN = f"tags.{HASH_TAG}"
+
+
+def one_per_identity(finished: pd.DataFrame) -> pd.DataFrame:
+    """`finished` with the copies of one identical run (the same vaelab.run_hash: `vaelab train --again`, or
+    a spec trained twice) collapsed to the latest finished one, in the order given. A copy is no new seed:
+    counted as one it would show ± 0.00 and give the t-test a spread the runs do not have."""
+    if HASH_COLUMN not in finished or finished.empty:
+        return finished
+    keyed = finished[HASH_COLUMN].notna()
+    latest = finished[keyed].sort_values("end_time", kind="stable").drop_duplicates(HASH_COLUMN, keep="last")
+    return finished[~keyed | finished.index.isin(latest.index)]
+
+
+def _finished(study: StudyRuns) -> pd.DataFrame:
+    """The finished runs the tables, figures and picks count: one per run identity."""
+    return one_per_identity(study.runs[study.runs["outcome"] == "finished"]).copy()
+
+
+def _copies_note(study: StudyRuns) -> list[str]:
+    """One line on the finished runs left out as copies of another (one_per_identity)."""
+    copies = int((study.runs["outcome"] == "finished").sum()) - len(_finished(study))
+    if not copies:
+        return []
+    runs = f"{copies} finished runs repeat" if copies != 1 else "1 finished run repeats"
+    return ["", f"> **Copies collapsed:** {runs} "
+                "an identical run (the same `vaelab.run_hash`: `vaelab train --again`, or a spec trained twice); each "
+                "counts once, as its latest finished run: a copy is no new seed."]
+
+
 def aggregate(study: StudyRuns) -> pd.DataFrame:
-    """One row per configuration: mean, std and n of every metric over seeds."""
-    finished = study.runs[study.runs["outcome"] == "finished"].copy()
+    """One row per configuration: mean, std and n of every metric over seeds (runs of one identity count once)."""
+    finished = _finished(study)
     keys = [f"params.{k}" for k in study.swept]
     for key in keys:  # a swept key no finished run uses yet (a union's other grid) is not in the store at all
         if key not in finished:
@@ -308,7 +339,7 @@ def _header(study: StudyRuns, description: str) -> list[str]:
         "- runs: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("finished", "pruned", "failed", "running")),
         f"- total compute: {compute_s / 60:.1f} min of wall time over all runs",
         "- units: nats per image; **test −ELBO** is the negative ELBO (recon + KL at beta = 1), lower is better;"
-        " mean ± std over seeds, n runs per row",
+        " mean ± std over seeds, n runs per row (copies of one identical run count once)",
         "- **bold** = best in its column and better than every other row beyond seed noise (Welch's t-test over "
         f"seeds, p < {SIGNIFICANCE:g}); † = the column's best and every row not distinguishable from it at that "
         "level (then no row is bold); rows of one run are not ranked",
@@ -361,7 +392,7 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
         stale.unlink()  # a parameter may no longer be swept
     settings_columns = [_settings_column(e) for e in EVALUATORS.values()]
     table.drop(columns=["run_ids", *settings_columns], errors="ignore").to_csv(out_dir / "table.csv", index=False)
-    lines = _header(study, description) + _missing_note(study) + _left_out_note(study)
+    lines = _header(study, description) + _missing_note(study) + _left_out_note(study) + _copies_note(study)
     lines += ["", "## Results", *_likelihood_note(study), "", markdown_table(study, table), "",
               "Raw numbers: [table.csv](table.csv)."]
     for evaluator in EVALUATORS.values():  # the evaluators whose metrics have a section of their own
@@ -369,7 +400,7 @@ def build_report(study: StudyRuns, out_dir: Path, description: str = "",
         if shown and evaluator.section is not None:
             lines += ["", f"## {evaluator.section.heading}", "", evaluator.section.text, "",
                       markdown_table(study, table, shown)]
-    finished = study.runs[study.runs["outcome"] == "finished"].copy()
+    finished = _finished(study)
     for key in study.swept:  # a swept key no finished run uses yet has no column in the store
         if f"params.{key}" not in finished:
             finished[f"params.{key}"] = np.nan
@@ -408,7 +439,7 @@ def _figure(path: Path) -> str:
 
 def _best_run(study: StudyRuns) -> tuple[pd.Series, str]:
     """The finished run the sweep's own metric ranks first, and the reason in words."""
-    finished = study.runs[study.runs["outcome"] == "finished"]
+    finished = _finished(study)
     metric, direction = "test/elbo", "minimize"
     if study.parent is not None and study.parent.get("params.search.metric"):
         metric, direction = f"best/{study.parent['params.search.metric']}", study.parent["params.search.direction"]
@@ -422,7 +453,7 @@ def _best_run(study: StudyRuns) -> tuple[pd.Series, str]:
 
 def _most_disentangled(study: StudyRuns) -> tuple[pd.Series, str] | None:
     """The finished run with the highest MIG, when runs were scored against ground-truth factors."""
-    finished = study.runs[study.runs["outcome"] == "finished"]
+    finished = _finished(study)
     column = f"metrics.{DIS_PREFIX}mig"
     if column not in finished or finished[column].isna().all():
         return None
@@ -433,9 +464,12 @@ def _most_disentangled(study: StudyRuns) -> tuple[pd.Series, str] | None:
 def write_study_report(spec, tracker, out_dir: Path, optuna_figures=None) -> Path:
     """The report of `spec`'s experiment in `tracker`'s store, written under out_dir.
     `optuna_figures(folder) -> (markdown lines)` adds the Optuna study's own plots."""
+    none = ReportError(f"no runs of '{spec.name}' in {tracker.shown_uri}; run `make sweep EXP={spec.name}` first")
+    if not tracker.exists:  # reading makes no store
+        raise none
     experiment_id, frame = tracker.runs_table(spec.name)
     if frame is None or frame.empty:
-        raise ReportError(f"no runs of '{spec.name}' in {tracker.shown_uri}; run `make sweep EXP={spec.name}` first")
+        raise none
     study = replace(select_runs(spec.name, experiment_id, frame), ui_base=ui_base_for(tracker.uri))
     if not (study.runs["outcome"] == "finished").any():
         raise ReportError(f"study '{spec.name}' has no finished runs yet ({len(study.runs)} runs in the store)")

@@ -86,6 +86,10 @@ class Sweep:
             direction=optuna.study.StudyDirection[self.search.direction.upper()],
             sampler=sampler_for(self.search, sampler_seed_offset), pruner=pruner_for(self.search),
         )
+        # A study taken up again (more n_trials, a new session) must not draw its first points again: a sampler
+        # seeded as before would repeat the earlier random proposals. The seed moves with the trials it has.
+        if isinstance(self.search, OptunaSearch) and (held := len(self.study.get_trials(deepcopy=False))):
+            self.study.sampler = sampler_for(self.search, sampler_seed_offset + held)
         self.queue = TrialQueue(self.study, self.storage, heartbeat_s, grace_s,
                                 on_reaped=lambda run_id, why: self.tracker.kill_run(run_id, f"worker died: {why}"))
         self.runner = TrialRunner(spec, self.queue, self.tracker)

@@ -1,7 +1,8 @@
 """MLflow tracking: the only package that imports mlflow, and only inside functions, so
 importing it costs nothing until a store is opened.
 
-Default store: `sqlite:///runs/mlflow.db` with artifacts in `runs/artifacts/`;
+Default store: `sqlite:///runs/mlflow.db` with artifacts in `runs/artifacts/`, made by the first
+write (never by a read: a store that is not there is a one-line TrackingError);
 `MLFLOW_TRACKING_URI` (or an explicit URI) points elsewhere, e.g. a server. One
 experiment per spec name; a run per training run, with the flattened spec as
 params, per-epoch metrics logged one batch per epoch, test metrics, figures and
@@ -31,7 +32,11 @@ from vaelab.tracking.writer import MlflowRunLog
 class Tracker(Store, MlflowRuns):
     """One tracking store opened once, for a command that both reads it (`Store`) and writes runs into it
     (`MlflowRuns`): `vaelab train`, a sweep, a report published on its parent run, a later evaluation.
-    Code that only reads or only writes asks for that half."""
+    Code that only reads or only writes asks for that half. A SQLite store that is not there yet is made by
+    its first write; a read before that is a TrackingError (so `vaelab evaluate` or `sample` in the wrong
+    folder makes nothing)."""
+
+    creates = True
 
 
 __all__ = ["FAILURE_TAG", "local_path", "register_best", "NOTE_TAG", "MlflowRuns", "check_server", "quiet_mlflow",

@@ -1,7 +1,8 @@
 """Where MLflow run logs are opened: `MlflowRuns`, the MLflow implementation of
 `vaelab.runlog.RunLogs`. Experiments (kind, description), runs opened, reopened to resume
 or attached as they are, a sweep's parent run, and run status set from outside the run
-(a dead worker's run KILLED)."""
+(a dead worker's run KILLED), the finished run of a run hash. The first write makes a SQLite store that is
+not there yet."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 from collections.abc import Mapping
 from typing import Any
 
-from vaelab.runlog import FAILURE_TAG
+from vaelab.runlog import FAILURE_TAG, HASH_TAG, FinishedRun
 from vaelab.tracking.connection import Connection
 from vaelab.tracking.server import is_not_found
 from vaelab.tracking.writer import MlflowRunLog
@@ -30,16 +31,16 @@ class MlflowRuns(Connection):
     """Creates experiments and runs in one tracking store, and hands out their logs."""
 
     def experiment_id(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
+        found = self.writable.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
         location = (self.artifact_root / name).as_uri() if self.artifact_root else None
         try:
-            return self.client.create_experiment(name, artifact_location=location,
+            return self.writable.create_experiment(name, artifact_location=location,
                                                  tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:
             # Another process created it first.
-            found = self.client.get_experiment_by_name(name)
+            found = self.writable.get_experiment_by_name(name)
             if found is None:
                 raise
             return found.experiment_id
@@ -48,64 +49,79 @@ class MlflowRuns(Connection):
         """The experiment of a spec, with the spec's description as its note (shown in the UI) and marked
         as model development; returns its id."""
         experiment_id = self.experiment_id(name)
-        tags = self.client.get_experiment(experiment_id).tags
+        tags = self.writable.get_experiment(experiment_id).tags
         wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **({NOTE_TAG: description.strip()} if description else {})}
         for key, value in wanted.items():
             if tags.get(key) != value:
-                self.client.set_experiment_tag(experiment_id, key, value)
+                self.writable.set_experiment_tag(experiment_id, key, value)
         return experiment_id
 
     def open_run(self, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None) -> MlflowRunLog:
         """A RUNNING run; the caller ends it with `MlflowRunLog.end` (stacked runs end one by one)."""
         all_tags = {"vaelab.git_commit": git_commit(), **(tags or {})}
-        info = self.client.create_run(
+        info = self.writable.create_run(
             self.experiment_id(experiment), run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
         )
-        return MlflowRunLog(self.client, info.info.run_id)
+        return MlflowRunLog(self.writable, info.info.run_id)
 
     def reopen_run(self, run_id: str) -> MlflowRunLog | None:
         """Continue a run that did not finish (killed, crashed): RUNNING again, with
         what it already logged. None if the run is gone or finished."""
         try:
-            run = self.client.get_run(run_id)
+            run = self.writable.get_run(run_id)
         except Exception as err:
             if is_not_found(err):
                 return None
             raise
         if run.info.status == "FINISHED":
             return None
-        self.client.update_run(run_id, status="RUNNING")
+        self.writable.update_run(run_id, status="RUNNING")
         if FAILURE_TAG in run.data.tags:
-            self.client.delete_tag(run_id, FAILURE_TAG)
+            self.writable.delete_tag(run_id, FAILURE_TAG)
         # An epoch's metrics go in one batch, so train/loss's last step is the last epoch logged.
-        steps = [m.step for m in self.client.get_metric_history(run_id, "train/loss")]
-        return MlflowRunLog(self.client, run_id, logged_through=max(steps, default=0))
+        steps = [m.step for m in self.writable.get_metric_history(run_id, "train/loss")]
+        return MlflowRunLog(self.writable, run_id, logged_through=max(steps, default=0))
+
+    def latest_finished(self, experiment: str, run_hash: str) -> FinishedRun | None:
+        """The FINISHED run of `experiment` tagged with `run_hash` (the latest, if copies were trained), or None;
+        asking makes no store."""
+        if not self.exists:
+            return None
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        where = f"tags.`{HASH_TAG}` = '{run_hash}' and attributes.status = 'FINISHED'"
+        runs = self.client.search_runs([found.experiment_id], filter_string=where,
+                                       order_by=["attributes.end_time DESC"], max_results=1)
+        if not runs:
+            return None
+        return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics), runs[0].info.artifact_uri)
 
     def attach(self, run_id: str) -> MlflowRunLog:
         """A handle that writes into an existing run as it is (a finished run's later evaluation, a sweep's
         outcome published on its parent run)."""
-        return MlflowRunLog(self.client, run_id)
+        return MlflowRunLog(self.writable, run_id)
 
     def create_parent_run(self, experiment: str, run_name: str, params: dict[str, Any],
                           tags: dict[str, Any]) -> str:
         """A RUNNING run that groups a sweep's child runs."""
-        info = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+        info = self.writable.create_run(self.experiment_id(experiment), run_name=run_name,
                                       tags={"vaelab.git_commit": git_commit(), **{k: str(v) for k, v in tags.items()}})
-        MlflowRunLog(self.client, info.info.run_id).log_params(params)
+        MlflowRunLog(self.writable, info.info.run_id).log_params(params)
         return info.info.run_id
 
     def kill_run(self, run_id: str, reason: str) -> None:
         """Mark a run whose process died as KILLED (no RUNNING leftovers)."""
         try:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_tag(run_id, FAILURE_TAG, reason)
-                self.client.set_terminated(run_id, status="KILLED")
+            if self.writable.get_run(run_id).info.status == "RUNNING":
+                self.writable.set_tag(run_id, FAILURE_TAG, reason)
+                self.writable.set_terminated(run_id, status="KILLED")
         except Exception as err:  # the run may live in another store; nothing to clean here
             if not is_not_found(err):
                 raise
 
     def set_status(self, run_id: str, status: str) -> None:
         if status == "RUNNING":
-            self.client.update_run(run_id, status="RUNNING")
+            self.writable.update_run(run_id, status="RUNNING")
         else:
-            self.client.set_terminated(run_id, status=status)
+            self.writable.set_terminated(run_id, status=status)

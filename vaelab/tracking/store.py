@@ -1,6 +1,7 @@
 """What is read from an MLflow tracking store: `Store`. Finished runs for a later evaluation, the
 best runs of an experiment, a whole experiment as a table for the report, a run's artifact, a
-`models:/` or `runs:/` checkpoint downloaded, a run's page in the UI."""
+`models:/` or `runs:/` checkpoint downloaded, a run's page in the UI. Reading makes no store: a
+SQLite store that is not there is a one-line TrackingError (`Store` alone: as it is opened)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ MODEL_URI_SCHEMES = ("models:/", "runs:/")
 
 
 class Store(Connection):
-    """Reads from one tracking store."""
+    """Reads from one tracking store (`vaelab ui`); one that is not there is refused as it is opened."""
+
+    creates = False
 
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI (for a local store, once `make ui` serves it)."""
@@ -23,6 +26,8 @@ class Store(Connection):
         return run_link(ui_base_for(self.uri), experiment_id, run_id)
 
     def run_exists(self, run_id: str) -> bool:
+        if not self.exists:  # no store, no run (and asking makes no store)
+            return False
         try:
             self.client.get_run(run_id)
             return True
@@ -94,6 +99,8 @@ class Store(Connection):
         import mlflow.artifacts
         from mlflow.exceptions import MlflowException
 
+        if not self.exists:  # MLflow's download would make the store
+            raise self.missing()
         if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
             uri = uri.rstrip("/") + "/checkpoint"  # a run's checkpoint folder
         # models:/ URIs are resolved through the process's tracking and registry URIs.

@@ -18,17 +18,23 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def artifact_root(uri: str) -> Path | None:
     """For a SQLite store, artifacts live in `artifacts/` beside the database
     (a server or other store decides for itself)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):]).parent / "artifacts"
+    path = sqlite_path(uri)
+    return None if path is None else path.parent / "artifacts"
 
 
 def store_exists(uri: str) -> bool:
-    """False only for a SQLite store whose file is not there (reading must not create it)."""
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+    """False only for a SQLite store whose file is not there, or empty (reading must not create it: opening
+    an empty file would write MLflow's schema into it)."""
+    path = sqlite_path(uri)
+    return path is None or (path.is_file() and path.stat().st_size > 0)
 
 
 def without_credentials(uri: str) -> str:
