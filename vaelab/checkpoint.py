@@ -1,6 +1,8 @@
 """Checkpoint folders: model.pt (state dict), spec.yaml (the resolved run, as a
-spec file), metrics.json and run.json (the MLflow run that wrote it and the digest
-of its weights). The folder alone rebuilds the model. Nothing in it is trusted:
+spec file), metrics.json and run.json (the MLflow run that wrote it, the digest of its
+weights, the names of its labels, so a conditional model takes `--label Sneaker`, and
+for a kept checkpoint its epoch; folders written before names were recorded take label
+indices). The folder alone rebuilds the model. Nothing in it is trusted:
 model.pt is loaded weights-only, the JSON files are checked field by field, and
 weights that do not fit spec.yaml are named tensor by tensor."""
 
@@ -27,6 +29,7 @@ from vaelab.registry import image_shape
 from vaelab.spec import RunSpec, SpecError, load_spec, run_to_yaml
 
 MODEL_FILE, SPEC_FILE, METRICS_FILE, RUN_FILE = "model.pt", "spec.yaml", "metrics.json", "run.json"
+MAX_CLASS_NAME = 1000  # characters of one class name: a label, not a document
 DIGEST_KEY = "weights_sha256"  # in run.json; the run carries the same value as its DIGEST_TAG
 DIGEST_TAG = "vaelab.checkpoint.sha256"  # set by runner through the tracking layer, read by `vaelab evaluate`
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -41,6 +44,8 @@ class Checkpoint:
     metrics: dict
     run_id: str | None = None  # the MLflow run that wrote it (checkpoints from before 0.2 do not say)
     digest: str = ""  # weights_digest of model.pt's state dict, as loaded
+    classes: tuple[str, ...] = ()  # the labels' names, by index (empty where the folder does not record them)
+    epoch: int | None = None  # the epoch a kept checkpoint was taken at (None: the run's final, best weights)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class RunRecord:
     run_id: str
     experiment: str | None = None
     digest: str | None = None  # absent in checkpoints written before digests were recorded
+    epoch: int | None = None  # a kept checkpoint's epoch (train.keep_every / keep_best); None for the final one
+    classes: tuple[str, ...] = ()  # the labels' names by index (the data's class names); () in older folders
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -64,15 +71,21 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(folder: Path, model: VAE, run_spec: RunSpec, name: str, metrics: dict,
-                    run_id: str | None = None) -> Path:
+                    run_id: str | None = None, classes: tuple[str, ...] = (), epoch: int | None = None) -> Path:
+    """The folder for `model`. With `run_id`, run.json: the run, the weights' digest, `classes` (the data's class
+    names, by label index) and `epoch` (a kept checkpoint taken while training; the final one has none)."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(folder / MODEL_FILE, state)
     atomic_write(folder / SPEC_FILE, lambda p: p.write_text(run_to_yaml(run_spec, name)))
     atomic_write(folder / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+    names = [str(c) for c in classes]
     if run_id is not None:
-        record = {"run_id": run_id, "experiment": name, DIGEST_KEY: weights_digest(state)}
-        atomic_write(folder / RUN_FILE, lambda p: p.write_text(json.dumps(record)))
+        record = {"run_id": run_id, "experiment": name, DIGEST_KEY: weights_digest(state),
+                  # names that could not be told apart are left out: such labels stay indices, as in older folders
+                  **({"classes": names} if names and _usable_names(names) else {}),
+                  **({"epoch": epoch} if epoch is not None else {})}
+        atomic_write(folder / RUN_FILE, lambda p: p.write_text(json.dumps(record, ensure_ascii=False)))
     return folder
 
 
@@ -103,14 +116,24 @@ def read_run_record(folder: Path) -> RunRecord | None:
     if not path.is_file():
         return None
     raw = _json_object(path)
-    run_id, experiment, digest = raw.get("run_id"), raw.get("experiment"), raw.get(DIGEST_KEY)
+    run_id, experiment, digest, epoch = raw.get("run_id"), raw.get("experiment"), raw.get(DIGEST_KEY), raw.get("epoch")
+    classes = raw.get("classes", [])
     if not isinstance(run_id, str) or not run_id.strip():
         raise CheckpointError(f"{path}: run_id: expected the MLflow run id as a string, got {_json_kind(run_id)}")
     if experiment is not None and not isinstance(experiment, str):
         raise CheckpointError(f"{path}: experiment: expected a string, got {_json_kind(experiment)}")
     if digest is not None and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
         raise CheckpointError(f"{path}: {DIGEST_KEY}: expected 64 lowercase hex digits")
-    return RunRecord(run_id, experiment, digest)
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+        raise CheckpointError(f"{path}: epoch: expected a positive integer, got {_json_kind(epoch)}")
+    if not isinstance(classes, list) or not _usable_names(classes):
+        raise CheckpointError(f"{path}: classes: expected a list of distinct names (non-empty strings of at most "
+                              f"{MAX_CLASS_NAME} characters)")
+    return RunRecord(run_id, experiment, digest, epoch, tuple(classes))
+
+
+def _usable_names(names: list) -> bool:
+    return all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in names) and len(set(names)) == len(names)
 
 
 def _read_metrics(folder: Path) -> dict[str, float]:
@@ -212,5 +235,10 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> C
     digest = weights_digest(state)  # before the class count is filled in: as the file holds it
     model = _build(spec.base, state, folder / MODEL_FILE, device)
     model.eval()
+    classes = record.classes if record else ()
+    if model.num_classes and classes and len(classes) != model.num_classes:
+        raise CheckpointError(f"{folder / RUN_FILE}: classes: {len(classes)} names for a model of "
+                              f"{model.num_classes} classes")
     return Checkpoint(model=model, run_spec=spec.base, name=spec.name, likelihood=model.likelihood,
-                      metrics=metrics, run_id=record.run_id if record else None, digest=digest)
+                      metrics=metrics, run_id=record.run_id if record else None, digest=digest, classes=classes,
+                      epoch=record.epoch if record else None)

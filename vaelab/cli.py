@@ -1,4 +1,4 @@
-"""`vaelab train | sweep | worker | evaluate | report | sample | reconstruct | ui | keys`:
+"""`vaelab train | sweep | worker | evaluate | report | sample | reconstruct | encode | ui | keys`:
 the command line. Bad input ends in one line on stderr and exit code 2 (vaelab.errors);
 a failed run in exit code 1; a stop by Ctrl-C in 130."""
 
@@ -10,9 +10,16 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vaelab import progress
 from vaelab.errors import RunFailure, SpecError, UsageError, UserInputError, VaelabError
 from vaelab.tracking import quiet_mlflow
+
+if TYPE_CHECKING:
+    from vaelab.runlog import RunLogs
+    from vaelab.runner import RunOutcome
+    from vaelab.spec import RunSpec, Spec
 
 EXPERIMENTS_DIR = Path("experiments")
 
@@ -47,30 +54,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         import yaml
 
         from vaelab.evaluation.plan import describe
+        from vaelab.kept import plan_lines as kept_checkpoints
 
         print(yaml.safe_dump({"name": spec.name, "description": spec.description, "base": to_dict(spec.base)},
                              sort_keys=False), end="")
         print("# evaluation after training (`vaelab sweep --dry-run` times it):")
         for line in describe(spec.base):
             print(f"#   {line}")
+        for line in kept_checkpoints(spec.base):
+            print(f"# {line}")
         return 0
-    from vaelab.runner import run
-
+    logs: RunLogs
     if args.no_track:  # a run log in memory: no tracking store is opened, mlflow is never imported
         from vaelab.runlog import MemoryRuns
 
         if args.tracking_uri:
             raise UsageError("--no-track records nothing in a tracking store: leave out --tracking-uri")
-        outcome = run(spec.base, spec.name, MemoryRuns(Path(args.out) / spec.name),
-                      show_progress=not args.no_progress)
-        print(f"run {outcome.run_id} FINISHED, not tracked (--no-track): its files are in {args.out}/{spec.name}/")
+        logs = MemoryRuns(Path(args.out) / spec.name)
     else:
         from vaelab.tracking import Tracker
 
-        tracker = Tracker(args.tracking_uri)
+        logs = tracker = Tracker(args.tracking_uri)
         tracker.describe_experiment(spec.name, spec.description)
-        outcome = run(spec.base, spec.name, tracker, show_progress=not args.no_progress)
-        print(f"run {outcome.run_id} FINISHED in experiment '{spec.name}' ({tracker.shown_uri})")
+    outcome, trained = _trained_or_named(spec, logs, args.again)
+    where = (f"not tracked (--no-track): its files are in {args.out}/{spec.name}/" if args.no_track
+             else f"in experiment '{spec.name}' ({tracker.shown_uri})")
+    if trained:
+        print(f"run {outcome.run_id} FINISHED {where}")
+    else:
+        print(f"run {outcome.run_id} of this very spec (the same vaelab.run_hash) FINISHED before {where}: not "
+              "trained again (--again trains another copy)")
+        for key in _set_outside_identity(spec.base):
+            print(f"  {key} does not change a run's identity: --again trains a copy that uses it")
+    if not args.no_track:
         print(f"  {tracker.run_url(outcome.run_id)}" + ("" if tracker.uri.startswith("http") else
                                                         "  (after `make ui`)"))
     from vaelab.evaluation.evaluators import metrics as evaluator_metrics
@@ -84,6 +100,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"checkpoint: {outcome.checkpoint_dir}")
         print(f"  {invoked_as()} sample {outcome.checkpoint_dir} --n 64 --out samples.png")
     return 0
+
+
+def _trained_or_named(spec: Spec, logs: RunLogs, again: bool) -> tuple[RunOutcome, bool]:
+    """`vaelab train`'s run and whether it trained now: trained, or, where this very spec (the same run
+    hash) has a FINISHED run already and no stopped run of it resumes, that run named instead (`--again`
+    trains another copy, tagged vaelab.copy_of). MemoryRuns (--no-track) holds this process's runs only."""
+    from vaelab.resume import STATE_FILE, state_dir
+    from vaelab.runlog import COPY_TAG
+    from vaelab.runner import RunOutcome, run
+
+    run_hash = spec.base.hash()
+    resumable = (state_dir(logs.resume_root, spec.name, run_hash) / STATE_FILE).is_file()
+    twin = None if resumable else logs.latest_finished(spec.name, run_hash)
+    if twin is not None and not again:
+        return RunOutcome(twin.run_id, twin.metrics, twin.artifact_uri, [], 0), False
+    return run(spec.base, spec.name, logs, show_progress=True,
+               extra_tags={COPY_TAG: twin.run_id} if twin is not None else None), True
+
+
+def _set_outside_identity(run_spec: RunSpec) -> list[str]:
+    """Keys this spec sets away from their defaults that a run's hash leaves out (HOW_NOT_WHAT): a finished
+    run of the same hash did not necessarily use them (train.keep_every, say)."""
+    from vaelab.spec import HOW_NOT_WHAT, RunSpec, flatten
+
+    default = flatten(RunSpec())
+    return sorted(key for key, value in flatten(run_spec).items() if key in HOW_NOT_WHAT and default.get(key) != value)
 
 
 def _load_sweep_spec(args: argparse.Namespace):
@@ -152,7 +194,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tracker = Tracker(args.tracking_uri)
     for target in _evaluation_targets(args, tracker):
         done = evaluate_finished(target, tracker, args.set, evaluators, device=args.device,
-                                 show_progress=not args.no_progress, explicit=bool(args.metrics))
+                                 show_progress=True, explicit=bool(args.metrics))
         print(f"run {done.run_id}: {', '.join(done.evaluation.ran) or 'nothing new'}")
         for key, value in done.evaluation.metrics.items():
             if not key.startswith(("time/", "test/kl_dim/")):
@@ -200,17 +242,6 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
                  url_path="/dashboard")
 
 
-def _load_model(target: str, tracking_uri: str | None, device: str, scratch: Path):
-    """A checkpoint folder, or a `models:/` / `runs:/` URI fetched from the tracking store into `scratch`."""
-    from vaelab.checkpoint import load_checkpoint
-
-    if target.startswith(("models:/", "runs:/")):
-        from vaelab.tracking import Tracker
-
-        return load_checkpoint(Tracker(tracking_uri).model_folder(target, scratch), device=device)
-    return load_checkpoint(target, device=device)
-
-
 def _cmd_register(args: argparse.Namespace) -> int:
     from vaelab.search import METRICS
     from vaelab.spec import load_spec
@@ -227,49 +258,70 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    import tempfile
+def _png_out(value: str) -> Path:
+    out = Path(value)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out: expected a .png file name, got {value}")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: folder {out.parent} does not exist")
+    return out
 
+
+def _cmd_sample(args: argparse.Namespace) -> int:
     from vaelab.figures import write_samples
+    from vaelab.loaded import load
 
     if args.n < 1 or args.n > 10_000:
         raise UsageError(f"--n: expected an int in [1, 10000], got {args.n}")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out: expected a .png file name, got {args.out}")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out: folder {out.parent} does not exist")
-    with tempfile.TemporaryDirectory(prefix="vaelab-model-") as scratch:
-        checkpoint = _load_model(args.checkpoint, args.tracking_uri, args.device, Path(scratch))
-    write_samples(checkpoint.model, checkpoint.likelihood, out, n=args.n, seed=args.seed)
-    print(f"wrote {args.n} samples from {checkpoint.name} ({checkpoint.run_spec.model.arch}, "
-          f"z_dim={checkpoint.run_spec.model.z_dim}) to {out}")
+    out = _png_out(args.out)
+    model = load(args.checkpoint, args.tracking_uri, args.device)
+    if args.label is not None and not model.conditional:
+        raise UsageError("--label: this model is not conditional (model.conditional=false); leave it out")
+    label = None if args.label is None else model.label_index(args.label, "--label")
+    # A conditional model without --label draws a row per class, each row named.
+    write_samples(model.model, model.likelihood, out, n=args.n, seed=args.seed, label=label,
+                  class_names=model.classes)
+    of = f", class {model.classes[label]}" if label is not None else ""
+    classes = model.model.num_classes
+    written = args.n if label is not None or not classes else max(1, args.n // classes) * classes
+    if classes and label is None:
+        of += f", {written // classes} of each of {classes} classes"
+    print(f"wrote {written} samples from {model.name} ({model.run_spec.model.arch}, z_dim={model.z_dim}{of}) to {out}")
     return 0
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    import tempfile
-
     import torch
     from torchvision.utils import save_image
 
-    from vaelab.data.images import load_image
-    from vaelab.registry import image_shape
+    from vaelab.loaded import load
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png" or not out.parent.is_dir():
-        raise UsageError(f"--out: expected a .png file in an existing folder, got {args.out}")
-    with tempfile.TemporaryDirectory(prefix="vaelab-model-") as scratch:
-        checkpoint = _load_model(args.checkpoint, args.tracking_uri, args.device, Path(scratch))
-    x = load_image(args.image, image_shape(checkpoint.run_spec.data)).to(args.device)
-    label = torch.tensor([args.label], device=args.device)
-    if checkpoint.model.num_classes and not 0 <= args.label < checkpoint.model.num_classes:
-        raise UsageError(f"--label: expected 0..{checkpoint.model.num_classes - 1} for this conditional model")
-    with torch.inference_mode():
-        mu = checkpoint.model.encode(x, label)[0]
-        recon = checkpoint.likelihood.mean(checkpoint.model.decode(mu, label))
-    save_image(torch.cat([x, recon]).cpu(), out, nrow=2, padding=2, pad_value=1.0)
+    out = _png_out(args.out)
+    model = load(args.checkpoint, args.tracking_uri, args.device)
+    # A conditional model's code depends on the label: it must be given (by name or index), never assumed.
+    x = model.images(args.image)
+    recon = model.reconstruct(x, model.labels(args.label, 1, "--label"))
+    save_image(torch.cat([x.cpu(), recon]), out, nrow=2, padding=2, pad_value=1.0)
     print(f"wrote original | reconstruction of {args.image} to {out}")
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from vaelab.encode import check_out, from_images, from_split, write_latents
+    from vaelab.loaded import load
+
+    if (args.images is None) == (args.split is None):
+        raise UsageError("give exactly one of --images FILE_OR_FOLDER and --split train|val|test")
+    out = check_out(Path(args.out))
+    model = load(args.target, args.tracking_uri, args.device)
+    if args.split is not None:
+        if args.label is not None:
+            raise UsageError("--label: a split's images have their own labels; leave it out")
+        latents = from_split(model, args.split, show_progress=True)
+    else:
+        latents = from_images(model, Path(args.images), args.label, show_progress=True)
+    write_latents(latents, out, {"target": args.target, "run_id": model.run_id or "", "z_dim": model.z_dim})
+    print(f"wrote the latent means and log-variances of {len(latents)} images (z_dim={model.z_dim}) to {out}")
     return 0
 
 
@@ -336,19 +388,26 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one run from a spec's base")
     _add_spec_args(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bars: one plain line per epoch and evaluator instead "
+                            "(what a log file gets anyway)")
     train.add_argument("--no-track", action="store_true",
                        help="record nothing in a tracking store (MLflow is not used): print the results and write "
                             "the checkpoint and figures under --out")
     train.add_argument("--out", default="untracked", help="with --no-track: the folder for the run's files, "
                                                           "in OUT/NAME/RUN_ID/ (default untracked/)")
+    train.add_argument("--again", action="store_true",
+                       help="train another copy of a spec that has a FINISHED run already (tagged vaelab.copy_of; "
+                            "without it that run is named, not trained again); a stopped run still resumes")
     train.set_defaults(func=_cmd_train)
 
     sweep = sub.add_parser("sweep", help="run a spec's whole search (grid or optuna); rerun to resume")
     _add_spec_args(sweep, storage=True)
     sweep.add_argument("--dry-run", action="store_true", help="print the expanded runs and a rough cost, run nothing")
     sweep.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: a plain line per finished trial with the count done "
+                            "(what a log file gets anyway)")
     sweep.set_defaults(func=_cmd_sweep)
 
     worker = sub.add_parser("worker", help="join a sweep as one more worker (this or another machine)")
@@ -368,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--top", type=int, help="a study's N best finished runs")
     evaluate.add_argument("--by", help="the validation metric that ranks a study's runs (default: its search.metric)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--no-progress", action="store_true",
+                          help="no progress bars: one plain line per evaluator instead")
     evaluate.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                                   "runs/mlflow.db)")
     evaluate.set_defaults(func=_cmd_evaluate)
@@ -396,25 +456,45 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--tracking-uri")
     register.set_defaults(func=_cmd_register)
 
-    sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint folder or a models:/ URI")
-    sample.add_argument("checkpoint", help="checkpoint folder (model.pt, spec.yaml, metrics.json), or "
-                                           "models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN_ID")
-    sample.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ (default: "
-                                               "$MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    target_help = ("a checkpoint folder (a run's checkpoint/, a kept kept/epoch-NNNN/), models:/NAME/VERSION, "
+                   "models:/MODEL_ID, runs:/RUN_ID, or a bare MLflow run id")
+    uri_help = "MLflow tracking URI for models:/, runs:/ and run ids (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)"
+    label_help = "a class name or index of a conditional model (vaelab names its classes if it is left out)"
+
+    sample = sub.add_parser("sample", help="write a grid of samples from a trained model")
+    sample.add_argument("checkpoint", help=target_help)
+    sample.add_argument("--tracking-uri", help=uri_help)
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", default="samples.png", help="PNG file to write")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--label", help="a conditional model's class (name or index) for every sample (default: "
+                                        "a row per class)")
     sample.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     sample.set_defaults(func=_cmd_sample)
 
     recon = sub.add_parser("reconstruct", help="encode one image file and write original | reconstruction")
-    recon.add_argument("checkpoint", help="checkpoint folder, or models:/NAME/VERSION, models:/MODEL_ID, runs:/RUN_ID")
-    recon.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/")
+    recon.add_argument("checkpoint", help=target_help)
+    recon.add_argument("--tracking-uri", help=uri_help)
     recon.add_argument("image", help="an image file of any size (cropped and resized to the model's input)")
     recon.add_argument("--out", default="reconstruction.png", help="PNG file to write")
     recon.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    recon.add_argument("--label", type=int, default=0, help="class label, for a conditional model (default 0)")
+    recon.add_argument("--label", help=label_help + "; required for one")
     recon.set_defaults(func=_cmd_reconstruct)
+
+    encode = sub.add_parser("encode", help="write latent means and log-variances of images or a data split "
+                                           "(.npz or .parquet)")
+    encode.add_argument("target", help=target_help)
+    source = encode.add_mutually_exclusive_group()
+    source.add_argument("--images", help="an image file, or a folder of them (all images under it)")
+    source.add_argument("--split", choices=("train", "val", "test"),
+                        help="a split of the data the model was trained on, read where its spec says")
+    encode.add_argument("--out", default="latents.npz",
+                        help="the file to write: .npz (numpy: mu, logvar, label, file or index, classes) or .parquet "
+                             "(default latents.npz)")
+    encode.add_argument("--label", help=label_help + "; required with --images for one")
+    encode.add_argument("--tracking-uri", help=uri_help)
+    encode.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    encode.set_defaults(func=_cmd_encode)
 
     ui = sub.add_parser("ui", help="MLflow UI over the tracking store")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -467,6 +547,7 @@ def _install_signal_handlers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress.use_bars(not getattr(args, "no_progress", False))  # --no-progress: plain lines, no bars
     _install_signal_handlers()
     quiet_mlflow()
     try:

@@ -24,6 +24,15 @@ from urllib.parse import unquote, urlparse
 from vaelab.errors import LeaseLost
 
 FAILURE_TAG = "failure_reason"  # why a run that did not finish ended
+HASH_TAG = "vaelab.run_hash"  # a run's identity (`RunSpec.hash`): its resume state and finished twin are found by it
+COPY_TAG = "vaelab.copy_of"  # a run trained again on purpose (`vaelab train --again`): the finished run it copies
+KEPT_TAG = "vaelab.kept_epoch"  # on a model kept while the run trained (train.keep_every / keep_best): its epoch
+KEPT_DIR = "kept"  # the run's folder of kept checkpoints, where the store has no model records of its own
+
+
+def kept_name(step: int) -> str:
+    """A kept checkpoint's name: its folder under KEPT_DIR (--no-track), its model's name in MLflow."""
+    return f"epoch-{step:04d}"
 
 
 class RunLog(Protocol):
@@ -63,12 +72,32 @@ class RunLog(Protocol):
     def finish_model(self, model_id: str, folder: Path | None, step: int) -> None:
         """The model's checkpoint folder, and the model READY; FAILED when `folder` is None."""
 
+    def keep_model(self, folder: Path, step: int, params: Mapping[str, Any], tags: Mapping[str, Any]) -> str | None:
+        """Weights kept while the run trains: a READY model record of their own at `step` (tagged KEPT_TAG)
+        holding the checkpoint `folder`; its id, or None where the store keeps no model records."""
+
+    def kept_models(self) -> dict[int, str]:
+        """The models `keep_model` made for this run, an earlier process's included: model id by step."""
+
+    def drop_model(self, model_id: str) -> None:
+        """A kept model gone: its files deleted, its record too."""
+
     def start_system_metrics(self, every_s: float) -> None: ...
 
     def stop_system_metrics(self) -> None: ...
 
     def end(self, error: BaseException | None = None) -> None:
         """FINISHED without an error, else the status `ended_as` gives, with its reason."""
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A FINISHED run found by its identity (`RunLogs.latest_finished`): what `vaelab train` names instead
+    of training the same run again."""
+
+    run_id: str
+    metrics: dict[str, float]  # each metric's last value
+    artifact_uri: str
 
 
 class RunLogs(Protocol):
@@ -84,6 +113,9 @@ class RunLogs(Protocol):
 
     def reopen_run(self, run_id: str) -> RunLog | None:
         """A run that did not finish, RUNNING again; None if it finished or is gone."""
+
+    def latest_finished(self, experiment: str, run_hash: str) -> FinishedRun | None:
+        """The latest FINISHED run of `experiment` tagged `HASH_TAG` = `run_hash`, or None."""
 
 
 def ended_as(error: BaseException | None) -> tuple[str, str] | None:
@@ -111,6 +143,7 @@ class MemoryModel:
     status: str = "PENDING"
     metrics: dict[str, float] = field(default_factory=dict)
     folder: Path | None = None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class MemoryRunLog:
@@ -188,6 +221,26 @@ class MemoryRunLog:
         if folder is not None:  # its files are the run's copy of them (the run logs its artifacts first)
             model.folder = self.folder / folder.name
 
+    def keep_model(self, folder: Path, step: int, params: Mapping[str, Any], tags: Mapping[str, Any]) -> str | None:
+        """Copied to `folder/kept/epoch-NNNN/` of the run: on disk, so a resumed run (another process) finds it."""
+        self.guard()
+        kept = self.folder / KEPT_DIR / kept_name(step)
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(folder, kept)
+        self.models[kept.name] = MemoryModel({k: str(v) for k, v in params.items()}, "READY", folder=kept,
+                                             tags={**{k: str(v) for k, v in tags.items()}, KEPT_TAG: str(step)})
+        return kept.name
+
+    def kept_models(self) -> dict[int, str]:
+        root = self.folder / KEPT_DIR
+        found = sorted(root.glob("epoch-*")) if root.is_dir() else []
+        return {int(p.name.removeprefix("epoch-")): p.name for p in found if p.name.removeprefix("epoch-").isdigit()}
+
+    def drop_model(self, model_id: str) -> None:
+        self.guard()
+        shutil.rmtree(self.folder / KEPT_DIR / model_id, ignore_errors=True)
+        self.models.pop(model_id, None)
+
     def start_system_metrics(self, every_s: float) -> None:
         """Nothing: there is no store to sample the machine into."""
 
@@ -238,6 +291,12 @@ class MemoryRuns:
         # An epoch's metrics go in one batch, so train/loss's last step is the last epoch logged.
         log.logged_through = max((step for step, _ in log.metrics.get("train/loss", [])), default=0)
         return log
+
+    def latest_finished(self, experiment: str, run_hash: str) -> FinishedRun | None:
+        """The last FINISHED run of `experiment` with `run_hash` this process logged (memory holds no others)."""
+        done = [log for log in self.runs.values() if log.experiment == experiment and log.status == "FINISHED"
+                and log.tags.get(HASH_TAG) == run_hash]
+        return FinishedRun(done[-1].run_id, done[-1].latest(), done[-1].artifact_uri) if done else None
 
     def only(self) -> MemoryRunLog:
         """The one run logged (for tests)."""

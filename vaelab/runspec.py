@@ -31,6 +31,7 @@ from vaelab.checks import (
     OrAuto,
     SpecError,
     Text,
+    did_you_mean,
     fail,
     show_key,
 )
@@ -51,7 +52,9 @@ RUN_HASH_VERSION = 3
 _DEFAULT_WAS: dict[str, tuple[Any, Any]] = {"eval.dis_samples": ("auto", 1.0)}
 
 HOW_NOT_WHAT = frozenset({"data.storage", "data.memory_budget", "data.decode_workers", "data.cache_dir",
-                          "train.system_metrics", "train.system_metrics_s"})
+                          "train.system_metrics", "train.system_metrics_s",
+                          # which weights are kept on the side changes nothing that is trained
+                          "train.keep_every", "train.keep_best"})
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,10 @@ class TrainSpec:
     system_metrics_s: float = _f(10.0, Float(0.5, 3600.0), "seconds between system-metric samples")
     nan_policy: str = _f("fail", Choice(("fail", "retry")),
                          "on a non-finite epoch: fail the run, or roll back once to the last good epoch at lr/10")
+    keep_every: int = _f(0, Int(0, 100_000), "also keep the weights every N epochs as a model of their own (an "
+                                             "MLflow LoggedModel at that step; --no-track: kept/epoch-NNNN/); 0 = off")
+    keep_best: int = _f(0, Int(0, 1000), "also keep the weights of the K best epochs by val/loss so far as models of "
+                                         "their own (the others deleted as they drop out); 0 = off")
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,8 @@ def _parse_section(cls: type, raw: Any, path: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     for key in raw:
         if key not in known:
-            raise SpecError(f"{path}.{show_key(key)}: unknown key; allowed: {', '.join(known)}")
+            raise SpecError(f"{path}.{show_key(key)}: unknown key; allowed: {', '.join(known)}"
+                            f"{did_you_mean(key, known)}")
     values = {}
     for name, f in known.items():
         if name in raw and "section" in f.metadata:
@@ -304,7 +312,8 @@ def parse_run(raw: Any, path: str = "base") -> RunSpec:
         raise fail(path or "(run)", "a mapping with sections " + ", ".join(SECTIONS), raw)
     for key in raw:
         if key not in SECTIONS:
-            raise SpecError(f"{_join(path, show_key(key))}: unknown section; allowed: {', '.join(SECTIONS)}")
+            raise SpecError(f"{_join(path, show_key(key))}: unknown section; allowed: {', '.join(SECTIONS)}"
+                            f"{did_you_mean(key, SECTIONS)}")
     run = RunSpec(**{name: _parse_section(cls, raw.get(name), _join(path, name)) for name, cls in SECTIONS.items()})
     check_run(run)
     return run

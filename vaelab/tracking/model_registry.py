@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vaelab.errors import TrackingError
+from vaelab.runlog import KEPT_TAG
 from vaelab.tracking.store import Store
 
 
@@ -23,7 +24,8 @@ def register_best(store: Store, experiment: str, metric: str, ascending: bool,
     run = client.get_run(ranked[0])
     models = client.search_logged_models([run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
-    ready = [m for m in models if str(m.status) in ("READY", "LoggedModelStatus.READY")]
+    ready = [m for m in models if str(m.status) in ("READY", "LoggedModelStatus.READY")
+             and KEPT_TAG not in m.tags]  # the run's final model, not one kept while it trained
     source = f"models:/{ready[0].model_id}" if ready else f"runs:/{run.info.run_id}/checkpoint"
     try:
         client.create_registered_model(name, description=f"vaelab VAEs of '{experiment}'")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vaelab.runlog import FAILURE_TAG, ended_as
+from vaelab.runlog import FAILURE_TAG, KEPT_TAG, ended_as, kept_name
 from vaelab.tracking.server import storage_problem
 
 # A run's kept weights as an MLflow LoggedModel: the checkpoint folder (model.pt state dict, spec.yaml,
@@ -169,6 +169,72 @@ class MlflowRunLog:
         self.client.log_model_artifacts(model_id, str(folder))
         self.client.finalize_logged_model(model_id, "READY")
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
+
+    def keep_model(self, folder: Path, step: int, params: Mapping[str, Any], tags: Mapping[str, Any]) -> str | None:
+        """A LoggedModel named `epoch-NNNN`, READY with `folder`, recorded as the run's output at `step` (the UI
+        lists it on the run's page at that step); None, once warned, where the store has no LoggedModels."""
+        self.guard()
+        from mlflow.entities import LoggedModelOutput
+
+        try:
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            model = self.client.create_logged_model(
+                experiment_id, name=kept_name(step), source_run_id=self.run_id, model_type=MODEL_TYPE,
+                params={k: param_text(v) for k, v in params.items()},
+                tags={MODEL_FORMAT_TAG: MODEL_FORMAT, KEPT_TAG: str(step), **{k: str(v) for k, v in tags.items()}})
+        except Exception as err:  # noqa: BLE001 - as try_start_model: a store without LoggedModels keeps none
+            if storage_problem(err):
+                raise
+            logging.getLogger(__name__).warning("run %s: no MLflow LoggedModel for epoch %d (%s); checkpoints are "
+                                                "not kept", self.run_id, step, str(err).splitlines()[0][:200])
+            return None
+        try:
+            self.client.log_model_artifacts(model.model_id, str(folder))
+            self.client.finalize_logged_model(model.model_id, "READY")
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+        except BaseException:
+            try:
+                self.client.finalize_logged_model(model.model_id, "FAILED")  # never left PENDING
+            except Exception:  # noqa: BLE001 - the store that failed the upload: the first error is the one to see
+                pass
+            raise
+        return model.model_id
+
+    def kept_models(self) -> dict[int, str]:
+        """This run's LoggedModels tagged as kept (deleted ones are not found), by step. One left PENDING by a
+        process killed mid-upload is marked FAILED (its epoch is kept again), so no record stays pending."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        found: dict[int, str] = {}
+        token = None
+        while True:
+            page = self.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{self.run_id}'",
+                                                    page_token=token)
+            for model in page:
+                step = model.tags.get(KEPT_TAG, "")
+                if step.isdigit() and str(model.status).endswith("READY"):
+                    found[int(step)] = model.model_id
+                elif step.isdigit() and str(model.status).endswith("PENDING"):
+                    self.guard()
+                    self.client.finalize_logged_model(model.model_id, "FAILED")
+            token = page.token
+            if not token:
+                return found
+
+    def drop_model(self, model_id: str) -> None:
+        """The model's files deleted, then its record (MLflow's delete only marks it: `mlflow gc` would be needed to
+        free the disk)."""
+        self.guard()
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        location = self.client.get_logged_model(model_id).artifact_location
+        try:
+            get_artifact_repository(location, tracking_uri=self.client.tracking_uri).delete_artifacts()
+        except Exception as err:  # noqa: BLE001 - a store that cannot delete files still drops the record
+            if storage_problem(err):
+                raise
+            logging.getLogger(__name__).warning("model %s: its files could not be deleted (%s)", model_id,
+                                                str(err).splitlines()[0][:200])
+        self.client.delete_logged_model(model_id)
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         """A picture under `key` at `step` (MLflow's image logging): the UI shows a slider over the steps."""
