@@ -144,7 +144,12 @@ def test_encode_writes_a_split_or_a_folder_as_npz_or_parquet(cvae, vaelab_cli, t
     assert code == 0, err
     assert "skipped 1 of 4 files" in err
     table = pq.read_table(tmp_path / "pictures.parquet").to_pydict()
-    assert table["file"] == ["a.png", "c.png", "sub/b.jpg"]
+    assert table["path"] == ["a.png", "c.png", "sub/b.jpg"]
+    code, _, err = vaelab_cli("encode", run_id, "--tracking-uri", uri, "--images", "pictures/a.png", "--label", "Bag",
+                              "--out", "one.npz")
+    assert code == 0, err
+    with np.load(tmp_path / "one.npz", allow_pickle=False) as saved:
+        assert saved["path"].tolist() == ["a.png"] and saved["mu"].shape == (1, spec.model.z_dim)
     assert table["label"] == [8, 8, 8] and table["class"] == ["Bag"] * 3
     assert {f"mu_{j}" for j in range(spec.model.z_dim)} | {f"logvar_{j}" for j in range(spec.model.z_dim)} <= set(table)
 

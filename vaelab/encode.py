@@ -29,7 +29,7 @@ class Latents:
     mu: np.ndarray  # (N, z_dim) float32
     logvar: np.ndarray  # (N, z_dim) float32
     label: np.ndarray  # (N,) int64; -1 where the images' labels are not known
-    key: str  # "file" or "index": what `ids` are
+    key: str  # "path" or "index": what `ids` are ("file" would clash with np.savez's own argument)
     ids: np.ndarray  # (N,) the images' paths under the folder, or their rows in the split
     classes: tuple[str, ...]
 
@@ -92,7 +92,7 @@ def from_images(model: LoadedModel, path: Path, label: str | None, show_progress
               f"{skipped[0]})", file=sys.stderr)
     if not names:
         raise DataError(f"--images: none of the {len(files)} image files under {path} could be read")
-    return Latents(np.concatenate(mus), np.concatenate(logvars), np.full(len(names), index, np.int64), "file",
+    return Latents(np.concatenate(mus), np.concatenate(logvars), np.full(len(names), index, np.int64), "path",
                    np.array(names, dtype=str), model.classes)
 
 
