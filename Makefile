@@ -23,7 +23,7 @@ test: install  ## ruff and mypy, then the test suite (slow tests excluded), one 
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow and not cluster and not gpu" -q -n auto --dist loadscope
 
-test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills)
+test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills, make bench's quick run)
 	$(BIN)/python -m pytest -m slow -q -s
 
 test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected, the services' privileges (root; ~12 min)

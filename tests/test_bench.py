@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import REPO, fashion_mnist_dir
 
 
+# A minute and a half of CPU: in `make test-slow` (which CI runs), so `make test` keeps its 10 minutes.
+@pytest.mark.slow
 @pytest.mark.skipif(fashion_mnist_dir() is None, reason="needs the Fashion-MNIST IDX files (dataset-fashion-mnist)")
 def test_quick_bench_writes_results_with_every_workload(tmp_path: Path):
     out = tmp_path / "RESULTS.md"

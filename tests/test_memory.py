@@ -102,6 +102,25 @@ def test_every_phase_is_in_the_estimate_and_its_line():
     assert [p.name for p in off.phases] == ["training", "evaluation"] and off.phases[1].detail != "iwae"
 
 
+def test_a_small_machine_chunks_evaluation_finer_instead_of_refusing():
+    """Evaluation's budget shrinks to the room a machine has (its numbers do not depend on the chunks): a
+    default conv at 28 px fits 3 GB, and its evaluation stays within what is left beside the process."""
+    conv = spec_for(model={"arch": "conv"})
+    roomy = preflight.check([conv], (1, 28, 28), 50_000, 10_000, CPU, available=64 * GB)
+    small = preflight.check([conv], (1, 28, 28), 50_000, 10_000, CPU, available=3 * GB)
+    assert small.footprint.budget < roomy.footprint.budget == FLOOR_BYTES
+    assert small.peak_mb * preflight.MB <= preflight.LIMIT * 3 * GB
+
+
+def test_the_weights_count_four_times_in_training_not_seven():
+    """Weights, gradients and Adam's two moments: a weight-heavy model's training is about 4 x its weights
+    (not refused at half of what it really needs)."""
+    mlp = spec_for(model={"hidden": (4096,)}, train={"batch_size": 2})
+    flight = preflight.check([mlp], (3, 64, 64), 1000, 100, CPU, available=64 * GB)
+    weights = flight.n_params * 4
+    assert 3.9 * weights < flight.phases[0].bytes < 5.2 * weights
+
+
 def test_the_estimate_is_printed_before_training_and_logged(tmp_path: Path, capsys):
     from vaelab import progress
 

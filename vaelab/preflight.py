@@ -69,9 +69,11 @@ def _gb(nbytes: float) -> str:
 
 
 def held_bytes(device: torch.device) -> float:
-    """What this process holds now on `device`: its resident memory, or the CUDA memory torch has reserved."""
+    """What this process holds now on `device`: its resident memory, or the CUDA memory its tensors take
+    (allocated, not reserved: blocks torch's cache keeps after an earlier trial in this process are reusable,
+    and `available_bytes` counts them as room)."""
     if device.type == "cuda":
-        return float(torch.cuda.memory_reserved(device))
+        return float(torch.cuda.memory_allocated(device))
     try:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * _page_size()
@@ -92,7 +94,7 @@ def available_bytes(device: torch.device) -> float | None:
     MemAvailable; CUDA's free memory). None where unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return float(free) + held_bytes(device)
+        return float(free) + float(torch.cuda.memory_reserved(device))  # the cache's blocks are the process's room
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -137,16 +139,17 @@ def dry_forward(model: VAE, shape: tuple[int, int, int]) -> None:
 
 
 def estimate(runs: list[RunSpec], rows: RowBytes, n_train: int, n_test: int,
-             discrete: bool) -> tuple[tuple[Phase, ...], Footprint]:
-    """Each phase's peak bytes for `runs` (one, or a stack's members) and the evaluation budget."""
+             discrete: bool, room: float | None = None) -> tuple[tuple[Phase, ...], Footprint]:
+    """Each phase's peak bytes for `runs` (one, or a stack's members) and the evaluation budget (within
+    `room` bytes where known: what the machine leaves for evaluation's rows)."""
     from vaelab.evaluation.evaluators import EVALUATORS
     from vaelab.evaluation.record import Facts, settle
     from vaelab.figures import TRAVERSAL_STEPS, figure_passes, figure_plan
 
     run, k = runs[0], len(runs)
     batch = max(1, min(run.train.batch_size, n_train))
-    footprint = Footprint(rows, budget_for(rows, batch))
     weights = rows.param_bytes
+    footprint = Footprint(rows, budget_for(rows, batch, None if room is None else room - len(runs) * 2 * weights))
     # Weights and Adam's two moments; the gradients are in train_fixed (counted by the meta backward).
     training = k * (3 * weights + rows.train_fixed + batch * rows.train)
     phases = [Phase("training", training)]
@@ -198,9 +201,10 @@ def check(runs: list[RunSpec], shape: tuple[int, int, int], n_train: int, n_test
         rows = measure(model, shape)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(f"model does not fit images of shape {shape}: {str(err).splitlines()[0]}") from None
-    phases, footprint = estimate(runs, rows, n_train, n_test, bool(model.likelihood.discrete))
     held = held_bytes(device)
     total = available if available is not None else available_bytes(device)
+    room = None if total is None else LIMIT * total - held - FIGURE_EXTRA_BYTES
+    phases, footprint = estimate(runs, rows, n_train, n_test, bool(model.likelihood.discrete), room)
     batch = max(1, min(run.train.batch_size, n_train))
     flight = Preflight(n_params=rows.n_params, activation_mb=len(runs) * batch * rows.train / MB,
                        device_free_mb=None if total is None else total / MB, held_mb=held / MB, phases=phases,

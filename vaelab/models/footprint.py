@@ -158,7 +158,9 @@ def measure(model: VAE, shape: tuple[int, int, int] | None = None) -> RowBytes:
     for kind in KINDS:
         two, four = _peak(model, kind, 2, shape), _peak(model, kind, 4, shape)
         per_row[kind] = HIDDEN * max(four - two, 0) / 2 or HIDDEN * four / 4
-        fixed[kind] = HIDDEN * max(two - (four - two), 0)
+        # What a pass holds whatever its rows (the weights' gradients) is what it is: HIDDEN covers what the
+        # meta passes cannot see per row (allocator slack, kernels' workspaces), not the weights' own bytes.
+        fixed[kind] = max(two - (four - two), 0)
     params = list(model.parameters())
     return RowBytes(train=per_row["train"], forward=per_row["forward"], encode=per_row["encode"],
                     decode=per_row["decode"], train_fixed=fixed["train"],
@@ -182,9 +184,12 @@ class Footprint:
         return min(rows, self.rows(kind, rows)) * self.per_row.of(kind)
 
 
-def budget_for(per_row: RowBytes, train_rows: int) -> float:
-    """Evaluation's budget: what a training batch of `train_rows` examples holds, at least FLOOR_BYTES."""
-    return max(FLOOR_BYTES, per_row.train * train_rows)
+def budget_for(per_row: RowBytes, train_rows: int, room: float | None = None) -> float:
+    """Evaluation's budget: what a training batch of `train_rows` examples holds, at least FLOOR_BYTES where
+    there is `room` for it (bytes the machine has left for evaluation's rows; None: not known). A small
+    machine chunks finer rather than being refused: the numbers do not depend on the chunks."""
+    floor = FLOOR_BYTES if room is None else max(0.0, min(FLOOR_BYTES, room))
+    return max(floor, per_row.train * train_rows)
 
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Footprint] = weakref.WeakKeyDictionary()
