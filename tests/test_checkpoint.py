@@ -70,3 +70,15 @@ def test_checkpoints_from_before_conditional_models_still_load(checkpoint_dir: P
     del state["n_classes"]  # what vaelab wrote before model.conditional existed
     torch.save(state, checkpoint_dir / "model.pt")
     assert load_checkpoint(checkpoint_dir).model.num_classes == 0
+
+
+def test_class_names_that_would_drive_a_terminal_are_not_recorded(tmp_path: Path):
+    """Class names come from folder names and dataset columns and are echoed to terminals (`vaelab sample`,
+    errors): names with control characters (an escape sequence) are left out; the model takes indices."""
+    spec = tiny_run(tmp_path)
+    model = build_model(spec, (1, 28, 28))
+    plain = save_checkpoint(tmp_path / "plain", model, spec, "demo", {}, run_id="r1", classes=("cat", "dog"))
+    assert load_checkpoint(plain).classes == ("cat", "dog")
+    hostile = save_checkpoint(tmp_path / "hostile", model, spec, "demo", {}, run_id="r1",
+                              classes=("cat", "\x1b]0;owned\x07dog"))
+    assert load_checkpoint(hostile).classes == ()

