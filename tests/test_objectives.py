@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 from vaelab.likelihoods import Bernoulli as BernoulliLikelihood
-from vaelab.objectives import KLWeighting, kl_to_standard_normal, vae_terms
+from vaelab.objectives import KLWeighting, kl_per_dimension, kl_to_standard_normal, vae_terms
 
 
 @pytest.fixture
@@ -49,8 +49,8 @@ def test_beta_weights_only_the_kl(posterior):
     mu, logvar = posterior
     x = torch.rand(6, 1, 2, 2, dtype=torch.float64)
     params = torch.zeros_like(x)
-    one = vae_terms(x, params, mu, logvar, BernoulliLikelihood(), 1.0)
-    four = vae_terms(x, params, mu, logvar, BernoulliLikelihood(), 4.0)
+    one = vae_terms(x, params, kl_per_dimension(mu, logvar), BernoulliLikelihood(), 1.0)
+    four = vae_terms(x, params, kl_per_dimension(mu, logvar), BernoulliLikelihood(), 4.0)
     torch.testing.assert_close(one.recon, four.recon)
     torch.testing.assert_close(four.loss, four.recon + 4 * four.kl)
     torch.testing.assert_close(one.neg_elbo, four.neg_elbo)

@@ -155,10 +155,10 @@ def _save(fig, path: Path, tight_box: bool = False) -> Path:
 @torch.inference_mode()
 def sample_images(model: VAE, likelihood: Likelihood, n: int, generator: torch.Generator,
                   y: Tensor | None = None) -> Tensor:
-    """Decoder means of n draws from the prior N(0, I) (of class y[i] each, for a conditional model)."""
+    """Decoder means of n draws from the model's prior (of class y[i] each, for a conditional model)."""
     model.eval()
     device = next(model.parameters()).device
-    z = torch.randn(n, model.z_dim, generator=generator, device=device)
+    z = model.sample_codes(n, generator, device)
     return _decode_mean(model, likelihood, z, None if y is None else y.to(device))
 
 
@@ -317,9 +317,12 @@ def write_kl_per_dimension(kl: Tensor, path: Path) -> Path:
 
 @torch.inference_mode()
 def write_traversals(model: VAE, likelihood: Likelihood, x: Tensor, kl: Tensor, path: Path,
-                     max_dims: int = 10, steps: int = 9, span: float = 3.0, y: Tensor | None = None) -> Path:
+                     max_dims: int = 10, steps: int = 9, span: float = 3.0, y: Tensor | None = None,
+                     unit: str = "nats") -> Path:
     """Decode the posterior mean of one image while moving one latent dimension
-    from -span to +span (rows: dimensions with the most KL first, each labelled with its index and KL)."""
+    from -span to +span (rows: dimensions with the most KL first, each labelled with its index and KL;
+    unit "var": `kl` is the variance of the posterior means instead, for a KL that does not split by
+    dimension)."""
     model.eval()
     label = None if y is None else y[:1]
     mu = model.encode(x[:1], label)[0]
@@ -341,10 +344,11 @@ def write_traversals(model: VAE, likelihood: Likelihood, x: Tensor, kl: Tensor, 
                                   vmin=0, vmax=1)
             axes[row][col].set_xticks([])
             axes[row][col].set_yticks([])
-        axes[row][0].set_ylabel(f"z{dim}\n{float(kl[dim]):.1f} nats", rotation=0, ha="right", va="center", fontsize=8)
+        axes[row][0].set_ylabel(f"z{dim}\n{float(kl[dim]):.1f} {unit}", rotation=0, ha="right", va="center", fontsize=8)
     for col, value in enumerate(values.tolist()):
         axes[-1][col].set_xlabel(f"{value:+.1f}", fontsize=8)
-    fig.suptitle(f"each row: one latent dimension (its mean KL) moved from -{span:g} to +{span:g}, the others at "
+    measure = "its mean KL" if unit == "nats" else "the variance of its posterior means"
+    fig.suptitle(f"each row: one latent dimension ({measure}) moved from -{span:g} to +{span:g}, the others at "
                  "the image's mean",
                  fontsize=8)
     fig.subplots_adjust(left=0.12, right=0.99, top=0.93, bottom=0.06, wspace=0.05, hspace=0.08)

@@ -185,9 +185,10 @@ class LoadedModel:
 
     @torch.inference_mode()
     def sample(self, n: int, label: Label | None = None, seed: int = 0) -> torch.Tensor:
-        """`n` decoded draws from the prior N(0, I), seeded; a conditional model without a label cycles its classes."""
+        """`n` decoded draws from the model's prior (model.prior), seeded; a conditional model without a label
+        cycles its classes."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
+        z = self.model.sample_codes(n, generator, self.device)
         y = None if label is None else self.labels(label, n)
         return self.likelihood.mean(self.model.decode(z, y)).float().cpu()
 

@@ -79,11 +79,42 @@ LIKELIHOODS: dict[str, Builder] = _table(
     Builder("laplace", "vaelab.likelihoods:laplace"),
 )
 
-REGISTRIES: dict[str, dict[str, Any]] = {"dataset": DATASETS, "arch": ARCHITECTURES, "likelihood": LIKELIHOODS}
+
+@dataclass(frozen=True)
+class Prior:
+    """A model.prior name, the module that builds it (vaelab.models.priors), what it is in one line, and
+    the model.* keys only it reads."""
+
+    name: str
+    target: str
+    summary: str
+    keys: tuple[str, ...] = ()
+
+    def build(self, *args: Any, **kwargs: Any) -> Any:
+        return resolve(self.target)(*args, **kwargs)
+
+
+# builder(model_spec, image shape) -> the prior's module (log_prob, sample, kl_dims)
+PRIORS: dict[str, Prior] = _table(
+    Prior("gaussian", "vaelab.models.priors.gaussian:build", "N(0, I) (Kingma & Welling 2014)"),
+    Prior("vamp", "vaelab.models.priors.vamp:build", "VampPrior: a mixture of the encoder's posteriors at "
+          "model.prior_components learned pseudo-inputs (Tomczak & Welling 2018)", keys=("model.prior_components",)),
+)
+
+# builder(n_in, n_out) -> the modules of one hidden dense layer of an MLP (vaelab.models.dense)
+HIDDEN_ACTS: dict[str, Builder] = _table(
+    Builder("relu", "vaelab.models.dense:relu_layer"),
+    Builder("tanh", "vaelab.models.dense:tanh_layer"),
+    Builder("gated", "vaelab.models.gated:gated_layer"),
+)
+
+REGISTRIES: dict[str, dict[str, Any]] = {"dataset": DATASETS, "arch": ARCHITECTURES, "likelihood": LIKELIHOODS,
+                                         "prior": PRIORS, "hidden_act": HIDDEN_ACTS}
 
 
 def names(kind: str) -> list[str]:
-    """The sorted names of one registry ("dataset", "arch", "likelihood"); imports nothing."""
+    """The sorted names of one registry ("dataset", "arch", "likelihood", "prior", "hidden_act"); imports
+    nothing."""
     return sorted(REGISTRIES[kind])
 
 

@@ -50,6 +50,10 @@ RUN_HASH_VERSION = 3
 # key (RunSpec.hash, unused_keys) the new default hashes as the old one, so the identities of existing runs
 # and studies that never used it stay; where the key is used the run does change, and so does its identity.
 _DEFAULT_WAS: dict[str, tuple[Any, Any]] = {"eval.dis_samples": ("auto", 1.0)}
+# Keys added after hash version 3, with the value that leaves a model as it was before them: a run that
+# holds that value, or does not use the key, hashes as it did, so existing runs and studies are still found.
+_ADDED_NEUTRAL: dict[str, Any] = {"model.hidden_act": "relu", "model.prior": "gaussian", "model.prior_components": 500,
+                                  "model.levels": 1, "model.z2_dim": None, "model.hidden2": None}
 
 HOW_NOT_WHAT = frozenset({"data.storage", "data.memory_budget", "data.decode_workers", "data.cache_dir",
                           "train.system_metrics", "train.system_metrics_s",
@@ -157,6 +161,17 @@ class ModelSpec:
     conditional: bool = _f(False, Bool(), "condition encoder and decoder on the class label (a CVAE)")
     channels: tuple[int, ...] | None = _f(None, Optional(IntList(Int(1, 4096), max_len=6)),
                                           "conv/resnet channels per stride-2 stage; null = from the image size")
+    hidden_act: str = _f("relu", RegistryChoice("hidden_act"), "mlp hidden layers: relu, tanh (the IWAE paper's), "
+                                                               "or gated (a sigmoid-gated linear layer: the "
+                                                               "VampPrior paper's, Dauphin et al. 2017)")
+    prior: str = _f("gaussian", RegistryChoice("prior"), "p(z): gaussian = N(0, I); vamp = the VampPrior "
+                                                         "(Tomczak & Welling 2018), its KL by Monte Carlo")
+    prior_components: int = _f(500, Int(1, 100_000), "vamp: pseudo-inputs K of the mixture")
+    levels: int = _f(1, IntChoice((1, 2)), "stochastic layers: 2 = z2 -> z1 -> x (Burda et al. 2016), mlp only; "
+                                           "model.z_dim is z1's size")
+    z2_dim: int | None = _f(None, Optional(Int(1, 4096)), "levels 2: the top latent's size; null = model.z_dim")
+    hidden2: tuple[int, ...] | None = _f(None, Optional(IntList(Int(1, 65536))),
+                                         "levels 2: hidden sizes between z1 and z2 (both ways); null = model.hidden")
 
 
 def _with_objective_keys(after: str) -> Callable[[type], type]:
@@ -269,7 +284,10 @@ class RunSpec:
         run = {key: value for key, value in flatten(self).items()
                if key not in HOW_NOT_WHAT and not _named(key, skipped)}
         changed = [key for key, (new, _) in _DEFAULT_WAS.items() if run.get(key) == new]
-        unused = unused_keys(self) if changed else set()  # only where a key holds its new default
+        unused = unused_keys(self)
+        for key, neutral in _ADDED_NEUTRAL.items():
+            if key in run and (run[key] == neutral or key in unused):
+                del run[key]
         for key in changed:
             if key in unused:
                 run[key] = _DEFAULT_WAS[key][1]  # a changed default of a key this run does not use keeps its identity
@@ -331,12 +349,20 @@ def _source_ignores(key: str, run: RunSpec) -> bool:
     return not registry.source(run.data.dataset).honours(key, run.data)
 
 
+def _prior_keys() -> dict[str, tuple[str, ...]]:
+    from vaelab.registry import PRIORS  # records only
+
+    return {name: prior.keys for name, prior in PRIORS.items() if prior.keys}
+
+
 # (when a run does not use them, the keys or key prefixes): spec.unused_keys.
 _NOT_USED: tuple[tuple[Callable[[RunSpec], bool], tuple[str, ...]], ...] = (
     # a data key its source does not honour (vaelab.data.sources: each source's keys)
     *((lambda r, key=key: _source_ignores(key, r), (key,)) for key in _data_keys()),
     (lambda r: r.model.arch == "mlp", ("model.channels",)),
-    (lambda r: r.model.arch != "mlp", ("model.hidden",)),
+    (lambda r: r.model.arch != "mlp", ("model.hidden", "model.hidden_act")),
+    (lambda r: r.model.levels == 1, ("model.z2_dim", "model.hidden2")),
+    *((lambda r, name=name: r.model.prior != name, keys) for name, keys in _prior_keys().items()),
     (lambda r: r.loss.likelihood in ("bernoulli", "continuous_bernoulli"), ("loss.sigma",)),
     (lambda r: r.loss.likelihood != "gaussian_learned", ("loss.sigma_mode",)),
     (lambda r: r.loss.kl_schedule != "linear", ("loss.warmup_epochs",)),
@@ -378,6 +404,25 @@ def check_run(run: RunSpec) -> None:
     from vaelab.registry import DATASETS
 
     DATASETS[run.data.dataset].source().check(run.data)  # a data key its source cannot honour, by name
+
+    model = run.model
+    standard = model.prior == "gaussian" and model.levels == 1  # a N(0, I) prior on a single code
+    if not standard and model.conditional:
+        raise SpecError(f"model.conditional: a conditional VAE takes model.prior gaussian and model.levels 1 "
+                        f"(got prior {model.prior}, levels {model.levels}): the prior's encoder passes have no labels")
+    if model.levels == 2 and model.arch != "mlp":
+        raise SpecError(f"model.levels: 2 stochastic levels are built from MLPs; model.arch {model.arch} takes "
+                        "levels 1")
+    if not standard and run.loss.free_bits > 0:
+        raise SpecError(f"loss.free_bits: free bits need the KL per latent dimension, which model.prior {model.prior} "
+                        f"with model.levels {model.levels} has not (its KL is a Monte Carlo estimate); leave it 0")
+    objective = OBJECTIVES[run.loss.objective]
+    if not standard and objective.penalty is not None:
+        raise SpecError(f"loss.objective: {objective.name}'s penalty assumes a N(0, I) prior on one code; use it "
+                        f"with model.prior gaussian and model.levels 1 (got {model.prior}, {model.levels})")
+    conflict = objective.conflicts(run) if objective.conflicts is not None else None
+    if conflict is not None:
+        raise SpecError(conflict)
 
     if run.eval.disentanglement is True and not DATASETS[run.data.dataset].factors:
         with_factors = ", ".join(name for name, d in DATASETS.items() if d.factors)

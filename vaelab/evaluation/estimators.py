@@ -16,7 +16,8 @@ from vaelab.data.store import Images
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
 from vaelab.models.footprint import rows
-from vaelab.objectives import KLWeighting, kl_per_dimension, vae_terms
+from vaelab.models.vae import log_weights as log_weights_of
+from vaelab.objectives import KLWeighting, vae_terms
 
 # Burda et al. 2016 (IWAE), section 5.2: a unit is active when Cov_x(E_q[z_u]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -44,7 +45,7 @@ def split_terms(
     starts = range(0, len(split), batch_size)
     for start, x in zip(starts, split.x.batches(starts, batch_size), strict=True):
         out = model(x, generator=generator, y=split.y[start : start + batch_size])
-        terms = vae_terms(x, out.params, out.mu, out.logvar, likelihood, beta)
+        terms = vae_terms(x, out.params, out.kl, likelihood, beta)
         mse = (likelihood.mean(out.params) - x).pow(2).flatten(1).mean(1)
         batch = torch.stack([terms.loss, terms.recon, terms.kl, terms.neg_elbo, mse])
         totals += batch.sum(1).double()
@@ -88,7 +89,7 @@ def importance_weighted_nll(
     for start in range(0, len(x), group):
         size = min(group, len(x) - start)
         piece = max(1, DRAW_ROWS // size)  # samples per draw
-        eps = torch.cat([torch.randn((min(piece, k - done), size, model.z_dim), generator=generator,
+        eps = torch.cat([torch.randn((min(piece, k - done), size, model.noise_dim), generator=generator,
                                      device=x.device) for done in range(0, k, piece)])  # (k, size, z)
         # Images at a time, and samples of them at a time, within the decoder's rows.
         images = max(1, min(size, decode_rows // k))
@@ -101,18 +102,11 @@ def importance_weighted_nll(
                        for i in range(0, len(xb), encode_rows)]
             mu = torch.cat([m for m, _ in encoded]) if len(encoded) > 1 else encoded[0][0]
             logvar = torch.cat([v for _, v in encoded]) if len(encoded) > 1 else encoded[0][1]
-            std = torch.exp(0.5 * logvar)
             log_weights = []
             for done in range(0, k, samples):
                 e = eps[done : done + samples, first:last].to(mu.dtype)
-                n = len(e)
-                z = mu + e * std  # (n, B, z)
-                log_q = (-0.5 * e.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(-1)
-                log_prior = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
-                params = model.decode(z.flatten(0, 1), None if yb is None else yb.repeat(n))
-                x_rep = xb.unsqueeze(0).expand(n, *xb.shape).flatten(0, 1)
-                log_lik = likelihood.log_prob(x_rep, params).view(n, len(xb))
-                log_weights.append(log_lik + log_prior - log_q)
+                params, _, log_ratio = model.latent_pass(mu, logvar, e, yb)
+                log_weights.append(log_weights_of(likelihood, xb, params, log_ratio))
             log_w = torch.cat(log_weights)  # (k, B)
             estimates.append(-(torch.logsumexp(log_w, dim=0) - math.log(k)))
             if on_batch is not None:
@@ -129,8 +123,12 @@ def bits_per_dim(nll_nats: float, pixels: int, discrete: bool) -> float:
     return nats / (pixels * math.log(2))
 
 
-def mean_kl_per_dimension(model: VAE, x: Tensor | Images, batch_size: int, y: Tensor | None = None) -> Tensor:
-    """KL(q(z_d|x) || N(0,1)) of each latent dimension d, averaged over the images x: (z_dim,), in nats."""
+def mean_kl_per_dimension(model: VAE, x: Tensor | Images, batch_size: int,
+                          y: Tensor | None = None) -> Tensor | None:
+    """KL(q(z_d|x) || N(0,1)) of each latent dimension d, averaged over the images x: (z_dim,), in nats;
+    None for a model whose KL does not split by dimension (a VampPrior, two levels)."""
+    if not model.per_dimension_kl:
+        return None
     batch_size = rows(model, "encode", batch_size)
     with torch.inference_mode():
         model.eval()
@@ -138,7 +136,7 @@ def mean_kl_per_dimension(model: VAE, x: Tensor | Images, batch_size: int, y: Te
         for start in range(0, len(x), batch_size):
             labels = None if y is None else y[start : start + batch_size]
             mu, logvar = model.encode(x[start : start + batch_size], labels)
-            total += kl_per_dimension(mu, logvar).sum(0)
+            total += model.prior.kl_dims(mu, logvar).sum(0)
         return total / len(x)
 
 

@@ -16,7 +16,8 @@ def _compute(ctx: EvalContext, _settings: Settings, progress: Progress) -> dict[
     means = latent_means(ctx.model, test.x, batch, test.y)
     metrics = {"test/active_units": float(active_units(means))}
     per_dim = mean_kl_per_dimension(ctx.model, test.x, batch, test.y)
-    metrics.update({f"test/kl_dim/{d}": float(v) for d, v in enumerate(per_dim.tolist())})
+    if per_dim is not None:  # None: the model's KL does not split by dimension (VampPrior, two levels)
+        metrics.update({f"test/kl_dim/{d}": float(v) for d, v in enumerate(per_dim.tolist())})
     progress(len(test))
     return metrics
 

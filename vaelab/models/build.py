@@ -16,9 +16,12 @@ def build_model(run_spec: Any, shape: tuple[int, int, int], n_classes: int | Non
     by default as many as its dataset has."""
     model = run_spec.model
     build = registry.ARCHITECTURES[model.arch].build
+    if model.levels == 2:
+        return registry.resolve("vaelab.models.hvae:build_hvae")(shape, model, build_likelihood(run_spec, shape),
+                                                               build_prior(model, shape))
     if not model.conditional:
         encoder, decoder = build(shape, model)
-        return VAE(encoder, decoder, model.z_dim, build_likelihood(run_spec, shape))
+        return VAE(encoder, decoder, model.z_dim, build_likelihood(run_spec, shape), prior=build_prior(model, shape))
     k = n_classes or check_labels(run_spec)
     encoder, _ = build((shape[0] + k, *shape[1:]), model)  # label planes beside the image
     _, decoder = build(shape, dataclasses.replace(model, z_dim=model.z_dim + k))  # one-hot beside z
@@ -41,3 +44,8 @@ def check_labels(run_spec: Any) -> int:
 
 def build_likelihood(run_spec: Any, shape: tuple[int, int, int]) -> Likelihood:
     return registry.LIKELIHOODS[run_spec.loss.likelihood].build(run_spec.loss, shape)
+
+
+def build_prior(model_spec: Any, shape: tuple[int, int, int]) -> Any:
+    """The model's p(z) (model.prior: vaelab.models.priors), on the top latent."""
+    return registry.PRIORS[model_spec.prior].build(model_spec, shape)

@@ -98,9 +98,8 @@ class _Pass(nn.Module):
         if self.kind == "encode":
             return model.encode(x, y)[0]
         out = model(x, y=y)
-        # The ELBO's terms (the analytic KL, Kingma & Welling 2014, appendix B): what a step holds, to the byte.
-        kl = 0.5 * (out.mu.pow(2) + out.logvar.exp() - out.logvar - 1).sum(1)
-        loss = (kl - model.likelihood.log_prob(x, out.params)).mean()
+        # The ELBO's terms (the model's KL, closed form or Monte Carlo): what a step holds, to the byte.
+        loss = (out.kl.sum(1) - model.likelihood.log_prob(x, out.params)).mean()
         if self.kind == "train":
             loss.backward()
         return loss

@@ -6,20 +6,15 @@ import math
 
 from torch import Tensor, nn
 
-
-def _stack(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=False):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    return nn.Sequential(*layers)
+from vaelab.models.dense import dense_stack
 
 
 class MLPEncoder(nn.Module):
     """x (N, C, H, W) -> (mu, logvar), each (N, z_dim)."""
 
-    def __init__(self, shape: tuple[int, int, int], z_dim: int, hidden: tuple[int, ...]):
+    def __init__(self, shape: tuple[int, int, int], z_dim: int, hidden: tuple[int, ...], act: str = "relu"):
         super().__init__()
-        self.body = _stack([math.prod(shape), *hidden])
+        self.body = dense_stack([math.prod(shape), *hidden], act)
         self.head = nn.Linear(hidden[-1], 2 * z_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -30,11 +25,11 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """z (N, z_dim) -> per-pixel likelihood parameters (N, C, H, W)."""
 
-    def __init__(self, shape: tuple[int, int, int], z_dim: int, hidden: tuple[int, ...]):
+    def __init__(self, shape: tuple[int, int, int], z_dim: int, hidden: tuple[int, ...], act: str = "relu"):
         super().__init__()
         self.shape = shape
         sizes = [z_dim, *reversed(hidden)]
-        self.body = _stack(sizes)
+        self.body = dense_stack(sizes, act)
         self.head = nn.Linear(sizes[-1], math.prod(shape))
 
     def forward(self, z: Tensor) -> Tensor:
@@ -42,5 +37,5 @@ class MLPDecoder(nn.Module):
 
 
 def build_mlp(shape: tuple[int, int, int], model_spec) -> tuple[nn.Module, nn.Module]:
-    hidden = tuple(model_spec.hidden)
-    return MLPEncoder(shape, model_spec.z_dim, hidden), MLPDecoder(shape, model_spec.z_dim, hidden)
+    hidden, act = tuple(model_spec.hidden), model_spec.hidden_act
+    return MLPEncoder(shape, model_spec.z_dim, hidden, act), MLPDecoder(shape, model_spec.z_dim, hidden, act)

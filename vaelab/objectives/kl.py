@@ -138,13 +138,13 @@ class Terms:
         return self.recon + self.kl
 
 
-def vae_terms(x: Tensor, params: Tensor, mu: Tensor, logvar: Tensor, likelihood: Likelihood,
+def vae_terms(x: Tensor, params: Tensor, kl_dims: Tensor, likelihood: Likelihood,
               weighting: float | KLWeighting, t: float = math.inf) -> Terms:
-    """The terms of one batch; `weighting` is a KLWeighting or a constant beta,
-    `t` the training progress in epochs (inf: the final objective)."""
+    """The terms of one batch; `kl_dims` the model's KL per example (VAEOutput.kl: per dimension, or one
+    Monte Carlo column), `weighting` a KLWeighting or a constant beta, `t` the training progress in
+    epochs (inf: the final objective)."""
     if not isinstance(weighting, KLWeighting):
         weighting = KLWeighting(beta=weighting)
     recon = -likelihood.log_prob(x, params)
-    kl_dims = kl_per_dimension(mu, logvar)
     objective, loss = training_loss(weighting, recon, kl_dims, t)
     return Terms(recon=recon, kl=kl_dims.sum(1), loss=loss, objective=objective)

@@ -121,6 +121,8 @@ class Objective:
     # penalty runs under vmap with the first member's settings: a stackable objective's penalty must
     # not depend on the keys stack members may differ in (loss.beta, train.seed, train.lr).
     stack_blocker: str | None = None
+    # (run spec) -> a one-line SpecError text naming the dotted key it cannot train with, or None
+    conflicts: Callable[[Any], str | None] | None = None
 
     def for_run(self, run: Any, dataset_size: int, z_dim: int, device: torch.device,
                 saved: dict | None = None) -> RunObjective:

@@ -57,10 +57,16 @@ def write_figures(model, likelihood, data: ImageData, history, folder: Path, run
         if kl_dims is None:
             kl_dims = mean_kl_per_dimension(model, test.x.first(KL_IMAGES), run_spec.eval.batch_size,
                                             test.y[:KL_IMAGES])
-        figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
+        if kl_dims is not None:
+            figures.write_kl_per_dimension(kl_dims, folder / "kl_per_dimension.png")
+            ranking, unit = kl_dims, "nats"
+        else:  # a KL that does not split by dimension (VampPrior, two levels): rows by activity instead
+            ranking = latent_means(model, test.x.first(KL_IMAGES), run_spec.eval.batch_size,
+                                   test.y[:KL_IMAGES]).double().var(0).float().cpu()
+            unit = "var"
         step()
-        figures.write_traversals(model, likelihood, test.x[:1], kl_dims, folder / "traversals.png",
-                                 max_dims=plan.dims, steps=TRAVERSAL_STEPS, y=test.y[:1])
+        figures.write_traversals(model, likelihood, test.x[:1], ranking, folder / "traversals.png",
+                                 max_dims=plan.dims, steps=TRAVERSAL_STEPS, y=test.y[:1], unit=unit)
         step()
         if data.factors is not None and run_spec.eval.disentanglement and not model.num_classes:
             from vaelab.disentanglement.figures import FIGURE_SAMPLES, write_factor_figures

@@ -46,7 +46,7 @@ class SingleStepper:
         order = torch.randperm(len(data.train), generator=member.batch_gen)
         for step, (idx, images) in enumerate(data.train.x.shuffled(order, batch_size)):
             x = member_images(images, data, member.noise_gen)
-            noise = torch.randn((len(x), model.z_dim), generator=member.noise_gen, device=x.device)
+            noise = torch.randn((len(x), model.noise_dim), generator=member.noise_gen, device=x.device)
             drawn = penalty_of.sample(member.noise_gen, len(x), model.z_dim, x.device) if penalty_of else None
             recon, kl_dims, penalty, z = self.step_terms(x, data.train.y[idx], noise, drawn)
             progress = epoch - 1 + step / n_batches  # in epochs at the start of the step, for the KL schedule

@@ -25,7 +25,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from vaelab.data import ImageData
 from vaelab.evaluation.estimators import SPLIT_TERMS
 from vaelab.models import VAE
-from vaelab.objectives import Penalty, kl_per_dimension, objective_of, stacked_training_loss
+from vaelab.objectives import Penalty, objective_of, stacked_training_loss
 from vaelab.progress import Bar
 from vaelab.spec import RunSpec, flatten
 from vaelab.training.member import Member
@@ -96,7 +96,7 @@ class StackedAdam:
 def _vmapped_forward(template: VAE) -> Callable:
     def forward(params, buffers, x, noise, y):
         out = functional_call(template, (params, buffers), (x,), {"noise": noise, "y": y})
-        return out.params, out.mu, out.logvar, out.z
+        return out.params, out.mu, out.logvar, out.z, out.kl
 
     return forward
 
@@ -109,11 +109,11 @@ def _stacked_terms(step_all: Callable, likelihood, bf16: bool, penalty: Penalty 
 
     def terms(params, buffers, x, noise, y, drawn=None):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out, mu, logvar, z = step_all(params, buffers, x, noise, y)
+            out, mu, logvar, z, kl = step_all(params, buffers, x, noise, y)
         recon = -likelihood.log_prob(x.flatten(0, 1), out.float().flatten(0, 1)).view(len(x), -1)
         mu, logvar = mu.float(), logvar.float()
         extra = member_penalty(mu, logvar, z.float(), drawn) if member_penalty is not None else None
-        return recon, kl_per_dimension(mu, logvar), extra
+        return recon, kl.float(), extra
 
     return terms
 
@@ -126,7 +126,7 @@ class StackedStepper:
     def __init__(self, members: list[Member], models: list[VAE], data: ImageData,
                  optimizer_states: list[dict | None]):
         train = members[0].run.train
-        self.data, self.k, self.z_dim = data, len(models), models[0].z_dim
+        self.data, self.k, self.z_dim, self.noise_dim = data, len(models), models[0].z_dim, models[0].noise_dim
         self.label = f" ({self.k} stacked)"
         self.state_keys = list(models[0].state_dict())
         storage, self.buffers = stack_module_state(models)
@@ -238,7 +238,7 @@ class StackedStepper:
             if data.augment or data.dynamic_binarize:
                 x = torch.stack([member_images(xi, data, m.noise_gen) for xi, m in zip(x, members, strict=True)])
             batch = idx.shape[1]
-            noise = _noise([m.noise_gen for m in members], batch, self.z_dim, device)
+            noise = _noise([m.noise_gen for m in members], batch, self.noise_dim, device)
             drawn = self._draws(members, batch, device)
             recon, kl_dims, penalty = self.step_terms(self._params(), self.buffers, x, noise, data.train.y[idx], drawn)
             progress = epoch - 1 + step / n_batches
@@ -272,10 +272,9 @@ class StackedStepper:
             starts = range(0, len(data.val), batch_size)
             for start, x in zip(starts, data.val.x.batches(starts, batch_size), strict=True):
                 y = data.val.y[start : start + batch_size]
-                out, mu, logvar, _ = shared_images(params, self.buffers, x, _noise(gens, len(x), self.z_dim, device),
-                                                   y)
+                out, _, _, _, kl_dims = shared_images(params, self.buffers, x,
+                                                      _noise(gens, len(x), self.noise_dim, device), y)
                 recon = -likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), out.flatten(0, 1)).view(k, -1)
-                kl_dims = kl_per_dimension(mu, logvar)
                 kl = kl_dims.sum(2)
                 # validation uses the schedule's final form (t = inf) and no penalty, as a single run's does
                 _, loss = stacked_training_loss(weightings, recon, kl_dims, math.inf)

@@ -21,7 +21,7 @@ from torch import Tensor
 from vaelab.data.augment import augment_batch
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
-from vaelab.objectives import Penalty, kl_per_dimension
+from vaelab.objectives import Penalty
 
 
 def batch_terms(model: VAE, likelihood: Likelihood, x: Tensor, y: Tensor, noise: Tensor,
@@ -37,7 +37,7 @@ def batch_terms(model: VAE, likelihood: Likelihood, x: Tensor, y: Tensor, noise:
     mu, logvar = out.mu.float(), out.logvar.float()
     z = out.z.float()
     extra = penalty(mu, logvar, z, drawn) if penalty is not None else None
-    return recon, kl_per_dimension(mu, logvar), extra, z.detach()
+    return recon, out.kl.float(), extra, z.detach()
 
 
 class MaybeCompiled:
