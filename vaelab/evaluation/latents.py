@@ -37,5 +37,7 @@ EVALUATOR = Evaluator(
     per_image=lambda settings: PASSES_PER_IMAGE,
     holds=lambda facts, settings: ("encode", min(facts.run.eval.batch_size, max(1, settings["images"]))),
     compute=_compute,
-    plan=lambda run: "test/active_units, test/kl_dim/<d> on every test image",
+    plan=lambda run: "test/active_units, test/kl_dim/<d> on every test image" + (
+        "" if run.model.prior == "gaussian" and run.model.levels == 1 else
+        " (no kl_dim: this model's KL does not split by dimension)"),
 )

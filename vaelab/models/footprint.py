@@ -92,8 +92,11 @@ class _Pass(nn.Module):
         model, n = self.model, self.n
         y = torch.zeros(n, dtype=torch.long, device="meta") if model.num_classes else None
         if self.kind == "decode":
-            z = torch.randn(n, model.z_dim, device="meta")
-            return model.likelihood.log_prob(torch.rand(n, *self.shape, device="meta"), model.decode(z, y))
+            # A sampled code through the prior and the decoder, as the IWAE estimate takes it (a VampPrior's
+            # rows x components matrices, a second level's passes).
+            mu = torch.zeros(n, model.z_dim, device="meta")
+            params, _, log_ratio = model.latent_pass(mu, mu, torch.randn(n, model.noise_dim, device="meta"), y)
+            return model.likelihood.log_prob(torch.rand(n, *self.shape, device="meta"), params) - log_ratio
         x = torch.rand(n, *self.shape, device="meta")
         if self.kind == "encode":
             return model.encode(x, y)[0]
