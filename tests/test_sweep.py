@@ -97,6 +97,11 @@ def test_grid_sweep_runs_every_point_once_then_says_complete(tmp_path: Path, mni
     for trial in sweep.trials():
         assert by_trial[trial.number].data.params["loss.beta"] == str(trial.params["loss.beta"])
     assert {float(r.data.params["loss.beta"]) for r in children} == {p.values["loss.beta"] for p in points}
+    # Each configuration's seeds share one vaelab.config tag (MLflow groups runs by it): two groups of two.
+    groups = Counter(r.data.tags["vaelab.config"] for r in children)
+    assert groups == {"loss.beta=0.5": 2, "loss.beta=2.0": 2}
+    for run in children:
+        assert run.data.tags["vaelab.config"] == f"loss.beta={float(run.data.params['loss.beta'])}"
 
 
 def test_a_union_of_grids_sweeps_each_grid_once_with_its_own_keys(tmp_path: Path, mnist_root: Path):

@@ -129,6 +129,12 @@ class Point:
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.values.items())
 
+    @property
+    def config(self) -> str:
+        """The configuration this point repeats: its values without train.seed ("base" when only the seed
+        is swept). MLflow groups a study's runs by it (the vaelab.config tag), seeds as one group."""
+        return ", ".join(f"{k}={v}" for k, v in self.values.items() if k != "train.seed") or "base"
+
 
 COMMON_KEYS = {"kind", "params", "metric", "direction", "storage", "evaluate"}
 EVALUATE_KEYS = {"top", "by", "set"}

@@ -20,6 +20,9 @@ from vaelab.tracking import Tracker
 from vaelab.training import EpochCallback
 
 INTERRUPTED = "interrupted (Ctrl-C)"
+# The configuration a run repeats (its point without the seed): MLflow's run grouping by this tag shows each
+# configuration's seeds as one group, with their mean and spread in the charts.
+CONFIG_TAG = "vaelab.config"
 
 
 def _reason(err: BaseException) -> str:
@@ -40,7 +43,7 @@ class TrialRunner:
 
     def _tags(self, trial: Trial, point: Point, parent: str) -> dict[str, Any]:
         return {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
-                "vaelab.sweep_point": point.label}
+                "vaelab.sweep_point": point.label, CONFIG_TAG: point.config}
 
     def _on_start(self, trial: Trial) -> Callable[[str], None]:
         def record(run_id: str) -> None:
