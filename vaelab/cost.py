@@ -1,5 +1,6 @@
 """A rough cost for `--dry-run`: time a few real optimiser steps of the run's
-model on random data, then scale by the number of batches and epochs; time
+model on random data (the run's own step: its objective's penalty, the k codes per image of a
+k-sample bound), then scale by the number of batches and epochs; time
 inference passes (and what evaluators time themselves) and a small t-SNE, then
 scale by the image passes each evaluator's settings and the figures will make.
 The pre-flight check runs first, so a model too large for memory is refused before it is built,
@@ -15,10 +16,11 @@ import torch
 
 from vaelab import preflight
 from vaelab.models.footprint import attach, rows
-from vaelab.objectives import vae_terms
+from vaelab.objectives import kl_weighting, objective_of, training_loss
 from vaelab.registry import image_shape, split_sizes, train_size
 from vaelab.spec import RunSpec
 from vaelab.training import init_model, make_optimizer, resolve_device
+from vaelab.training.step import batch_terms
 
 
 def _model(run: RunSpec, device: torch.device):  # noqa: ANN202 - a VAE
@@ -34,15 +36,21 @@ def seconds_per_epoch(run: RunSpec, steps: int = 8) -> float:
     device = resolve_device(run.train.device)
     shape = image_shape(run.data)
     model = _model(run, device)
-    likelihood = model.likelihood
     optimizer = make_optimizer(model, run.train.lr)
     n_train = train_size(run.data)
     x = torch.rand(max(1, min(run.train.batch_size, n_train)), *shape, device=device)
+    y = torch.zeros(len(x), dtype=torch.long, device=device)
+    # The run's step as training takes it (an auxiliary's own step, FactorVAE's discriminator, is not timed).
+    objective = objective_of(run).for_run(run, n_train, model.z_dim, device)
+    weighting, generator = kl_weighting(run), torch.Generator(device=device).manual_seed(0)
     elapsed = 0.0
     for step in range(steps + 2):  # two warm-up steps are not timed
         started = time.perf_counter()
-        out = model(x, y=torch.zeros(len(x), dtype=torch.long, device=device))
-        loss = vae_terms(x, out.params, out.mu, out.logvar, likelihood, run.loss.beta).objective
+        noise = torch.randn(objective.noise_shape(len(x), model.noise_dim), generator=generator, device=device)
+        drawn = objective.penalty.sample(generator, len(x), model.z_dim, device) if objective.penalty else None
+        recon, kl_dims, extra, _ = batch_terms(model, model.likelihood, x, y, noise, run.train.precision == "bf16",
+                                               objective.penalty, drawn, objective.gain)
+        loss, _ = training_loss(weighting, recon, kl_dims, math.inf, extra)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

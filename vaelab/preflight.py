@@ -2,7 +2,8 @@
 meta device (shapes, no storage), a dry forward pass there checks that it fits the images, and
 meta passes measure what each row of each pass holds (vaelab.models.footprint). From these, the
 peak of each phase: training (weights, gradients, Adam's two moments, a step's tensors for
-min(train.batch_size, training images) examples, times the stack's members), each evaluator that
+min(train.batch_size, training images) examples, times the codes per image of a k-sample bound
+(loss.iw_k: every code is decoded and back-propagated), times the stack's members), each evaluator that
 will run (the rows it holds at once within the evaluation budget, and the weights), the figures.
 The estimate is said in one line before training and logged (tag vaelab.preflight); a run whose
 peak would pass LIMIT of the memory available is refused in one line naming the phase and the keys
@@ -19,6 +20,7 @@ from vaelab.errors import ConfigError
 from vaelab.models.build import build_model
 from vaelab.models.footprint import Footprint, RowBytes, budget_for, measure, meta_state
 from vaelab.models.vae import VAE
+from vaelab.objectives import objective_of
 from vaelab.runspec import RunSpec, flatten, unused_keys
 
 LIMIT = 0.8  # refuse a run whose estimated peak passes this share of the memory available
@@ -40,7 +42,7 @@ class Phase:
 @dataclass(frozen=True)
 class Preflight:
     n_params: int
-    activation_mb: float  # a training step's tensors for one batch (all members of a stack), x HIDDEN
+    activation_mb: float  # a training step's tensors for one batch (all members of a stack, all codes), x HIDDEN
     device_free_mb: float | None  # memory available to the process (what it holds included); None: unknown
     held_mb: float  # what the process held when the check ran (data, libraries)
     phases: tuple[Phase, ...]
@@ -150,8 +152,9 @@ def estimate(runs: list[RunSpec], rows: RowBytes, n_train: int, n_test: int,
     batch = max(1, min(run.train.batch_size, n_train))
     weights = rows.param_bytes
     footprint = Footprint(rows, budget_for(rows, batch, None if room is None else room - len(runs) * 2 * weights))
-    # Weights and Adam's two moments; the gradients are in train_fixed (counted by the meta backward).
-    training = k * (3 * weights + rows.train_fixed + batch * rows.train)
+    # Weights and Adam's two moments; the gradients are in train_fixed (counted by the meta backward). A k-sample
+    # bound decodes k codes per image: a training row's bytes x k (an upper bound: the encoder's share counts k times).
+    training = k * (3 * weights + rows.train_fixed + batch * _samples(run) * rows.train)
     phases = [Phase("training", training)]
     # After training each member keeps its weights and last gradients; one member is evaluated at a time.
     kept = k * 2 * weights
@@ -174,6 +177,11 @@ def estimate(runs: list[RunSpec], rows: RowBytes, n_train: int, n_test: int,
     return tuple(phases), footprint
 
 
+def _samples(run: RunSpec) -> int:
+    """Codes a training step decodes per image: the k of the run's k-sample bound, else 1."""
+    return objective_of(run).samples_per_image(run.loss)
+
+
 def _keys(run: RunSpec, weights_first: bool) -> list[tuple[str, str]]:
     """(key, key=value) of the keys that lower a phase's memory, as the run has them: the training
     batch (evaluation's budget follows it) and the image size first, or the model's size where the
@@ -181,6 +189,9 @@ def _keys(run: RunSpec, weights_first: bool) -> list[tuple[str, str]]:
     unused, flat = unused_keys(run), flatten(run)
     size = [key for key in SIZE_KEYS if key not in unused and flat.get(key) is not None]
     batch = ["train.batch_size"] + ([] if "data.image_size" in unused else ["data.image_size"])
+    bound = objective_of(run).bound
+    if bound is not None and _samples(run) > 1:  # k codes per image: k lowers a step's tensors as the batch does
+        batch.insert(1, bound.key.dotted)
     keys = size + batch if weights_first else batch + size
     return [(key, f"{key}={_value(flat.get(key))}") for key in keys]
 
@@ -206,7 +217,7 @@ def check(runs: list[RunSpec], shape: tuple[int, int, int], n_train: int, n_test
     room = None if total is None else LIMIT * total - held - FIGURE_EXTRA_BYTES
     phases, footprint = estimate(runs, rows, n_train, n_test, bool(model.likelihood.discrete), room)
     batch = max(1, min(run.train.batch_size, n_train))
-    flight = Preflight(n_params=rows.n_params, activation_mb=len(runs) * batch * rows.train / MB,
+    flight = Preflight(n_params=rows.n_params, activation_mb=len(runs) * batch * _samples(run) * rows.train / MB,
                        device_free_mb=None if total is None else total / MB, held_mb=held / MB, phases=phases,
                        footprint=footprint, device=str(device))
     if total is not None and held + flight.peak.bytes > LIMIT * total:

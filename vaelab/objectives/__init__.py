@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vaelab.objectives import beta_tcvae, beta_vae, dip_vae, factorvae, infovae
+from vaelab.objectives import beta_tcvae, beta_vae, dip_vae, factorvae, infovae, iwae
 from vaelab.objectives.kl import (
     SCHEDULES,
     KLWeighting,
@@ -34,7 +34,7 @@ __all__ = ["SCHEDULES", "KLWeighting", "Terms", "kl_per_dimension", "kl_to_stand
 
 # The registry, in the order loss.objective's help and the report's rows list them (the default first).
 _RECORDS = (beta_vae.OBJECTIVE, beta_tcvae.OBJECTIVE, factorvae.OBJECTIVE, dip_vae.DIP_VAE_I, dip_vae.DIP_VAE_II,
-            infovae.OBJECTIVE)
+            infovae.OBJECTIVE, iwae.OBJECTIVE)
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in _RECORDS}
 
 
@@ -49,9 +49,10 @@ def objective_keys() -> list[SpecKey]:
 
 def foreign_keys(name: str) -> tuple[str, ...]:
     """The dotted loss.* keys (a section as its prefix, 'loss.discriminator.') that objective `name`
-    does not read: other objectives' keys. A run's unused keys (spec.unused_keys)."""
+    does not read: other objectives' keys, and the shared ones its record ignores (iwae: loss.beta).
+    A run's unused keys (spec.unused_keys)."""
     own = {key.name for key in OBJECTIVES[name].keys}
-    return tuple(key.dotted for key in objective_keys() if key.name not in own)
+    return tuple(key.dotted for key in objective_keys() if key.name not in own) + OBJECTIVES[name].ignores
 
 
 def unhashed_keys(name: str) -> tuple[str, ...]:

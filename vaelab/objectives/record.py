@@ -3,9 +3,10 @@ loop over, so that no code outside an objective's own module spells its name.
 
 An objective is the ELBO's two terms, the KL weighted as its record says (`kl_beta`), plus at most
 one batch-level `Penalty` (a total correlation, a moment penalty, an MMD), optionally estimated
-with state trained beside the VAE (`Auxiliary`: FactorVAE's discriminator). Its own spec keys are
-flat `loss.*` keys (`SpecKey`) that spec.py adds to LossSpec. No torch at module level: spec.py
-reads these records to build its checks.
+with state trained beside the VAE (`Auxiliary`: FactorVAE's discriminator); or a bound on log p(x)
+from k samples per image (`SampleBound`: the IWAE's), which the step computes from the same
+forward pass with k codes per image. Its own spec keys are flat `loss.*` keys (`SpecKey`) that
+spec.py adds to LossSpec. No torch at module level: spec.py reads these records to build its checks.
 """
 
 from __future__ import annotations
@@ -81,6 +82,23 @@ class Penalty:
         return self.term(mu, logvar, z, drawn)
 
 
+@dataclass(frozen=True)
+class SampleBound:
+    """A bound on log p(x) from k codes per image that an objective trains on (iwae.py). The step draws
+    noise (k, N, noise_dim) from the member's generator, one forward pass gives each code's
+    reconstruction term and log weight log w_i = log p(x, z_i) - log q(z_i|x), and the training loss of
+    an image is the k samples' mean negative ELBO less `gain(log_w)`: what the bound adds to that ELBO
+    on the same draws. It enters training_loss as the objective's batch term (train/penalty = -gain),
+    so train/recon and train/kl stay the samples' means and train/loss is the negative bound."""
+
+    key: SpecKey  # the loss.* key holding k, the samples per image (named when a step is too large)
+    # log weights (k, N) -> (N,) the bound less the samples' mean log weight (>= 0); differentiable
+    gain: Callable[[Tensor], Tensor]
+
+    def samples(self, loss: Any) -> int:
+        return int(self.key.of(loss))
+
+
 class Auxiliary(Protocol):
     """State an objective trains beside the VAE (FactorVAE's discriminator), stepped after the VAE's
     step on the batch's codes. Its state travels in TrainState.aux under the record's name."""
@@ -106,7 +124,7 @@ def _beta(loss: Any) -> float:
 @dataclass(frozen=True)
 class Objective:
     """One training objective: recon + kl_beta(loss) * KL (KLWeighting adds schedules and free bits
-    to that weight) + its penalty."""
+    to that weight) + its penalty; or, with a `bound`, the negative k-sample bound."""
 
     name: str  # the value of loss.objective
     label: str  # how figures and tables name it (beta-VAE)
@@ -123,6 +141,14 @@ class Objective:
     stack_blocker: str | None = None
     # (run spec) -> a one-line SpecError text naming the dotted key it cannot train with, or None
     conflicts: Callable[[Any], str | None] | None = None
+    # A k-sample bound it trains on in place of recon + kl_beta * KL (iwae), or None: the ELBO, one code per image.
+    bound: SampleBound | None = None
+    # Shared loss.* keys (dotted) its runs do not read (iwae: loss.beta): left out of their MLflow params.
+    ignores: tuple[str, ...] = ()
+
+    def samples_per_image(self, loss: Any) -> int:
+        """Codes a training step draws per image: its bound's k, else 1 (what a step's memory and time scale by)."""
+        return 1 if self.bound is None else self.bound.samples(loss)
 
     def for_run(self, run: Any, dataset_size: int, z_dim: int, device: torch.device,
                 saved: dict | None = None) -> RunObjective:
@@ -132,16 +158,30 @@ class Objective:
             state = (saved or {}).get(self.auxiliary.name)
             aux = self.auxiliary.build(run, z_dim, device, state)
         penalty = self.penalty(run, dataset_size, aux) if self.penalty is not None else None
-        return RunObjective(penalty, aux, self.auxiliary.name if self.auxiliary is not None else "")
+        return RunObjective(penalty, aux, self.auxiliary.name if self.auxiliary is not None else "",
+                            self.bound.gain if self.bound is not None else None, self.samples_per_image(run.loss))
 
 
 @dataclass
 class RunObjective:
-    """A run's objective while it trains: its penalty and auxiliary state, if any."""
+    """A run's objective while it trains: its penalty and auxiliary state, if any, and the gain of
+    its k-sample bound (None: one code per image, the ELBO)."""
 
     penalty: Penalty | None
     aux: Auxiliary | None = None
     aux_name: str = ""
+    gain: Callable[[Tensor], Tensor] | None = None
+    samples: int = 1  # codes per image of a bound
+
+    def noise_shape(self, n: int, noise_dim: int) -> tuple[int, ...]:
+        """The standard-normal noise a step of n images draws: (k, n, noise_dim) for a k-sample bound
+        (k = 1 included: the same numbers in the same order as (n, noise_dim)), else (n, noise_dim)."""
+        return (self.samples, n, noise_dim) if self.gain is not None else (n, noise_dim)
+
+    @property
+    def adds_to_loss(self) -> bool:
+        """Whether the step returns a batch term added to the weighted ELBO (a penalty, a bound's -gain)."""
+        return self.penalty is not None or self.gain is not None
 
     def after_step(self, z: Tensor, generator: torch.Generator) -> None:
         """What trains after the VAE's step (FactorVAE: the discriminator, on the batch's codes)."""
@@ -149,9 +189,9 @@ class RunObjective:
             self.aux.step(z, generator)
 
     def epoch_metrics(self, penalty_mean: float | None) -> dict[str, float]:
-        """The objective's own train/* metrics of an epoch: train/penalty (as it entered train/loss)
-        and the auxiliary's (none for beta_vae)."""
-        metrics = {"train/penalty": penalty_mean} if self.penalty is not None and penalty_mean is not None else {}
+        """The objective's own train/* metrics of an epoch: train/penalty (as it entered train/loss; a
+        bound's: minus its gain over the ELBO) and the auxiliary's (none for beta_vae)."""
+        metrics = {"train/penalty": penalty_mean} if self.adds_to_loss and penalty_mean is not None else {}
         if self.aux is not None:
             metrics.update(self.aux.epoch_metrics())
         return metrics

@@ -32,7 +32,7 @@ class SingleStepper:
         self.objective = objective_of(member.run).for_run(member.run, len(data.train), model.z_dim,
                                                           data.train.x.device, saved)
         self.step_terms = StepTerms(model, model.likelihood, bf16=train.precision == "bf16", compile=train.compile,
-                                    penalty=self.objective.penalty)
+                                    penalty=self.objective.penalty, gain=self.objective.gain)
         self.extras: dict[str, float] = {}
 
     def train_epoch(self, epoch: int, members: list[Member], bar: Bar) -> list[list[float]]:
@@ -46,7 +46,9 @@ class SingleStepper:
         order = torch.randperm(len(data.train), generator=member.batch_gen)
         for step, (idx, images) in enumerate(data.train.x.shuffled(order, batch_size)):
             x = member_images(images, data, member.noise_gen)
-            noise = torch.randn((len(x), model.noise_dim), generator=member.noise_gen, device=x.device)
+            # (N, noise_dim), or (k, N, noise_dim) for a k-sample bound: one draw, in a single run's order
+            noise = torch.randn(self.objective.noise_shape(len(x), model.noise_dim), generator=member.noise_gen,
+                                device=x.device)
             drawn = penalty_of.sample(member.noise_gen, len(x), model.z_dim, x.device) if penalty_of else None
             recon, kl_dims, penalty, z = self.step_terms(x, data.train.y[idx], noise, drawn)
             progress = epoch - 1 + step / n_batches  # in epochs at the start of the step, for the KL schedule
@@ -55,7 +57,7 @@ class SingleStepper:
             objective.backward()
             optimizer.step()
             self.objective.after_step(z, member.noise_gen)
-            # Accumulate on the device: no host sync per step. train/loss includes the batch penalty.
+            # Accumulate on the device: no host sync per step. train/loss includes the batch term (penalty, -gain).
             penalty_sum = penalty.detach() * len(x) if penalty is not None else loss.new_zeros(())
             sums += torch.stack([loss.sum(), recon.sum(), kl_dims.sum(1).sum(), penalty_sum]).detach()
             bar.update(1)
@@ -64,7 +66,7 @@ class SingleStepper:
         return [means[:3]]
 
     def epoch_extras(self, i: int) -> dict[str, float]:
-        """The objective's own train/* metrics of the epoch just trained (none without a penalty)."""
+        """The objective's own train/* metrics of the epoch just trained (none without a penalty or bound)."""
         return dict(self.extras)
 
     def aux_state(self, i: int) -> dict:

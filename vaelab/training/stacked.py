@@ -96,30 +96,44 @@ class StackedAdam:
 def _vmapped_forward(template: VAE) -> Callable:
     def forward(params, buffers, x, noise, y):
         out = functional_call(template, (params, buffers), (x,), {"noise": noise, "y": y})
-        return out.params, out.mu, out.logvar, out.z, out.kl
+        return out.params, out.mu, out.logvar, out.z, out.kl, out.log_ratio
 
     return forward
 
 
-def _stacked_terms(step_all: Callable, likelihood, bf16: bool, penalty: Penalty | None) -> Callable:
+def _stacked_terms(step_all: Callable, likelihood, bf16: bool, penalty: Penalty | None,
+                   gain: Callable[[Tensor], Tensor] | None = None) -> Callable:
     """(params, buffers, x, noise, y, drawn) -> recon (K, N), KL per dimension (K, N, z_dim) and the
-    objective's batch penalty (K,) (None without one) of every member; the penalty runs under vmap, each
-    member on its own codes and its own draws."""
+    objective's batch term (K,) (None without one) of every member; the penalty runs under vmap, each
+    member on its own codes and its own draws, as does a k-sample bound's gain (noise (K, k, N, noise_dim)),
+    whose term is -gain as in a single run's step (step.batch_terms). The log-densities run outside vmap,
+    over every member's rows at once (a likelihood may be an autograd.Function, which vmap cannot run)."""
     member_penalty = vmap(penalty) if penalty is not None else None
+    member_gain = vmap(gain) if gain is not None else None
 
     def terms(params, buffers, x, noise, y, drawn=None):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out, mu, logvar, z, kl = step_all(params, buffers, x, noise, y)
-        recon = -likelihood.log_prob(x.flatten(0, 1), out.float().flatten(0, 1)).view(len(x), -1)
+            out, mu, logvar, z, kl, log_ratio = step_all(params, buffers, x, noise, y)
         mu, logvar = mu.float(), logvar.float()
         extra = member_penalty(mu, logvar, z.float(), drawn) if member_penalty is not None else None
+        if noise.dim() == 3:
+            recon = -likelihood.log_prob(x.flatten(0, 1), out.float().flatten(0, 1)).view(len(x), -1)
+            return recon, kl.float(), extra
+        k, samples, n = log_ratio.shape  # members, codes per image, images
+        x_rep = x.unsqueeze(1).expand(k, samples, *x.shape[1:]).flatten(0, 2)
+        log_lik = likelihood.log_prob(x_rep, out.float().flatten(0, 1)).view(k, samples, n)
+        recon = (-log_lik).mean(1)
+        if member_gain is not None:
+            bound_term = -member_gain(log_lik - log_ratio.float()).mean(1)
+            extra = bound_term if extra is None else extra + bound_term
         return recon, kl.float(), extra
 
     return terms
 
 
-def _noise(generators: list[torch.Generator], n: int, z_dim: int, device) -> Tensor:
-    return torch.stack([torch.randn((n, z_dim), generator=g, device=device) for g in generators])
+def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> Tensor:
+    """Each member's noise of `shape` from its own generator, as its single run draws it, stacked."""
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
 
 
 class StackedStepper:
@@ -139,10 +153,12 @@ class StackedStepper:
         self.forward = _vmapped_forward(copy.deepcopy(models[0]).to("meta"))
         self.likelihood = models[0].likelihood  # parameter-free (stack_blocker): one instance serves all members
         # The objective's penalty, if any: stackable ones depend on no key members differ in (stack_blocker).
-        self.penalty = objective_of(members[0].run).for_run(members[0].run, len(data.train), self.z_dim,
-                                                            data.train.x.device).penalty
+        # A k-sample bound depends on loss.iw_k, which members share (stack_key), so the first member's serves all.
+        self.objective = objective_of(members[0].run).for_run(members[0].run, len(data.train), self.z_dim,
+                                                              data.train.x.device)
+        self.penalty = self.objective.penalty
         self.step_terms = MaybeCompiled(_stacked_terms(vmap(self.forward), self.likelihood,
-                                                       train.precision == "bf16", self.penalty),
+                                                       train.precision == "bf16", self.penalty, self.objective.gain),
                                         compile=train.compile, on_cuda=data.train.x.device.type == "cuda")
         self.penalty_means: list[float] = []
         self.param_groups = make_optimizer(models[0], train.lr).state_dict()["param_groups"]
@@ -209,7 +225,8 @@ class StackedStepper:
         return {}  # an objective with auxiliary state does not stack (stack_blocker)
 
     def epoch_extras(self, i: int) -> dict[str, float]:
-        """Member i's train/penalty of the epoch just trained, as a single run logs it (none without one)."""
+        """Member i's train/penalty of the epoch just trained, as a single run logs it (none without a
+        penalty or bound)."""
         return {"train/penalty": self.penalty_means[i]} if self.penalty_means else {}
 
     def weights(self, i: int) -> dict[str, Tensor]:
@@ -238,7 +255,7 @@ class StackedStepper:
             if data.augment or data.dynamic_binarize:
                 x = torch.stack([member_images(xi, data, m.noise_gen) for xi, m in zip(x, members, strict=True)])
             batch = idx.shape[1]
-            noise = _noise([m.noise_gen for m in members], batch, self.noise_dim, device)
+            noise = _noise([m.noise_gen for m in members], self.objective.noise_shape(batch, self.noise_dim), device)
             drawn = self._draws(members, batch, device)
             recon, kl_dims, penalty = self.step_terms(self._params(), self.buffers, x, noise, data.train.y[idx], drawn)
             progress = epoch - 1 + step / n_batches
@@ -250,7 +267,7 @@ class StackedStepper:
             if penalty is not None:
                 penalty_sums += penalty.detach() * batch
             bar.update(1)
-        self.penalty_means = (penalty_sums / n).tolist() if self.penalty is not None else []
+        self.penalty_means = (penalty_sums / n).tolist() if self.objective.adds_to_loss else []
         return (sums / n).tolist()
 
     def _draws(self, members: list[Member], n: int, device) -> Tensor | None:
@@ -272,8 +289,8 @@ class StackedStepper:
             starts = range(0, len(data.val), batch_size)
             for start, x in zip(starts, data.val.x.batches(starts, batch_size), strict=True):
                 y = data.val.y[start : start + batch_size]
-                out, _, _, _, kl_dims = shared_images(params, self.buffers, x,
-                                                      _noise(gens, len(x), self.noise_dim, device), y)
+                out, _, _, _, kl_dims, _ = shared_images(params, self.buffers, x,
+                                                         _noise(gens, (len(x), self.noise_dim), device), y)
                 recon = -likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), out.flatten(0, 1)).view(k, -1)
                 kl = kl_dims.sum(2)
                 # validation uses the schedule's final form (t = inf) and no penalty, as a single run's does
