@@ -42,10 +42,10 @@ def browse(url: str, screenshot: str | None = None, wait_ms: int = 15_000) -> st
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    """A two-point grid sweep, trained, with figures: what the browser tests look at."""
+    """A two-point grid sweep with two seeds each, trained, with figures: what the browser tests look at."""
     tmp_path = tmp_path_factory.mktemp("browser")
     mnist_root = make_idx_folder(tmp_path / "mnist-files")
-    search = {"kind": "grid", "params": {"loss.beta": [0.5, 2.0]}, "seeds": [0]}
+    search = {"kind": "grid", "params": {"loss.beta": [0.5, 2.0]}, "seeds": [0, 1]}
     path = write_spec(tmp_path, mnist_root, search, name="browser_demo",
                       eval={"figures": True, "iw_samples": 0, "probe": False, "tsne_points": 0})
     body = yaml.safe_load(path.read_text())
@@ -73,10 +73,30 @@ def test_the_runs_page_shows_the_sweep_in_the_model_training_view(ui):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("browser_demo")
     text, _ = browse(f"{base}/#/experiments/{experiment.experiment_id}{ML_VIEW}", "runs_page.png")
-    assert "sweep-browser_demo" in text  # the parent run, its two children folded under it
+    assert "sweep-browser_demo" in text  # the parent run, its four children folded under it
     assert "Model training" in text and "Evaluations" not in text
     assert "Two betas, seen in a browser." in text  # the spec's description, as the experiment's
-    assert "3 matching runs" in text  # the parent and its two children
+    assert "5 matching runs" in text  # the parent and its four children
+
+
+def test_the_sweeps_grouped_view_shows_each_configurations_seeds_as_one_group(ui):
+    base, tmp_path, parent = ui
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    # The parent run's note links the view (a local store's link points at `make ui`'s port).
+    link = re.search(r"http://127\.0\.0\.1:5000(/#/experiments/\S+viewStateShareKey=by-configuration\S*)", note)
+    assert link, note
+    text, _ = browse(f"{base}{link.group(1)}", "runs_grouped_by_configuration.png")
+    assert "Group by: vaelab.config" in text
+    # one group per configuration, each holding its two seeds
+    for beta in ("0.5", "2.0"):
+        assert re.search(rf"Group: loss\.beta={beta} 2\b", text), text[:2000]
+        assert f"beta={beta} seed=0" in text and f"beta={beta} seed=1" in text
+    # the charts plot the groups (their mean, min-max band), not the four runs one by one: each chart's
+    # legend names the two groups, and no run by its own name
+    assert "Additional runs" in text, text
+    legend = text.split("Additional runs", 1)[1]
+    assert "loss.beta=0.5" in legend and "loss.beta=2.0" in legend and "seed=0" not in legend
 
 
 def test_a_child_page_shows_its_metric_charts_and_figures(ui):
@@ -125,6 +145,8 @@ def test_the_dashboard_lists_the_studys_trials(tiny_study):
         assert "browser_demo" in text
         trials, _ = browse(f"http://127.0.0.1:{port}/dashboard/studies/0/trials", "dashboard_trials.png")
         assert "Trial 0" in trials and "Trial 1" in trials and "COMPLETE" in trials.upper()
+        # each trial's key figures, as Optuna artifacts beside the study
+        assert "samples.png" in trials and "reconstructions.png" in trials, trials[:3000]
     finally:
         server.terminate()
         server.wait(timeout=60)

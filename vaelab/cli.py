@@ -1,4 +1,4 @@
-"""`vaelab train | sweep | worker | evaluate | report | sample | reconstruct | encode | ui | keys`:
+"""`vaelab train | sweep | worker | evaluate | report | ledger | sample | reconstruct | encode | ui | keys`:
 the command line. Bad input ends in one line on stderr and exit code 2 (vaelab.errors);
 a failed run in exit code 1; a stop by Ctrl-C in 130."""
 
@@ -227,10 +227,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from vaelab.ledger import run_ledger
+
+    names = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows else None
+    for line in run_ledger(Path(args.folder), args.quick, args.tracking_uri, args.set, args.data_root, names,
+                           program=invoked_as()):
+        print(line)
+    return 0
+
+
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from vaelab.ops.serve import check_port_free, serve
     from vaelab.spec import load_spec
-    from vaelab.sweeps.dashboard import STORAGE_ENV, dashboard_command, dashboard_storage
+    from vaelab.sweeps.artifacts import artifact_dir
+    from vaelab.sweeps.dashboard import ARTIFACTS_ENV, STORAGE_ENV, dashboard_command, dashboard_storage
 
     spec = load_spec(resolve_spec_path(args.spec))
     if spec.search is None:
@@ -238,7 +249,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     check_port_free(args.host, args.port)
     target = dashboard_storage(spec, args.storage)
     return serve([*dashboard_command(), args.host, str(args.port)], args.host, args.port,
-                 f"optuna-dashboard ({spec.name})", env={STORAGE_ENV: target},
+                 f"optuna-dashboard ({spec.name})",
+                 env={STORAGE_ENV: target, ARTIFACTS_ENV: str(artifact_dir(spec.name))},
                  url_path="/dashboard")
 
 
@@ -353,6 +365,14 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from vaelab.completion import script
+    from vaelab.spec import describe_fields
+
+    print(script(build_parser(), [path for path, *_ in describe_fields()]), end="")
+    return 0
+
+
 def _add_spec_args(parser: argparse.ArgumentParser, storage: bool = False) -> None:
     """The arguments every spec-running command shares."""
     parser.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
@@ -441,6 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     report.set_defaults(func=_cmd_report)
 
+    ledger = sub.add_parser("ledger", help="vaelab's test NLL beside the published numbers of experiments/ledger/, "
+                                           "nats per image (--quick: train each row briefly first, on a CPU)")
+    ledger.add_argument("--quick", action="store_true",
+                        help="first train every row a few epochs on a small subset (experiment ledger-quick, never "
+                             "mixed with full runs): checks the machinery, compares nothing with the papers")
+    ledger.add_argument("--rows", help="comma-separated row names (the spec files' stems; default: every row)")
+    ledger.add_argument("--data-root", action="append", default=[], metavar="DATASET=PATH",
+                        help="data.root of the rows on DATASET, e.g. --data-root mnist=/data/mnist: where its IDX "
+                             "files are (repeatable)")
+    ledger.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base value of every row, e.g. --set train.device=cpu (repeatable)")
+    ledger.add_argument("--folder", default="experiments/ledger", help="the ledger's specs (default "
+                                                                       "experiments/ledger)")
+    ledger.add_argument("--tracking-uri", "--store", dest="tracking_uri",
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    ledger.add_argument("--no-progress", action="store_true",
+                        help="no progress bars: one plain line per epoch and evaluator instead")
+    ledger.set_defaults(func=_cmd_ledger)
+
     board = sub.add_parser("dashboard", help="optuna-dashboard over a study's storage, on 127.0.0.1")
     board.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
     board.add_argument("--storage", help="Optuna RDB URL of the study (default: its journal in studies/NAME/)")
@@ -519,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="list every spec key with its default and allowed values")
     keys.set_defaults(func=_cmd_keys)
+
+    completion = sub.add_parser("completion", help="print the shell completion script: eval \"$(vaelab completion "
+                                                   "bash)\" in ~/.bashrc (zsh: after bashcompinit)")
+    completion.add_argument("shell", choices=("bash", "zsh"), help="the shell (zsh uses bash's completion)")
+    completion.set_defaults(func=_cmd_completion)
     return parser
 
 

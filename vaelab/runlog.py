@@ -25,6 +25,9 @@ from vaelab.errors import LeaseLost
 
 FAILURE_TAG = "failure_reason"  # why a run that did not finish ended
 HASH_TAG = "vaelab.run_hash"  # a run's identity (`RunSpec.hash`): its resume state and finished twin are found by it
+# The configuration a sweep's run repeats (its point without the seed): MLflow's run grouping by it shows each
+# configuration's seeds as one group, with their mean and spread in the charts (vaelab.tracking.ui.CONFIG_VIEW).
+CONFIG_TAG = "vaelab.config"
 COPY_TAG = "vaelab.copy_of"  # a run trained again on purpose (`vaelab train --again`): the finished run it copies
 KEPT_TAG = "vaelab.kept_epoch"  # on a model kept while the run trained (train.keep_every / keep_best): its epoch
 KEPT_DIR = "kept"  # the run's folder of kept checkpoints, where the store has no model records of its own

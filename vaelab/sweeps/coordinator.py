@@ -16,8 +16,10 @@ import optuna
 from optuna.trial import FrozenTrial, Trial
 
 from vaelab.ops.locks import study_lock
+from vaelab.runlog import CONFIG_TAG
 from vaelab.search import GridSearch, OptunaSearch, expand_grid
 from vaelab.spec import Spec
+from vaelab.sweeps.artifacts import artifact_dir
 from vaelab.sweeps.fingerprint import base_changed, check_spec, study_spec_hash
 from vaelab.sweeps.points import optuna_params, parent_params, search_values
 from vaelab.sweeps.queue import MLFLOW_RUN, PARENT_RUN, Counts, TrialQueue, is_replaced
@@ -25,6 +27,7 @@ from vaelab.sweeps.samplers import pruner_for, sampler_for
 from vaelab.sweeps.storage import STUDIES_DIR, SweepError, open_storage, storage_url, study_dir
 from vaelab.sweeps.trials import TrialRunner
 from vaelab.tracking import NOTE_TAG, Tracker
+from vaelab.tracking.ui import CONFIG_VIEW, grouped_view_state, ui_base_for, view_link
 from vaelab.training import stack_blocker, stack_key
 
 # Study user attribute: the current parent run, the spec hash it was made for and its generation, as JSON.
@@ -92,7 +95,7 @@ class Sweep:
             self.study.sampler = sampler_for(self.search, sampler_seed_offset + held)
         self.queue = TrialQueue(self.study, self.storage, heartbeat_s, grace_s,
                                 on_reaped=lambda run_id, why: self.tracker.kill_run(run_id, f"worker died: {why}"))
-        self.runner = TrialRunner(spec, self.queue, self.tracker)
+        self.runner = TrialRunner(spec, self.queue, self.tracker, artifact_dir(spec.name, studies_root))
         self.spec_changes: list[str] = []  # what `prepare` found changed (with allow_spec_change)
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -173,8 +176,11 @@ class Sweep:
 
     def _create_parent(self, digest: str, generation: int) -> str:
         params = parent_params(self.spec, self.total, [p.run for p in self.points])
-        self.tracker.describe_experiment(self.spec.name, self.spec.description)
-        note = f"Sweep of {self.total} runs over {search_values(self.search)}. {self.spec.description}"
+        experiment_id = self.tracker.describe_experiment(self.spec.name, self.spec.description)
+        self.tracker.share_view(self.spec.name, CONFIG_VIEW, grouped_view_state(CONFIG_TAG))
+        grouped = view_link(ui_base_for(self.tracker.uri), experiment_id, CONFIG_VIEW)
+        note = (f"Sweep of {self.total} runs over {search_values(self.search)}. {self.spec.description} "
+                f"Each configuration's seeds as one group, mean and spread in the charts: {grouped}").strip()
         if generation > 1:
             note = (f"Generation {generation} of this study: its spec was replaced (--allow-spec-change); runs of "
                     f"earlier specs are under the earlier parent runs. {note}")

@@ -19,6 +19,7 @@ from vaelab.sweeps.storage import STUDIES_DIR, open_storage, storage_url, study_
 from vaelab.tracking import without_credentials
 
 STORAGE_ENV = "VAELAB_DASHBOARD_STORAGE"
+ARTIFACTS_ENV = "VAELAB_DASHBOARD_ARTIFACTS"  # the study's artifact folder: each trial's figures
 JOURNAL_PREFIX = "journal:"
 
 
@@ -46,6 +47,7 @@ def dashboard_command() -> list[str]:
 
 def main() -> None:
     import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
     from optuna.storages import BaseStorage, JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -57,7 +59,9 @@ def main() -> None:
         storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     else:
         storage = optuna.storages.RDBStorage(target)
-    optuna_dashboard.run_server(storage, host=host, port=port)
+    artifacts = os.environ.pop(ARTIFACTS_ENV, "")
+    store = FileSystemArtifactStore(artifacts) if artifacts and Path(artifacts).is_dir() else None
+    optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=store)
 
 
 if __name__ == "__main__":

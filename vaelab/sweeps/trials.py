@@ -6,23 +6,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, Trial
 
 from vaelab import runner
 from vaelab.errors import LeaseLost, RunPruned
+from vaelab.runlog import CONFIG_TAG
 from vaelab.search import OptunaSearch, Point, own_keys
 from vaelab.spec import Spec
+from vaelab.sweeps.artifacts import attach_figures
 from vaelab.sweeps.points import child_run_name, trial_point
 from vaelab.sweeps.queue import MLFLOW_RUN, TrialQueue
 from vaelab.tracking import Tracker
 from vaelab.training import EpochCallback
 
 INTERRUPTED = "interrupted (Ctrl-C)"
-# The configuration a run repeats (its point without the seed): MLflow's run grouping by this tag shows each
-# configuration's seeds as one group, with their mean and spread in the charts.
-CONFIG_TAG = "vaelab.config"
 
 
 def _reason(err: BaseException) -> str:
@@ -32,11 +32,12 @@ def _reason(err: BaseException) -> str:
 class TrialRunner:
     """Runs one spec's claimed trials and tells the queue how each ended."""
 
-    def __init__(self, spec: Spec, queue: TrialQueue, tracker: Tracker):
+    def __init__(self, spec: Spec, queue: TrialQueue, tracker: Tracker, artifacts: Path | None = None):
         if spec.search is None:
             raise ValueError("a sweep needs a search section")
         self.spec, self.search = spec, spec.search
         self.queue, self.tracker = queue, tracker
+        self.artifacts = artifacts  # the study's Optuna artifact folder (vaelab.sweeps.artifacts); None: none
 
     def _name(self, number: int, values: dict[str, Any]) -> str:
         return child_run_name(number, values, own_keys(self.search, self.spec.base, values))
@@ -107,6 +108,8 @@ class TrialRunner:
             return self.queue.prune(trial)
         if isinstance(outcome, BaseException):
             return self.queue.fail(trial, _reason(outcome))
+        if self.artifacts is not None:  # before it is told: Optuna takes nothing on a finished trial
+            attach_figures(self.tracker, outcome.run_id, trial, self.queue.storage, self.artifacts)
         return self.queue.complete(trial, outcome.best(self.search.metric), outcome.metrics["test/elbo"])
 
     def _settler(self, told: _Told, i: int) -> Callable[[runner.RunOutcome | BaseException], None]:

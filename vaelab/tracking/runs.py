@@ -13,6 +13,7 @@ from typing import Any
 from vaelab.runlog import FAILURE_TAG, HASH_TAG, FinishedRun
 from vaelab.tracking.connection import Connection
 from vaelab.tracking.server import is_not_found
+from vaelab.tracking.ui import SHARED_VIEW_PREFIX
 from vaelab.tracking.writer import MlflowRunLog
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -54,6 +55,15 @@ class MlflowRuns(Connection):
         for key, value in wanted.items():
             if tags.get(key) != value:
                 self.writable.set_experiment_tag(experiment_id, key, value)
+        return experiment_id
+
+    def share_view(self, experiment: str, key: str, state: str) -> str:
+        """An experiment view the MLflow UI opens by `key` (vaelab.tracking.ui.view_link): `state` is its UI
+        state as JSON (e.g. ui.grouped_view_state). Returns the experiment's id."""
+        experiment_id = self.experiment_id(experiment)
+        tag = f"{SHARED_VIEW_PREFIX}{key}"
+        if self.writable.get_experiment(experiment_id).tags.get(tag) != state:
+            self.writable.set_experiment_tag(experiment_id, tag, state)
         return experiment_id
 
     def open_run(self, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None) -> MlflowRunLog:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from urllib.parse import quote
+
 from vaelab.tracking.connection import Connection
 from vaelab.tracking.uris import without_credentials
 
@@ -19,6 +22,24 @@ def run_link(ui_base: str, experiment_id: str, run_id: str) -> str:
 
 def experiment_link(ui_base: str, experiment_id: str) -> str:
     return f"{ui_base}/#/experiments/{experiment_id}{ML_VIEW}"
+
+
+# The experiment view a sweep shares (an experiment tag the UI reads by its key): runs grouped by the
+# configuration they repeat (runlog.CONFIG_TAG), the charts showing each group's mean and min-max band.
+CONFIG_VIEW = "by-configuration"
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # the UI's own tag prefix for a shared view
+
+
+def grouped_view_state(tag: str) -> str:
+    """The UI state of runs grouped by `tag`, averaged in the charts, as the UI's shared-view tag holds it."""
+    group_by = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": tag}]}
+    return json.dumps({"groupBy": group_by, "useGroupedValuesInCharts": True})
+
+
+def view_link(ui_base: str, experiment_id: str, key: str = CONFIG_VIEW) -> str:
+    """An experiment's charts in a shared view (`key`), in the model-training view."""
+    return (f"{ui_base}/#/experiments/{experiment_id}/runs{ML_VIEW}&viewStateShareKey={quote(key)}"
+            "&compareRunsMode=CHART")
 
 
 def ui_base_for(tracking_uri: str) -> str:
