@@ -239,3 +239,24 @@ def test_the_preflight_counts_k_codes_per_image_and_names_loss_iw_k():
 
     with pytest.raises(ConfigError, match=r"in training .*: lower train\.batch_size or loss\.iw_k$"):
         check([with_values(run, {"loss.iw_k": 5000})], (1, 28, 28), 1000, 100, CPU, available=4 * 2**30)
+
+
+def test_an_iwae_run_validates_on_its_bound_so_early_stopping_watches_what_it_optimises(mnist_root: Path):
+    from vaelab.evaluation.estimators import split_terms
+
+    run = iwae_run(mnist_root, **{"loss.iw_k": 8})
+    data = load_data(run.data, CPU)
+    model = init_model(run, data.shape, CPU)
+    result = fit(run, model, data, show_progress=False)
+    last = result.history[-1]
+    # val/loss is the negative 8-sample bound: below the codes' mean negative ELBO, by Jensen
+    assert last["val/loss"] < last["val/elbo"]
+    # and it is the bound itself: split_terms with the run's k and the validation generator's draws
+    generator = torch.Generator().manual_seed(0)
+    bound = split_terms(model, data.val, model.likelihood, 1.0, 64, generator, bound_samples=8)
+    elbo = split_terms(model, data.val, model.likelihood, 1.0, 64, torch.Generator().manual_seed(0))
+    assert bound["loss"] < bound["elbo"] and bound["elbo"] == pytest.approx(elbo["elbo"], rel=0.02)
+    # a beta_vae run's val/loss is still its (weighted) negative ELBO
+    plain = with_values(run, {"loss.objective": "beta_vae"})
+    history = fit(plain, init_model(plain, data.shape, CPU), data, show_progress=False).history
+    assert history[-1]["val/loss"] == pytest.approx(history[-1]["val/elbo"])

@@ -16,6 +16,7 @@ from vaelab.data.store import Images
 from vaelab.likelihoods import Likelihood
 from vaelab.models import VAE
 from vaelab.models.footprint import rows
+from vaelab.models.vae import iw_bound
 from vaelab.models.vae import log_weights as log_weights_of
 from vaelab.objectives import KLWeighting, vae_terms
 
@@ -33,21 +34,35 @@ DRAW_ROWS = 16_384
 @torch.inference_mode()
 def split_terms(
     model: VAE, split: Split, likelihood: Likelihood, beta: float | KLWeighting, batch_size: int,
-    generator: torch.Generator,
+    generator: torch.Generator, bound_samples: int | None = None,
 ) -> dict[str, float]:
     """Means over the split of loss, recon, kl, elbo (= recon + kl, the negative
     ELBO) and mse (per pixel, between the image and the decoder mean). Batches of `batch_size`
-    images, fewer where the model's evaluation budget holds fewer (vaelab.models.footprint)."""
+    images, fewer where the model's evaluation budget holds fewer (vaelab.models.footprint).
+    With `bound_samples` k (a run that trains on the k-sample bound, objectives.SampleBound), k codes per
+    image: loss is the negative k-sample bound (Burda et al. 2016, eq. 8), the loss that run trains on, so
+    its early stopping watches what it optimises; recon and kl are the k codes' means, mse the first's."""
     was_training = model.training
-    batch_size = rows(model, "forward", batch_size)
+    k = bound_samples or 1
+    batch_size = max(1, rows(model, "forward", batch_size) // k)
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=split.x.device)
     starts = range(0, len(split), batch_size)
     for start, x in zip(starts, split.x.batches(starts, batch_size), strict=True):
-        out = model(x, generator=generator, y=split.y[start : start + batch_size])
-        terms = vae_terms(x, out.params, out.kl, likelihood, beta)
-        mse = (likelihood.mean(out.params) - x).pow(2).flatten(1).mean(1)
-        batch = torch.stack([terms.loss, terms.recon, terms.kl, terms.neg_elbo, mse])
+        y = split.y[start : start + batch_size]
+        if bound_samples is None:
+            out = model(x, generator=generator, y=y)
+            terms = vae_terms(x, out.params, out.kl, likelihood, beta)
+            loss, recon, kl, mean = terms.loss, terms.recon, terms.kl, likelihood.mean(out.params)
+        else:
+            noise = torch.randn((k, len(x), model.noise_dim), generator=generator, device=x.device)
+            out = model(x, y=y, noise=noise)
+            log_w = log_weights_of(likelihood, x, out.params, out.log_ratio)
+            loss, kl = -iw_bound(log_w), out.kl.sum(1)
+            recon = -(log_w + out.log_ratio).mean(0)  # the codes' mean -log p(x|z)
+            mean = likelihood.mean(out.params[: len(x)])
+        mse = (mean - x).pow(2).flatten(1).mean(1)
+        batch = torch.stack([loss, recon, kl, recon + kl, mse])
         totals += batch.sum(1).double()
     model.train(was_training)
     means = (totals / len(split)).tolist()  # one host sync for the whole split

@@ -17,7 +17,7 @@ from vaelab.likelihoods import Likelihood
 from vaelab.models.dense import dense_stack
 from vaelab.models.mlp import build_mlp
 from vaelab.models.priors.gaussian import gaussian_log_density, standard_normal_log_density
-from vaelab.models.vae import VAE
+from vaelab.models.vae import VAE, full
 
 
 class GaussianLayer(nn.Module):
@@ -65,14 +65,15 @@ class HierarchicalVAE(VAE):
                     y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """z1 = mu + e1 std1, z2 ~ q(z2|z1) by e2; log_ratio = log q(z1|x) + log q(z2|z1) - log p(z1|z2) - log p(z2)
         per sample (Burda et al. 2016, eq. 8's log weight, less log p(x|z1)); params = decode(z1)."""
-        e1, e2 = noise[..., : self.z_dim], noise[..., self.z_dim :]
+        e1, e2 = full(noise[..., : self.z_dim]), full(noise[..., self.z_dim :])
+        mu, logvar = full(mu), full(logvar)  # the log-densities in at least fp32, also under bf16 autocast
         z1 = mu + e1 * torch.exp(0.5 * logvar)
-        mu2, logvar2 = self.encoder2(z1)
+        mu2, logvar2 = (full(t) for t in self.encoder2(z1))
         z2 = mu2 + e2 * torch.exp(0.5 * logvar2)
         # log N(mu + e std; mu, std^2) = log N(e; 0, I) - sum log std: exact for the reparameterised draws
         log_q = (standard_normal_log_density(e1) - 0.5 * logvar.sum(-1)
                  + standard_normal_log_density(e2) - 0.5 * logvar2.sum(-1))
-        log_p = gaussian_log_density(z1, *self.decoder2(z2)) + self.prior.log_prob(z2, self)
+        log_p = gaussian_log_density(z1, *(full(t) for t in self.decoder2(z2))) + self.prior.log_prob(z2, self)
         return self._decode_samples(z1, y), z1, log_q - log_p
 
     def sample_codes(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:

@@ -29,6 +29,12 @@ class VAEOutput:
     log_ratio: Tensor  # log q(z|x) - log p(z) of each sample (all levels), (N,) or (S, N)
 
 
+def full(t: Tensor) -> Tensor:
+    """`t` in at least fp32: a bf16 or fp16 autocast output widened for the log-densities (sums over
+    dimensions need the bits); fp32 and fp64 pass as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _log_q(noise: Tensor, logvar: Tensor) -> Tensor:
     """log N(mu + noise * std; mu, std^2), summed over the last dimension: it depends on the noise only."""
     return standard_normal_log_density(noise) - 0.5 * logvar.sum(-1)
@@ -94,7 +100,8 @@ class VAE(nn.Module):
         """(params, z, log_ratio) for `noise` (N, noise_dim) or (S, N, noise_dim): the codes, their
         decoding (flattened over samples) and log q(z|x) - log p(z) per sample."""
         z = mu + noise * torch.exp(0.5 * logvar)
-        log_ratio = _log_q(noise, logvar) - self.prior.log_prob(z, self)
+        # The log-densities in fp32 (under bf16 autocast the encoder's outputs are bf16): sums over dimensions
+        log_ratio = _log_q(full(noise), full(logvar)) - self.prior.log_prob(full(z), self)
         return self._decode_samples(z, y), z, log_ratio
 
     def _decode_samples(self, z: Tensor, y: Tensor | None) -> Tensor:
@@ -105,7 +112,7 @@ class VAE(nn.Module):
     def kl_of(self, mu: Tensor, logvar: Tensor, log_ratio: Tensor) -> Tensor:
         """The KL term of each example: the prior's closed form per dimension, or the Monte Carlo
         estimate (the mean log ratio over samples) as one column."""
-        kl = self.prior.kl_dims(mu, logvar) if self.per_dimension_kl else None
+        kl = self.prior.kl_dims(full(mu), full(logvar)) if self.per_dimension_kl else None
         if kl is not None:
             return kl
         return (log_ratio if log_ratio.dim() == 1 else log_ratio.mean(0)).unsqueeze(1)

@@ -22,9 +22,11 @@ for bit, as the paper's VAE is its IWAE at k = 1.
 What a run logs: train/recon and train/kl are the k codes' means, train/elbo their sum, train/penalty is
 -G (as it entered train/loss), so train/loss = train/elbo + train/penalty estimates -L_k. The bound has
 no KL weight: kl_beta is 1, loss.beta is not read (an unused key), and a KL schedule or free bits are
-refused. Validation and test are the evaluators', as for every objective: val/loss is the negative ELBO
-(early stopping watches it; the paper trained without it: train.patience null), test/elbo and
-test/nll_iw (eval.iw_samples) compare with every other objective's.
+refused. val/loss is the negative k-sample bound on the validation images (k = loss.iw_k, fresh codes
+from the validation generator; val/recon, val/kl, val/elbo the codes' means), so early stopping and
+train.keep_best watch what the run optimises, whose ELBO may stall while the bound still improves (the
+paper trained a fixed schedule: train.patience null). test/elbo and test/nll_iw (eval.iw_samples) are the
+evaluators', the same for every objective, so they compare across objectives.
 
 The bound depends on loss.iw_k only, which stack members share (stacked.STACKABLE_KEYS), so iwae runs
 stack; the stacked step computes the gain under vmap, each member on its own codes.

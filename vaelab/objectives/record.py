@@ -179,6 +179,11 @@ class RunObjective:
         return (self.samples, n, noise_dim) if self.gain is not None else (n, noise_dim)
 
     @property
+    def bound_samples(self) -> int | None:
+        """k of the k-sample bound the run trains on (its validation loss is that bound too), else None."""
+        return self.samples if self.gain is not None else None
+
+    @property
     def adds_to_loss(self) -> bool:
         """Whether the step returns a batch term added to the weighted ELBO (a penalty, a bound's -gain)."""
         return self.penalty is not None or self.gain is not None

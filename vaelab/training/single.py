@@ -76,7 +76,7 @@ class SingleStepper:
     def validate(self, members: list[Member]) -> list[list[float]]:
         (member,) = members
         val = split_terms(self.model, self.data.val, self.model.likelihood, member.weighting,
-                          member.run.eval.batch_size, member.validation_generator())
+                          member.run.eval.batch_size, member.validation_generator(), self.objective.bound_samples)
         return [[val[k] for k in SPLIT_TERMS]]
 
     def weights(self, i: int) -> dict[str, torch.Tensor]:

@@ -284,17 +284,25 @@ class StackedStepper:
         shared_images = vmap(self.forward, in_dims=(0, 0, None, 0, None))
         weightings = [m.weighting for m in members]
         totals = torch.zeros(k, len(SPLIT_TERMS), dtype=torch.float64, device=device)
-        params, batch_size = self._params(), members[0].run.eval.batch_size
+        samples = self.objective.bound_samples  # a k-sample bound's runs validate on that bound (split_terms)
+        params = self._params()
+        batch_size = max(1, members[0].run.eval.batch_size // (samples or 1))
         with torch.no_grad():
             starts = range(0, len(data.val), batch_size)
             for start, x in zip(starts, data.val.x.batches(starts, batch_size), strict=True):
-                y = data.val.y[start : start + batch_size]
-                out, _, _, _, kl_dims, _ = shared_images(params, self.buffers, x,
-                                                         _noise(gens, (len(x), self.noise_dim), device), y)
-                recon = -likelihood.log_prob(x.expand(k, *x.shape).flatten(0, 1), out.flatten(0, 1)).view(k, -1)
-                kl = kl_dims.sum(2)
-                # validation uses the schedule's final form (t = inf) and no penalty, as a single run's does
-                _, loss = stacked_training_loss(weightings, recon, kl_dims, math.inf)
-                mse = (likelihood.mean(out) - x).pow(2).flatten(2).mean(2)
+                y, n = data.val.y[start : start + batch_size], len(x)
+                shape = (n, self.noise_dim) if samples is None else (samples, n, self.noise_dim)
+                out, _, _, _, kl_dims, log_ratio = shared_images(params, self.buffers, x, _noise(gens, shape, device),
+                                                                 y)
+                s = samples or 1
+                x_rep = x.expand(k * s, *x.shape).flatten(0, 1)
+                log_lik = likelihood.log_prob(x_rep, out.flatten(0, 1)).view(k, s, n)
+                recon, kl = -log_lik.mean(1), kl_dims.sum(2)
+                if samples is None:
+                    # validation uses the schedule's final form (t = inf) and no penalty, as a single run's does
+                    _, loss = stacked_training_loss(weightings, recon, kl_dims, math.inf)
+                else:  # the negative k-sample bound (Burda et al. 2016, eq. 8), each member's
+                    loss = -(torch.logsumexp(log_lik - log_ratio, dim=1) - math.log(s))
+                mse = (likelihood.mean(out[:, :n]) - x).pow(2).flatten(2).mean(2)
                 totals += torch.stack([loss, recon, kl, recon + kl, mse], 1).sum(2).double()
         return (totals / len(data.val)).tolist()

@@ -24,7 +24,7 @@ def mixture_log_densities(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     into two matmuls, sum_d (z_d^2 - 2 z_d mu_kd + mu_kd^2) / var_kd, so it holds rows x K numbers and not
     rows x K x D (an IWAE estimate's 16,384 rows x 500 components x 40 dimensions would be 1.3 GB), in
     float64 so the expansion loses no digits to cancellation."""
-    precision = torch.exp(-logvar).double()  # (K, D)
+    precision = torch.exp(-logvar.double())  # (K, D); in float64, a small variance does not overflow
     zd, mud = z.double(), mu.double()
     quadratic = zd.pow(2) @ precision.T - 2 * zd @ (mud * precision).T + (mud.pow(2) * precision).sum(-1)
     constant = logvar.double().sum(-1) + mu.shape[-1] * LOG_2PI
