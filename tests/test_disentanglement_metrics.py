@@ -82,8 +82,9 @@ SMALL = {
 
 @functools.cache
 def score(metric: str, code: str) -> dict[str, float]:
-    """The metric's scores of a code at the reduced sizes, from seed 0 (so every code sees the same factors)."""
-    return M.METRICS[metric](Grid(), ENCODERS[code](), np.random.default_rng(0), **SMALL[metric])
+    """The metric's scores of a code at the reduced sizes, from seed 0 (so every code sees the same factors);
+    without standard errors: these tests check the formulas (tests/test_disentanglement_streams.py the SEs)."""
+    return M.METRICS[metric](Grid(), ENCODERS[code](), np.random.default_rng(0), **SMALL[metric], se_resamples=0)
 
 
 # ---- hand-computed small cases --------------------------------------------------------------------

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from tests.conftest import tiny_run
+from vaelab.evaluation.disentanglement import draw_seed
 from vaelab.runlog import MemoryRuns
 from vaelab.runner import run
 from vaelab.spec import with_values
@@ -28,6 +29,12 @@ def test_a_dsprites_run_logs_every_metric_family_with_its_settings(tmp_path: Pat
         assert math.isfinite(value) and 0.0 <= value <= 1.0, (name, value)
     settings = json.loads(record.tags["vaelab.eval.disentanglement"])
     assert settings["metrics"]["mig"]["num_train"] == 100 and settings["metrics"]["mig"]["num_bins"] == 20
+    # Each score's standard error beside it, how it was estimated and the run's own draws in the settings.
+    for name in ("mig", "sap", "dci_disentanglement", "dci_completeness", "dci_informativeness", "modularity",
+                 "explicitness"):
+        assert math.isfinite(metrics[f"test/dis/{name}_se"]) and metrics[f"test/dis/{name}_se"] >= 0.0, name
+    assert metrics["test/dis/mig_se"] > 0.0 and "bootstrap" in settings["metrics"]["mig"]["se_method"]
+    assert settings["seed"] == draw_seed(runspec)
     assert "Chen et al. 2018" in settings["metrics"]["mig"]["paper"]
     assert settings["metrics"]["dci"]["importance"] == "gbt"  # the reference's estimator unless asked
     # The split sizes: a random 600 of the grid to train on (540 + 60 for validation), 737 to test.

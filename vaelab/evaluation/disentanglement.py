@@ -9,13 +9,27 @@ that every run of a study, stopped early or not, is scored at the same sizes), a
 MIN_SHARE of the reference. 1 is the reference sizes, on demand (`vaelab evaluate`, or a spec
 that sets it, as disentanglement_study does). The share is recorded with the scores (tag
 vaelab.eval.disentanglement; a later evaluation's names end in _s<share>), so capped and
-reference numbers never mix."""
+reference numbers never mix.
+
+Draws: each metric family samples its own factors (vaelab.disentanglement.metrics.metric_rng: a numpy
+SeedSequence per family from one seed), so no family's codes are another's, and that seed comes from the
+run's identity as trained (`draw_seed`: its vaelab.run_hash with eval.* at their defaults, which covers
+train.seed), so runs of one study are scored on draws of their own (their spread over seeds includes the
+draws' error) and the same run evaluated again gets the same numbers. Both are in the settings.
+
+Standard errors: test/dis/<score>_se beside each headline score, from the samples the metrics already
+drew and encoded (no image passes, so the cap above is untouched; their seconds are in `_measure`'s
+fixed cost): a bootstrap over the evaluation points with the fitted classifiers held fixed, or over the
+codes for MIG and modularity (the whole estimate redone), and for DCI's disentanglement and completeness,
+which only refits can vary, the spread over SE_PARTS disjoint parts of its training codes. Each metric's
+`se_method` setting says which."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from vaelab.evaluation.record import (
@@ -34,6 +48,11 @@ from vaelab.registry import DATASETS, train_size
 if TYPE_CHECKING:
     from vaelab.spec import RunSpec
 
+# The MIG `vaelab.disentanglement.metrics.mig` computes (its num_bins default is metrics.NUM_BINS), in words for
+# the report: studies differ in each part of it.
+MIG_VARIANT = ("disentanglement_lib's discrete MIG: posterior means, each latent in 20 equal-width histogram bins "
+               "over its observed range, plug-in mutual information with each factor, the gap between the two most "
+               "informative latents over the factor's entropy H(v_k), averaged over factors")
 # The smallest share "auto" gives (about 100 points for MIG and each classifier): below it the scores
 # say little. Like the IWAE subset's 100 images, it may cost more than a very short training.
 MIN_SHARE = 0.01
@@ -42,30 +61,35 @@ MIN_SHARE = 0.01
 MEASURE_SHARE = 0.002
 _SIZES = ("num_train", "num_eval", "num_test", "num_variance_estimate")
 _SMALLEST = 10  # no sample size below this, whatever the share
+_PASSED = (*_SIZES, "importance", "se_resamples", "se_parts")  # the settings a metric is called with
 
 # (metric function in vaelab.disentanglement.metrics, its output) -> test/dis/<name>; the headline of
 # each family is in the report's tables, its side numbers stay in MLflow.
+_NAMED: tuple[tuple[str, str, str, str, bool], ...] = (
+    ("beta_vae", "eval_accuracy", "beta_vae", "BetaVAE score", True),
+    ("beta_vae", "train_accuracy", "beta_vae_train", "BetaVAE score on its training points", False),
+    ("factor_vae", "eval_accuracy", "factor_vae", "FactorVAE score", True),
+    ("factor_vae", "train_accuracy", "factor_vae_train", "FactorVAE score on its training votes", False),
+    ("factor_vae", "num_active_dims", "factor_vae_active_dims", "FactorVAE score's active latents", False),
+    ("mig", "discrete_mig", "mig", "MIG", True),
+    ("sap", "sap_score", "sap", "SAP", True),
+    ("dci", "disentanglement", "dci_disentanglement", "DCI disentanglement", True),
+    ("dci", "completeness", "dci_completeness", "DCI completeness", True),
+    ("dci", "informativeness_test", "dci_informativeness", "DCI informativeness", True),
+    ("dci", "informativeness_train", "dci_informativeness_train", "DCI informativeness on training codes",
+     False),
+    ("modularity_explicitness", "modularity_score", "modularity", "modularity", True),
+    ("modularity_explicitness", "explicitness_score_test", "explicitness", "explicitness", True),
+    ("modularity_explicitness", "explicitness_score_train", "explicitness_train", "explicitness on training codes",
+     False),
+)
+# Each headline score's standard error (the metric's output + "_se"), a side number kept in MLflow.
 _SCORES: tuple[tuple[str, str, Metric], ...] = tuple(
     (family, output, Metric(f"test/dis/{name}", label, better="max" if table else None, by_settings=True,
                             in_table=table))
-    for family, output, name, label, table in (
-        ("beta_vae", "eval_accuracy", "beta_vae", "BetaVAE score", True),
-        ("beta_vae", "train_accuracy", "beta_vae_train", "BetaVAE score on its training points", False),
-        ("factor_vae", "eval_accuracy", "factor_vae", "FactorVAE score", True),
-        ("factor_vae", "train_accuracy", "factor_vae_train", "FactorVAE score on its training votes", False),
-        ("factor_vae", "num_active_dims", "factor_vae_active_dims", "FactorVAE score's active latents", False),
-        ("mig", "discrete_mig", "mig", "MIG", True),
-        ("sap", "sap_score", "sap", "SAP", True),
-        ("dci", "disentanglement", "dci_disentanglement", "DCI disentanglement", True),
-        ("dci", "completeness", "dci_completeness", "DCI completeness", True),
-        ("dci", "informativeness_test", "dci_informativeness", "DCI informativeness", True),
-        ("dci", "informativeness_train", "dci_informativeness_train", "DCI informativeness on training codes",
-         False),
-        ("modularity_explicitness", "modularity_score", "modularity", "modularity", True),
-        ("modularity_explicitness", "explicitness_score_test", "explicitness", "explicitness", True),
-        ("modularity_explicitness", "explicitness_score_train", "explicitness_train", "explicitness on training codes",
-         False),
-    ))
+    for family, output, name, label, table in _NAMED) + tuple(
+    (family, f"{output}_se", Metric(f"test/dis/{name}_se", f"{label} s.e.", by_settings=True, in_table=False))
+    for family, output, name, label, table in _NAMED if table)
 
 
 def reference_passes() -> int:
@@ -93,6 +117,20 @@ def sample_share(run: RunSpec, train_images: int) -> float:
     return max(MIN_SHARE, round(math.floor(share * 10**digits + 1e-9) / 10**digits, digits))
 
 
+def draw_seed(run: RunSpec) -> int:
+    """The seed of a run's factor draws: its identity as trained, `RunSpec.hash` (the vaelab.run_hash tag's
+    value, which covers train.seed) with eval.* at their defaults, as an integer. Runs that differ in anything
+    they trained with draw differently; the same run draws the same, in its own evaluation and in every
+    later `vaelab evaluate` (whose eval.* differ)."""
+    return int(replace(run, eval=type(run.eval)()).hash(), 16)
+
+
+_SEED_FROM = ("the run's identity: its vaelab.run_hash computed with eval.* at their defaults (covers train.seed), "
+              "as an integer")
+_STREAMS = ("one numpy SeedSequence(seed, spawn_key=(crc32 of the metric's name,)) per metric family "
+            "(vaelab.disentanglement.metrics.metric_rng): no family sees another's draws")
+
+
 def _sized(share: float, seed: int, importance: str) -> Settings:
     from vaelab.disentanglement.metrics import METRICS, metric_settings
 
@@ -103,11 +141,12 @@ def _sized(share: float, seed: int, importance: str) -> Settings:
         if name == "dci":
             scaled["importance"] = importance
         out[name] = metric_settings(name, **scaled)
-    return {"seed": seed, "share_of_reference_sizes": share, "metrics": out}
+    return {"seed": seed, "seed_from": _SEED_FROM, "streams": _STREAMS, "codes": "posterior means",
+            "share_of_reference_sizes": share, "metrics": out}
 
 
 def _settings(facts: Facts) -> Settings:
-    settings = _sized(sample_share(facts.run, facts.train_images), facts.seed, facts.run.eval.dci_importance)
+    settings = _sized(sample_share(facts.run, facts.train_images), draw_seed(facts.run), facts.run.eval.dci_importance)
     if facts.run.eval.dis_samples == "auto":
         settings["capped_by_training_passes"] = training_passes(facts.run, facts.train_images)
     return settings
@@ -165,10 +204,9 @@ def scores(encode: Callable[[Any], Any], factors: Any, settings: Settings) -> di
     """Every score of the code `encode` gives, on `factors`, with `settings`."""
     import warnings
 
-    import numpy as np
     from sklearn.exceptions import ConvergenceWarning
 
-    from vaelab.disentanglement.metrics import METRICS
+    from vaelab.disentanglement.metrics import METRICS, metric_rng
 
     metrics: dict[str, float] = {}
     with warnings.catch_warnings():
@@ -176,8 +214,8 @@ def scores(encode: Callable[[Any], Any], factors: Any, settings: Settings) -> di
         # so); a warning per classifier would bury the progress bars.
         warnings.simplefilter("ignore", ConvergenceWarning)
         for name, fn in METRICS.items():
-            params = {k: v for k, v in settings["metrics"][name].items() if k in (*_SIZES, "importance")}
-            out = fn(factors, encode, np.random.default_rng(settings["seed"]), **params)
+            params = {k: v for k, v in settings["metrics"][name].items() if k in _PASSED}
+            out = fn(factors, encode, metric_rng(settings["seed"], name), **params)
             metrics.update({metric.key: float(out[output]) for family, output, metric in _SCORES
                             if family == name and output in out})
     return metrics
@@ -217,7 +255,7 @@ def _measure(model: Any, x: Any, facts: Facts, _settings: Settings) -> Rate:
     fixed seconds. An untrained model's FactorVAE score stops early (no active latent)."""
     from vaelab.data.dsprites import DSprites
 
-    small = _sized(MEASURE_SHARE, facts.seed, facts.run.eval.dci_importance)
+    small = _sized(MEASURE_SHARE, draw_seed(facts.run), facts.run.eval.dci_importance)
     clock = [0.0]  # seconds spent rendering and encoding
     encode = encoder(model, x.device, lambda n: None)
 
@@ -241,7 +279,8 @@ def _holds(_facts: Facts, _settings: Settings) -> tuple[str, int]:
 
 
 def _plan(run: RunSpec) -> str:
-    what = "test/dis/* (BetaVAE, FactorVAE, MIG, SAP, DCI, modularity) on factors drawn from the whole grid"
+    what = ("test/dis/* (BetaVAE, FactorVAE, MIG, SAP, DCI, modularity; each with its _se) on factors drawn from "
+            "the whole grid, each family its own draw")
     if run.eval.dis_samples != "auto":
         return f"{what}, at {float(run.eval.dis_samples):g} of disentanglement_lib's sample sizes"
     return (f"{what}, at disentanglement_lib's sample sizes scaled to cost no more than training's "
@@ -268,5 +307,10 @@ EVALUATOR = Evaluator(
         "Scores against the ground-truth factors (higher is better, 0–1), at the sample sizes each run's "
         "`vaelab.eval.disentanglement` tag records: BetaVAE (Higgins et al. 2017), FactorVAE (Kim & Mnih "
         "2018), MIG (Chen et al. 2018), SAP (Kumar et al. 2018), DCI (Eastwood & Williams 2018), "
-        "modularity and explicitness (Ridgeway & Mozer 2018).")),
+        f"modularity and explicitness (Ridgeway & Mozer 2018). **MIG here is {MIG_VARIANT}**; implementations "
+        "in the field differ in each of these and give numbers orders of magnitude apart on the same model. "
+        "Each metric samples factors of its own, from a seed each run's identity gives, so the ± over seeds "
+        "includes the draws' error; each run's standard error of each score is logged beside it as "
+        "`test/dis/<score>_se` (a bootstrap over the metric's own samples, or for DCI disentanglement and "
+        "completeness the spread over parts of its training draw: the tag's `se_method` says which).")),
 )
