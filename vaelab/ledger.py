@@ -69,6 +69,7 @@ class Found:
     images: int
     of: int  # test images in all
     epochs: int
+    departs: tuple[str, ...] = ()  # the run's values of the row's keys it does not share ("train.epochs=150")
 
 
 def parse_data_roots(items: list[str] | None) -> dict[str, str]:
@@ -130,14 +131,35 @@ def train_quick(rows: list[Row], tracker: Tracker, show_progress: bool = True) -
             name=row.name)
 
 
-def find_run(row: Row, tracker: Tracker, experiment: str) -> Found | None:
-    """The latest FINISHED run of the row's very base (its run hash) in `experiment`, or None; reading makes no
-    store."""
+def find_run(row: Row, tracker: Tracker, experiment: str, exact: bool = False) -> Found | None:
+    """The latest FINISHED run of the row's very base (its run hash) in `experiment`; else (unless `exact`) the
+    latest FINISHED run there of another configuration (`vaelab train ROW --set train.epochs=150`: a row
+    trained as long as a machine allowed), with the keys where it departs from the row's base; or None.
+    Reading makes no store."""
     finished = tracker.latest_finished(experiment, row.spec.base.hash())
+    if finished is None and not exact:
+        finished = tracker.latest_finished_in(experiment)
     if finished is None:
         return None
-    tags = tracker.finished_run(finished.run_id).data.tags
-    return estimate(finished.run_id, finished.metrics, tags, row.entry.k)
+    data = tracker.finished_run(finished.run_id).data
+    found = estimate(finished.run_id, finished.metrics, data.tags, row.entry.k)
+    return dataclasses.replace(found, departs=departures(row, data.params))
+
+
+# Where the images live and how they are held says nothing of the protocol.
+_WHERE = frozenset({"data.root", "data.download"})
+
+
+def departures(row: Row, params: Mapping[str, str]) -> tuple[str, ...]:
+    """The keys of the row's base whose value the run's params (MLflow's strings) differ in, as "key=value"
+    with the run's value; keys the run did not log (not used by it) are not compared."""
+    from vaelab.spec import HOW_NOT_WHAT, flatten
+
+    def text(value: Any) -> str:
+        return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+
+    return tuple(f"{key}={params[key]}" for key, value in flatten(row.spec.base).items()
+                 if key in params and key not in _WHERE | HOW_NOT_WHAT and params[key] != text(value))
 
 
 def estimate(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str], k: int) -> Found:
@@ -174,10 +196,12 @@ def _published(entry: Ledger) -> str:
     return f"{entry.published:.2f}" + (f" ± {entry.published_pm:.2f}" if entry.published_pm is not None else "")
 
 
-def _verdict(entry: Ledger, found: Found, quick: bool) -> str:
+def _verdict(entry: Ledger, found: Found, quick: bool, overridden: bool = False) -> str:
     if quick:
         return "quick"
     assert found.nll is not None
+    if found.departs or overridden:  # a run of another configuration than the paper's: nothing to pass
+        return "not the protocol"
     if found.k != entry.k or found.images < found.of:
         return f"not comparable (the paper: k={entry.k} on every test image)"
     ok = abs(found.nll - entry.published) <= entry.tolerance
@@ -216,7 +240,9 @@ def table(rows: list[Row], found: Mapping[str, Found | None], quick: bool,
             diff = "-" if quick else f"{hit.nll - entry.published:+.2f}"
             images = "all" if hit.images >= hit.of else f"{hit.images}/{hit.of}"
             lines.append(start + f"{hit.nll:>8.2f}  {diff:>6}  {hit.k:>5}  {images:>11}  {hit.epochs:>6}  "
-                                 f"{_verdict(entry, hit, quick):<16}  {hit.run_id}")
+                                 f"{_verdict(entry, hit, quick, bool(sets)):<16}  {hit.run_id}")
+            if hit.departs and not quick:
+                lines.append(f"{'':<{width}}  this run departs from the row's base: {plain(', '.join(hit.departs))}")
         note = f"{'':<{width}}  {plain(entry.row)}"
         if entry.unverified:
             note += f"; unverified: {', '.join(plain(u) for u in entry.unverified)}"
@@ -238,7 +264,8 @@ def run_ledger(folder: Path = LEDGER_DIR, quick: bool = False, tracking_uri: str
     tracker = Tracker(tracking_uri)
     if quick:
         train_quick(rows, tracker, show_progress)
-    found = {row.name: find_run(row, tracker, QUICK_EXPERIMENT if quick else row.spec.name) for row in rows}
+    found = {row.name: find_run(row, tracker, QUICK_EXPERIMENT if quick else row.spec.name, exact=quick)
+             for row in rows}
 
     def train_command(row: Row) -> str:
         root = roots.get(row.spec.base.data.dataset)

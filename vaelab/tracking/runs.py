@@ -107,6 +107,19 @@ class MlflowRuns(Connection):
             return None
         return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics), runs[0].info.artifact_uri)
 
+    def latest_finished_in(self, experiment: str) -> FinishedRun | None:
+        """The latest FINISHED run of `experiment`, whatever its run hash, or None; asking makes no store."""
+        if not self.exists:
+            return None
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = self.client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                       order_by=["attributes.end_time DESC"], max_results=1)
+        if not runs:
+            return None
+        return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics), runs[0].info.artifact_uri)
+
     def attach(self, run_id: str) -> MlflowRunLog:
         """A handle that writes into an existing run as it is (a finished run's later evaluation, a sweep's
         outcome published on its parent run)."""
