@@ -89,6 +89,9 @@ class Prior:
     target: str
     summary: str
     keys: tuple[str, ...] = ()
+    # Whether the KL of a diagonal Gaussian posterior to it has a closed form per dimension (free bits, the
+    # per-dimension KL figures and metrics, the objectives whose penalty assumes N(0, I) need one).
+    closed_form_kl: bool = False
 
     def build(self, *args: Any, **kwargs: Any) -> Any:
         return resolve(self.target)(*args, **kwargs)
@@ -96,7 +99,7 @@ class Prior:
 
 # builder(model_spec, image shape) -> the prior's module (log_prob, sample, kl_dims)
 PRIORS: dict[str, Prior] = _table(
-    Prior("gaussian", "vaelab.models.priors.gaussian:build", "N(0, I) (Kingma & Welling 2014)"),
+    Prior("gaussian", "vaelab.models.priors.gaussian:build", "N(0, I) (Kingma & Welling 2014)", closed_form_kl=True),
     Prior("vamp", "vaelab.models.priors.vamp:build", "VampPrior: a mixture of the encoder's posteriors at "
           "model.prior_components learned pseudo-inputs (Tomczak & Welling 2018)", keys=("model.prior_components",)),
 )
@@ -148,3 +151,9 @@ def num_classes(data_spec: Any) -> int:
 def load_dataset(data_spec: Any, device: Any, show_progress: bool = True) -> ImageData:
     """The dataset on `device`; decoding into the cache shows a progress bar unless told not to."""
     return resolve("vaelab.data:load_data")(data_spec, device, show_progress=show_progress)
+
+
+def kl_by_dimension(model_spec: Any) -> bool:
+    """Whether a model's KL to its prior splits by code dimension in closed form: a prior with one
+    (PRIORS' closed_form_kl) on a single stochastic level."""
+    return PRIORS[model_spec.prior].closed_form_kl and model_spec.levels == 1

@@ -401,12 +401,12 @@ def _named(key: str, names: tuple[str, ...]) -> bool:
 
 def check_run(run: RunSpec) -> None:
     """What one key cannot say alone: settings that need something of another section."""
-    from vaelab.registry import DATASETS
+    from vaelab.registry import DATASETS, kl_by_dimension
 
     DATASETS[run.data.dataset].source().check(run.data)  # a data key its source cannot honour, by name
 
     model = run.model
-    standard = model.prior == "gaussian" and model.levels == 1  # a N(0, I) prior on a single code
+    standard = kl_by_dimension(model)  # e.g. a N(0, I) prior on a single code
     if not standard and model.conditional:
         raise SpecError(f"model.conditional: a conditional VAE takes model.prior gaussian and model.levels 1 "
                         f"(got prior {model.prior}, levels {model.levels}): the prior's encoder passes have no labels")

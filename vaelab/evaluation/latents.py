@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from vaelab.evaluation.record import EvalContext, Evaluator, Facts, Metric, Progress, Settings
+from vaelab.registry import kl_by_dimension
 
 # The test split is encoded twice: once for the means, once for each dimension's KL.
 PASSES_PER_IMAGE = 2
@@ -38,6 +39,6 @@ EVALUATOR = Evaluator(
     holds=lambda facts, settings: ("encode", min(facts.run.eval.batch_size, max(1, settings["images"]))),
     compute=_compute,
     plan=lambda run: "test/active_units, test/kl_dim/<d> on every test image" + (
-        "" if run.model.prior == "gaussian" and run.model.levels == 1 else
+        "" if kl_by_dimension(run.model) else
         " (no kl_dim: this model's KL does not split by dimension)"),
 )

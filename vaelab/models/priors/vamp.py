@@ -32,6 +32,8 @@ def mixture_log_densities(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 class VampPrior(nn.Module):
+    closed_form_kl = False  # the VAE estimates its KL by Monte Carlo
+
     def __init__(self, components: int, shape: tuple[int, int, int]):
         super().__init__()
         self.pseudo_inputs = nn.Parameter(torch.randn(components, *shape) * INIT_STD + INIT_MEAN)
