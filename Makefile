@@ -26,7 +26,7 @@ test: install  ## ruff and mypy, then the test suite (slow tests excluded), one 
 test-slow: install  ## run only the slow tests (the 200-trial soak test with random worker kills, make bench's quick run)
 	$(BIN)/python -m pytest -m slow -q -s
 
-test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected, the services' privileges (root; ~12 min)
+test-cluster: install  ## the cluster tests: services and workers on separate network namespaces, faults injected, the services' privileges, Slurm sweeps on a one-node cluster: submission, preemption, time limits (root; ~17 min)
 	$(BIN)/python -m pytest -m cluster -q -s tests/test_cluster.py tests/test_slurm.py tests/test_services.py
 
 test-gpu: install  ## the CUDA path (compile, bf16, stacks, streaming, resume, workers) against eager fp32 on a GPU

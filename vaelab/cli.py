@@ -1,4 +1,4 @@
-"""`vaelab train | sweep | worker | evaluate | report | ledger | sample | reconstruct | encode | ui | keys`:
+"""`vaelab train | sweep | worker | status | evaluate | report | ledger | sample | reconstruct | encode | ui | keys`:
 the command line. Bad input ends in one line on stderr and exit code 2 (vaelab.errors);
 a failed run in exit code 1; a stop by Ctrl-C in 130."""
 
@@ -142,7 +142,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or args.workers > 64:
         raise UsageError(f"--workers: expected an int in [1, 64], got {args.workers}")
+    if args.slurm and args.workers != 1:
+        raise UsageError("--workers: a Slurm sweep's workers are its array tasks (--tasks, --parallel)")
+    if not args.slurm:  # the job array's flags mean nothing to a sweep on this machine
+        given = [flag for flag, dest in SLURM_FLAGS if getattr(args, dest) is not None]
+        if given:
+            raise UsageError(f"{given[0]}: only with --slurm (the job array's shape); add --slurm or leave it out")
     spec = _load_sweep_spec(args)
+    if args.slurm:  # the job array: written, submitted and recorded (or, with --dry-run, printed)
+        from vaelab.sweeps.slurm import submit_sweep
+
+        return submit_sweep(spec, resolve_spec_path(args.spec), args)
     if args.dry_run:
         return sweep_commands.dry_run(spec)
     return sweep_commands.run_sweep(spec, args)
@@ -150,8 +160,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from vaelab.sweeps import commands as sweep_commands
+    from vaelab.sweeps.slurm_task import TaskStop
 
-    return sweep_commands.run_worker(_load_sweep_spec(args), args)
+    # Inside a Slurm task its warning (USR1) and TERM stop the trial after its epoch, and a warned task
+    # requeues itself (vaelab.sweeps.slurm_task); listening starts before the spec is read.
+    stop = TaskStop.install()
+    return sweep_commands.run_worker(_load_sweep_spec(args), args, stop)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from vaelab.sweeps.status import status_lines
+
+    for line in status_lines(_load_sweep_spec(args), args.storage):
+        print(line)
+    return 0
 
 
 def _evaluation_targets(args: argparse.Namespace, tracker) -> list[str]:
@@ -393,6 +415,35 @@ def _add_spec_args(parser: argparse.ArgumentParser, storage: bool = False) -> No
                                  "you expect)")
 
 
+# `vaelab sweep --slurm`'s own flags (flag, argparse dest): refused without --slurm.
+SLURM_FLAGS = (("--tasks", "tasks"), ("--parallel", "parallel"), ("--partition", "partition"), ("--time", "time"),
+               ("--gpus-per-task", "gpus_per_task"), ("--cpus-per-task", "cpus_per_task"), ("--mem", "mem"),
+               ("--warn-s", "warn_s"))
+
+
+def _add_slurm_args(parser: argparse.ArgumentParser) -> None:
+    """`vaelab sweep --slurm`: the job array's shape (vaelab.sweeps.slurm); any other sbatch option through its
+    SBATCH_* environment variable (SBATCH_ACCOUNT, SBATCH_QOS, ...)."""
+    group = parser.add_argument_group("Slurm (--slurm)")
+    group.add_argument("--slurm", action="store_true",
+                       help="submit the sweep as a Slurm job array, one `vaelab worker` per task, and print the job "
+                            "id (with --dry-run: print the script)")
+    group.add_argument("--tasks", type=int, help="array tasks (default: one per trial still to run, a stack's "
+                                                 "trials counting once)")
+    group.add_argument("--parallel", type=int, help="at most this many tasks at once (--array=0-N-1%%P)")
+    group.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    group.add_argument("--time", help="each task's time limit, as Slurm writes it: MINUTES, HH:MM:SS, D-HH:MM:SS "
+                                      "(default: the partition's)")
+    group.add_argument("--gpus-per-task", type=int, help="GPUs per task (default: none)")
+    group.add_argument("--cpus-per-task", type=int, help="CPUs per task, also the worker's torch threads "
+                                                         "(default: the cluster's, usually 1)")
+    group.add_argument("--mem", help="memory per task's node, as Slurm writes it: 8G, 500M (default: the cluster's)")
+    group.add_argument("--warn-s", type=int,
+                       help="seconds before the time limit that Slurm warns a task (USR1; it may come up to a minute "
+                            "earlier): its trial stops after the epoch under way and the task requeues itself; "
+                            "leave room for an epoch (default 180)")
+
+
 def _metrics_help() -> str:
     """`vaelab evaluate --metrics`: every evaluator and the metrics it logs, from their records."""
     from vaelab.evaluation.evaluators import EVALUATORS
@@ -428,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true",
                        help="no progress bar: a plain line per finished trial with the count done "
                             "(what a log file gets anyway)")
+    _add_slurm_args(sweep)
     sweep.set_defaults(func=_cmd_sweep)
 
     worker = sub.add_parser("worker", help="join a sweep as one more worker (this or another machine)")
@@ -435,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     worker.add_argument("--quiet", action="store_true", help="print nothing per trial")
     worker.set_defaults(func=_cmd_worker)
+
+    status = sub.add_parser("status", help="a study's points by state, beside its Slurm job arrays' tasks "
+                                           "(squeue, and sacct where the cluster keeps accounting)")
+    status.add_argument("spec", help="experiments/NAME.yaml, or just NAME")
+    status.add_argument("--storage", help="Optuna RDB URL of the study (default: $VAELAB_STORAGE, search.storage, "
+                                          "or its journal in studies/NAME/)")
+    status.set_defaults(func=_cmd_status, set=[])
 
     evaluate = sub.add_parser("evaluate", help="evaluate finished runs again (any evaluators and settings), "
                                                "into the same MLflow runs")

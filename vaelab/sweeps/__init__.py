@@ -6,6 +6,8 @@
 - fingerprint: the spec a study was made from
 - coordinator: Sweep, which ties them together
 - commands: `vaelab sweep` and `vaelab worker`
+- slurm, slurm_task, status: `vaelab sweep --slurm` (a job array), a worker inside a Slurm task
+  (warning, preemption, requeue), `vaelab status`
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from vaelab import progress
 from vaelab.search import GridSearch, OptunaSearch, expand_grid
 from vaelab.spec import Spec
 from vaelab.sweeps.queue import FAILURE, TEST_ELBO, is_replaced
+from vaelab.sweeps.slurm_task import TaskStop
 
 
 def _trial_line(trial, metric: str) -> str:
@@ -228,7 +229,11 @@ def _run_local_workers(sweep, args: argparse.Namespace, on_trial: Callable) -> N
     sweep.reap_dead()
 
 
-def run_worker(spec: Spec, args: argparse.Namespace) -> int:
+def run_worker(spec: Spec, args: argparse.Namespace, stop: TaskStop | None = None) -> int:
+    """`vaelab worker`. Unless --quiet, each run says its lines (an epoch, an evaluator: a plain line each in a
+    log, vaelab.progress) and each trial one when it is told. `stop`: a Slurm task's (vaelab.sweeps.slurm_task):
+    once it is asked, the worker claims nothing more, its trial stops after the epoch under way and goes back,
+    and a warned task requeues itself."""
     import torch
 
     from vaelab.sweeps.coordinator import Sweep
@@ -247,8 +252,26 @@ def run_worker(spec: Spec, args: argparse.Namespace) -> int:
         if not args.quiet:
             print(_trial_line(trial, metric), flush=True)
 
-    ran = sweep.work(parent, on_trial=on_trial)
+    try:
+        ran = sweep.work(parent, on_trial=on_trial, stop=stop.asked if stop else None, show_progress=not args.quiet)
+    except KeyboardInterrupt as err:
+        if stop is None or not stop.requeue:
+            raise
+        print(f"vaelab: {str(err) or 'stopped'}; handed back", file=sys.stderr, flush=True)
+        return _requeue(sweep, stop)
     if not args.quiet:
-        print(f"worker {os.getpid()} ran {ran} trials; {sweep.counts().line()}")
+        print(f"worker {os.getpid()} ran {ran} trials; {sweep.counts().line()}", flush=True)
+    if stop is not None and stop.asked() is not None and (not stop.requeue or sweep.pending() > 0):
+        return _requeue(sweep, stop) if stop.requeue else 0
+    # A warning that came while the last trial was evaluated leaves nothing to requeue: the sweep ends here.
+    sweep.finish(parent)  # the last worker to finish closes the parent run
     _final_evaluation(sweep, parent, show_progress=False, quiet=args.quiet)
     return 0
+
+
+def _requeue(sweep, stop: TaskStop) -> int:
+    """A warned Slurm task whose trials are handed back: requeued while points still wait, so its next life
+    resumes them; 0 either way (the points are in the queue)."""
+    if sweep.pending() == 0:
+        return 0
+    return 0 if stop.requeue_task() else 1

@@ -25,7 +25,7 @@ from vaelab.sweeps.points import optuna_params, parent_params, search_values
 from vaelab.sweeps.queue import MLFLOW_RUN, PARENT_RUN, Counts, TrialQueue, is_replaced
 from vaelab.sweeps.samplers import pruner_for, sampler_for
 from vaelab.sweeps.storage import STUDIES_DIR, SweepError, open_storage, storage_url, study_dir
-from vaelab.sweeps.trials import TrialRunner
+from vaelab.sweeps.trials import Stop, TrialRunner
 from vaelab.tracking import NOTE_TAG, Tracker
 from vaelab.tracking.ui import CONFIG_VIEW, grouped_view_state, ui_base_for, view_link
 from vaelab.training import stack_blocker, stack_key
@@ -221,23 +221,33 @@ class Sweep:
         return self.queue.claim(limit=room, accept=fits)
 
     def work(self, parent: str, on_trial: Callable[[FrozenTrial], None] | None = None,
-             on_epoch: Callable[[Trial, int, dict], None] | None = None, max_trials: int | None = None) -> int:
-        """Run trials until none is left (or `max_trials`); returns how many this worker ran."""
+             on_epoch: Callable[[Trial, int, dict], None] | None = None, max_trials: int | None = None,
+             stop: Stop | None = None, show_progress: bool = False) -> int:
+        """Run trials until none is left (or `max_trials`); returns how many this worker ran. Once `stop`
+        says why (a Slurm task's warning: vaelab.sweeps.slurm_task), no trial is claimed and the one under
+        way stops after its epoch, its point given back (TrialRunner.run_stack). `show_progress`: each run's
+        lines (epochs, evaluators), as `vaelab train` says them."""
         ran = 0
         stack = getattr(self.search, "stack", 1)
         budget = None if isinstance(self.search, GridSearch) else self.search.n_trials
         while max_trials is None or ran < max_trials:
-            trial = self.queue.next_trial(budget)
+            trial = self.queue.next_trial(budget, stop)
             if trial is None:
                 break
             room = stack if max_trials is None else min(stack, max_trials - ran)
             group = [trial, *self._stack_mates(trial, room - 1)]
+            why = stop() if stop is not None else None
+            if why is not None:  # asked while it claimed: the points go back untouched
+                for claimed in group:
+                    self.queue.give_back(claimed, why)
+                break
             # Each trial is told, and on_trial called, as soon as its run is settled.
             if len(group) > 1:
-                finished = self.runner.run_stack(group, parent, on_trial)
+                finished = self.runner.run_stack(group, parent, on_trial, stop, show_progress)
             else:
                 epoch_hook = (lambda e, m, t=trial: on_epoch(t, e, m)) if on_epoch else None
-                finished = [self.runner.run(trial, parent, epoch_hook, on_trial)]
+                one = self.runner.run(trial, parent, epoch_hook, on_trial, stop, show_progress)
+                finished = [one] if one is not None else []  # None: given back (its run was busy)
             ran += len(finished)
         return ran
 

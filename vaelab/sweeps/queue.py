@@ -101,7 +101,7 @@ class Counts:
         text = (f"{self.complete} complete, {self.pruned} pruned, {self.failed} failed, "
                 f"{self.running} running, {self.waiting} waiting")
         if self.replaced:
-            text += f" ({self.replaced} re-queued after a dead worker)"
+            text += f" ({self.replaced} re-queued: given back, or after a dead worker)"
         return text
 
 
@@ -193,6 +193,11 @@ class TrialQueue:
             return f"no heartbeat from {host_pid or 'its worker'} for {now - last:.0f} s"
         return None
 
+    def heartbeat_age(self, trial: FrozenTrial) -> float | None:
+        """Seconds since `trial`'s last heartbeat by the clock reapers judge it with; None if it has none."""
+        beat = trial.user_attrs.get(HEARTBEAT)
+        return None if beat is None else self._now() - float(beat)
+
     def reap_dead(self) -> int:
         """Fail RUNNING trials whose worker died and re-queue their points; returns how many. A worker that
         has just got its storage back (an outage that every worker saw) judges no heartbeat for a grace
@@ -270,9 +275,11 @@ class TrialQueue:
 
     def claim(self, limit: int = 1, accept: Callable[[str | None], bool] | None = None) -> list[Trial]:
         """Up to `limit` WAITING trials claimed by this worker, those whose point (run
-        hash, or None) `accept` takes."""
+        hash, or None) `accept` takes. Retries come first: a point given back (a Slurm task
+        warned or preempted) resumes its run at once, before a fresh point starts."""
         claimed: list[Trial] = []
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        for trial in sorted(waiting, key=lambda t: RETRY_OF not in t.user_attrs):
             if len(claimed) >= limit:
                 break
             if accept is not None and not accept(trial.user_attrs.get(POINT)):
@@ -288,10 +295,13 @@ class TrialQueue:
         self._mark_mine(trial._trial_id)
         return trial
 
-    def next_trial(self, budget: int | None = None) -> Trial | None:
+    def next_trial(self, budget: int | None = None, stop: Callable[[], str | None] | None = None) -> Trial | None:
         """A claimed trial to run, or None when nothing is left for this worker. `budget`:
-        an Optuna search's n_trials (the sampler proposes trials up to it); None for a grid."""
+        an Optuna search's n_trials (the sampler proposes trials up to it); None for a grid.
+        None too once `stop` says why (a Slurm task's warning), also while it waits for others."""
         while True:
+            if stop is not None and stop() is not None:
+                return None
             looked = time.monotonic()
             self.reap_dead()
             claimed = self.claim()

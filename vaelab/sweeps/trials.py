@@ -5,14 +5,15 @@ sweep's parent run, and its outcome goes back to the queue as soon as the run is
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, Trial
 
-from vaelab import runner
-from vaelab.errors import LeaseLost, RunPruned
+from vaelab import progress, runner
+from vaelab.errors import LeaseLost, RunInProgress, RunPruned
 from vaelab.runlog import CONFIG_TAG
 from vaelab.search import OptunaSearch, Point, own_keys
 from vaelab.spec import Spec
@@ -21,8 +22,12 @@ from vaelab.sweeps.points import child_run_name, trial_point
 from vaelab.sweeps.queue import MLFLOW_RUN, TrialQueue
 from vaelab.tracking import Tracker
 from vaelab.training import EpochCallback
+from vaelab.training.session import request_stop
 
 INTERRUPTED = "interrupted (Ctrl-C)"
+BUSY_WAIT_S = 2.0  # a run another process holds (one that is stopping) goes back to the queue after this
+# Why this worker was asked to stop, once it was (else None): Slurm's warning or TERM, vaelab.sweeps.slurm_task.
+Stop = Callable[[], str | None]
 
 
 def _reason(err: BaseException) -> str:
@@ -46,9 +51,11 @@ class TrialRunner:
         return {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
                 "vaelab.sweep_point": point.label, CONFIG_TAG: point.config}
 
-    def _on_start(self, trial: Trial) -> Callable[[str], None]:
+    def _on_start(self, trial: Trial, name: str, show_progress: bool) -> Callable[[str], None]:
         def record(run_id: str) -> None:
             self.queue.set_attr(trial, MLFLOW_RUN, run_id)
+            if show_progress:  # a log says whose epochs follow
+                progress.say(f"trial {trial.number}: run {run_id} ({name})")
 
         return record
 
@@ -84,25 +91,45 @@ class TrialRunner:
         return report
 
     def run(self, trial: Trial, parent: str, on_epoch: Callable[[int, dict], None] | None = None,
-            on_trial: Callable[[FrozenTrial], None] | None = None) -> FrozenTrial:
+            on_trial: Callable[[FrozenTrial], None] | None = None, stop: Stop | None = None,
+            show_progress: bool = False) -> FrozenTrial | None:
         """Train `trial`'s point; a failed run fails its trial alone and the sweep goes on.
-        `on_trial` gets the trial once it is told (see run_stack)."""
-        (finished,) = self._run_group([trial], parent, [[self._pruning(trial, on_epoch)]], on_trial)
-        return finished
+        `on_trial` gets the trial once it is told (see run_stack); `stop` and `show_progress` as there.
+        None: its point went back to the queue (its run was busy in another process)."""
+        finished = self._run_group([trial], parent, [[self._pruning(trial, on_epoch)]], on_trial, stop,
+                                   show_progress)
+        return finished[0] if finished else None
 
-    def run_stack(self, trials: list[Trial], parent: str,
-                  on_trial: Callable[[FrozenTrial], None] | None = None) -> list[FrozenTrial]:
+    def run_stack(self, trials: list[Trial], parent: str, on_trial: Callable[[FrozenTrial], None] | None = None,
+                  stop: Stop | None = None, show_progress: bool = False) -> list[FrozenTrial]:
         """Grid trials that share a stack key, trained as one stacked model, each
         with its own MLflow child run; a run that fails fails its trial alone. Each
-        trial is told as soon as its run is settled, and `on_trial` gets it then."""
-        return self._run_group(trials, parent, None, on_trial)
+        trial is told as soon as its run is settled, and `on_trial` gets it then. Once `stop`
+        says why, training stops after the epoch under way (after its first, if it had not begun)
+        and the points go back to the queue with that reason. `show_progress`: the runs'
+        lines (an epoch, an evaluator), as `vaelab train` says them."""
+        return self._run_group(trials, parent, None, on_trial, stop, show_progress)
 
-    def _tell(self, trial: Trial, outcome: runner.RunOutcome | BaseException) -> FrozenTrial | None:
-        """Tell the queue how `trial`'s run ended; None for a run stopped by Ctrl-C, whose point goes back."""
+    @staticmethod
+    def _stop_after_epoch(stop: Stop) -> EpochCallback:
+        """A stop asked for before training began (which forgets earlier ones) is asked again at an epoch's end."""
+        def check(_epoch: int, _metrics: dict[str, float]) -> None:
+            if stop() is not None:
+                request_stop()
+
+        return check
+
+    def _tell(self, trial: Trial, outcome: runner.RunOutcome | BaseException,
+              why: str = INTERRUPTED) -> FrozenTrial | None:
+        """Tell the queue how `trial`'s run ended; None for a run stopped by Ctrl-C (or Slurm: `why`),
+        whose point goes back."""
         if isinstance(outcome, LeaseLost):
             return self._fenced(trial, outcome)
         if isinstance(outcome, KeyboardInterrupt):
-            self.queue.give_back(trial, INTERRUPTED)
+            self.queue.give_back(trial, why)
+            return None
+        if isinstance(outcome, RunInProgress):  # its run is still another process's (one stopping): run it later
+            self.queue.give_back(trial, f"{_reason(outcome)}; back to the queue")
             return None
         if isinstance(outcome, RunPruned):
             return self.queue.prune(trial)
@@ -116,39 +143,56 @@ class TrialRunner:
         """runner.run_group's on_settled for member i: tell its trial at once."""
         def tell(outcome: runner.RunOutcome | BaseException) -> None:
             if isinstance(outcome, KeyboardInterrupt):
+                # Given back once run_group has returned: until then it holds the run's state lock, and a
+                # worker that claimed the point at once would find the run busy (RunInProgress).
                 told.stops.append(outcome)
-            told.record(i, self._tell(told.trials[i], outcome))
+                told.done[i] = None
+                told.held.append(i)
+                return
+            told.record(i, self._tell(told.trials[i], outcome, told.why()))
 
         return tell
 
     def _run_group(self, trials: list[Trial], parent: str, epoch_callbacks: list[list[EpochCallback]] | None,
-                   on_trial: Callable[[FrozenTrial], None] | None) -> list[FrozenTrial]:
+                   on_trial: Callable[[FrozenTrial], None] | None, stop: Stop | None = None,
+                   show_progress: bool = False) -> list[FrozenTrial]:
         """Run `trials` through runner.run_group, telling each as its run settles. An error that stops
         the whole group touches only the trials not told yet: a second Ctrl-C after some runs were
         settled gives back the others, and the settled ones stay as they were told."""
         points = [trial_point(t, self.spec) for t in trials]
         pairs = list(zip(trials, points, strict=True))
-        told = _Told(trials, on_trial)
+        told = _Told(trials, on_trial, stop)
+        names = [self._name(t.number, p.values) for t, p in pairs]
+        starts = [self._on_start(t, n, show_progress) for t, n in zip(trials, names, strict=True)]
+        callbacks = [list(cbs) for cbs in epoch_callbacks] if epoch_callbacks else [[] for _ in trials]
+        if stop is not None:
+            for member in callbacks:
+                member.append(self._stop_after_epoch(stop))
         with self.queue.beating(trials):
             try:
-                runner.run_group([p.run for p in points], self.spec.name, self.tracker, show_progress=False,
-                                 extra_tags=[self._tags(t, p, parent) for t, p in pairs],
-                                 epoch_callbacks=epoch_callbacks,
-                                 names=[self._name(t.number, p.values) for t, p in pairs],
-                                 on_start=[self._on_start(t) for t in trials],
-                                 guards=[self._guard(t) for t in trials],
-                                 on_settled=[self._settler(told, i) for i in range(len(trials))])
-            except KeyboardInterrupt:  # Ctrl-C: the points not told yet go back for the next `vaelab sweep`
-                for i in told.untold():
-                    told.done[i] = None
-                    self.queue.give_back(trials[i], INTERRUPTED)
-                raise
-            except LeaseLost as err:  # every open member's lease went together (the network was away)
-                for i in told.untold():
-                    told.record(i, self._fenced(trials[i], err))
-            except Exception as err:  # the whole group failed (bad data, out of memory): each trial says why
-                for i in told.untold():
-                    told.record(i, self._tell(trials[i], err))
+                try:
+                    runner.run_group([p.run for p in points], self.spec.name, self.tracker,
+                                     show_progress=show_progress,
+                                     extra_tags=[self._tags(t, p, parent) for t, p in pairs],
+                                     epoch_callbacks=callbacks, names=names, on_start=starts,
+                                     guards=[self._guard(t) for t in trials],
+                                     on_settled=[self._settler(told, i) for i in range(len(trials))])
+                except KeyboardInterrupt:  # Ctrl-C: the points not told yet go back for the next `vaelab sweep`
+                    for i in told.untold():
+                        told.done[i] = None
+                        self.queue.give_back(trials[i], told.why())
+                    raise
+                except LeaseLost as err:  # every open member's lease went together (the network was away)
+                    for i in told.untold():
+                        told.record(i, self._fenced(trials[i], err))
+                except Exception as err:  # the whole group failed (bad data, out of memory): each trial says why
+                    if isinstance(err, RunInProgress):  # not back at once: this worker would claim it first again
+                        time.sleep(BUSY_WAIT_S)
+                    for i in told.untold():
+                        told.record(i, self._tell(trials[i], err))
+            finally:  # run_group has let go of the runs' state: the stopped ones can be resumed by anyone now
+                for i in told.held:
+                    self.queue.give_back(trials[i], told.why())
         if told.stops:  # a run stopped on Ctrl-C: its point went back, and the sweep stops
             raise told.stops[0]
         return told.finished()
@@ -157,15 +201,20 @@ class TrialRunner:
 class _Told:
     """The trials of one group told so far (None: given back), in the order they were told."""
 
-    def __init__(self, trials: list[Trial], on_trial: Callable[[FrozenTrial], None] | None):
-        self.trials, self.on_trial = trials, on_trial
+    def __init__(self, trials: list[Trial], on_trial: Callable[[FrozenTrial], None] | None, stop: Stop | None):
+        self.trials, self.on_trial, self.stop = trials, on_trial, stop
         self.done: dict[int, FrozenTrial | None] = {}
         self.stops: list[KeyboardInterrupt] = []  # runs stopped by a first Ctrl-C
+        self.held: list[int] = []  # those runs' trials, given back once run_group has returned
 
     def record(self, i: int, frozen: FrozenTrial | None) -> None:
         self.done[i] = frozen  # before on_trial: an interrupt raised there must not give this trial back
         if frozen is not None and self.on_trial is not None:
             self.on_trial(frozen)
+
+    def why(self) -> str:
+        """Why a run stopped on request goes back: the stop the worker was asked for, else Ctrl-C."""
+        return (self.stop() if self.stop is not None else None) or INTERRUPTED
 
     def untold(self) -> list[int]:
         return [i for i in range(len(self.trials)) if i not in self.done]
