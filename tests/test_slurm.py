@@ -536,28 +536,6 @@ def test_a_stopped_trial_goes_back_only_once_its_run_is_let_go(tmp_path: Path, m
     assert given_back.user_attrs[DIED] == "Slurm task 77_3: time limit near (USR1)"
 
 
-def test_a_claimed_trial_whose_run_is_busy_goes_back_to_the_queue(tmp_path: Path, mnist_root: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch):
-    """RunInProgress (another process still holds the run) is no failure of the point: it goes back, and a
-    later claim runs it."""
-    from vaelab.resume import holding
-    from vaelab.runner.start import resume_folder
-    from vaelab.sweeps import trials
-
-    monkeypatch.setattr(trials, "BUSY_WAIT_S", 0.0)
-    spec = write_spec(tmp_path, mnist_root, {"kind": "grid", "params": {"loss.beta": [1.0]}, "seeds": [0]})
-    monkeypatch.chdir(tmp_path)
-    sweep = make_sweep(tmp_path, spec)
-    parent = sweep.prepare()
-    with holding(resume_folder(sweep.tracker, sweep.spec.name, sweep.points[0].run.hash())):
-        assert sweep.runner.run(sweep.queue.next_trial(), parent) is None
-    ((busy, retry),) = _retries(sweep)
-    assert "already training in another process" in busy.user_attrs[DIED]
-    assert retry.state == TrialState.WAITING
-    assert sweep.work(parent) == 1
-    assert_each_point_once(sweep, tmp_path)
-
-
 def _status(spec: Path, capsys, *flags: str) -> tuple[int, str, str]:
     from vaelab import cli
 

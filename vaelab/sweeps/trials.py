@@ -5,7 +5,6 @@ sweep's parent run, and its outcome goes back to the queue as soon as the run is
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, Trial
 
 from vaelab import progress, runner
-from vaelab.errors import LeaseLost, RunInProgress, RunPruned
+from vaelab.errors import LeaseLost, RunPruned
 from vaelab.runlog import CONFIG_TAG
 from vaelab.search import OptunaSearch, Point, own_keys
 from vaelab.spec import Spec
@@ -25,7 +24,6 @@ from vaelab.training import EpochCallback
 from vaelab.training.session import request_stop
 
 INTERRUPTED = "interrupted (Ctrl-C)"
-BUSY_WAIT_S = 2.0  # a run another process holds (one that is stopping) goes back to the queue after this
 # Why this worker was asked to stop, once it was (else None): Slurm's warning or TERM, vaelab.sweeps.slurm_task.
 Stop = Callable[[], str | None]
 
@@ -95,7 +93,7 @@ class TrialRunner:
             show_progress: bool = False) -> FrozenTrial | None:
         """Train `trial`'s point; a failed run fails its trial alone and the sweep goes on.
         `on_trial` gets the trial once it is told (see run_stack); `stop` and `show_progress` as there.
-        None: its point went back to the queue (its run was busy in another process)."""
+        None: its point went back to the queue."""
         finished = self._run_group([trial], parent, [[self._pruning(trial, on_epoch)]], on_trial, stop,
                                    show_progress)
         return finished[0] if finished else None
@@ -127,9 +125,6 @@ class TrialRunner:
             return self._fenced(trial, outcome)
         if isinstance(outcome, KeyboardInterrupt):
             self.queue.give_back(trial, why)
-            return None
-        if isinstance(outcome, RunInProgress):  # its run is still another process's (one stopping): run it later
-            self.queue.give_back(trial, f"{_reason(outcome)}; back to the queue")
             return None
         if isinstance(outcome, RunPruned):
             return self.queue.prune(trial)
@@ -186,8 +181,6 @@ class TrialRunner:
                     for i in told.untold():
                         told.record(i, self._fenced(trials[i], err))
                 except Exception as err:  # the whole group failed (bad data, out of memory): each trial says why
-                    if isinstance(err, RunInProgress):  # not back at once: this worker would claim it first again
-                        time.sleep(BUSY_WAIT_S)
                     for i in told.untold():
                         told.record(i, self._tell(trials[i], err))
             finally:  # run_group has let go of the runs' state: the stopped ones can be resumed by anyone now
