@@ -130,7 +130,10 @@ class TrialRunner:
             return self.queue.prune(trial)
         if isinstance(outcome, BaseException):
             return self.queue.fail(trial, _reason(outcome))
-        if self.artifacts is not None:  # before it is told: Optuna takes nothing on a finished trial
+        # Before it is told (Optuna takes nothing on a finished trial), and only where runs draw figures: a worker
+        # killed between its run's end and the trial's completion leaves the point to be trained again, so that
+        # window takes no storage or tracking call more than it did before figures were attached.
+        if self.artifacts is not None and self.spec.base.eval.figures:
             attach_figures(self.tracker, outcome.run_id, trial, self.queue.storage, self.artifacts)
         return self.queue.complete(trial, outcome.best(self.search.metric), outcome.metrics["test/elbo"])
 
