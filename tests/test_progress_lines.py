@@ -5,6 +5,7 @@ still gets tqdm's bars; early stopping is said in one line. Real `vaelab train` 
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import subprocess
@@ -122,3 +123,30 @@ def test_nothing_is_said_without_progress_and_no_line_for_work_cut_short(capsys)
     with pytest.raises(KeyboardInterrupt), progress.bar(3, "cut short") as bar:
         raise KeyboardInterrupt
     assert capsys.readouterr().err == ""
+
+
+def test_long_work_in_a_log_says_how_far_it_is_at_most_once_per_heartbeat(monkeypatch, capsys):
+    """A whole-test-split IWAE estimate runs for most of an hour on a CPU: its log shows it alive, with the
+    share done and the time left, no more often than every HEARTBEAT_S, and never after its last unit."""
+    clock = [0.0]
+    monkeypatch.setattr(progress, "_now", lambda: clock[0])
+    progress.use_bars(False)
+    try:
+        with progress.bar(100, "eval iwae (k=5000)", "pass") as bar:
+            for _ in range(100):  # a unit every 10 s: 1000 s in all
+                clock[0] += 10.0
+                bar.update(1)
+        with progress.bar(None, "no known size", "pass") as bar:
+            clock[0] += 10 * progress.HEARTBEAT_S
+            bar.update(1)
+    finally:
+        progress.use_bars(True)
+    lines = capsys.readouterr().err.splitlines()
+    beats = [line for line in lines if " after " in line]
+    heartbeat = progress.HEARTBEAT_S
+    assert len(beats) == int(1000 // heartbeat) - (1000 % heartbeat == 0), lines
+    first = 10.0 * math.ceil(heartbeat / 10.0)  # the first unit at or past one heartbeat
+    assert beats[0] == (f"eval iwae (k=5000): {first / 10:.0f}% after {progress.seconds(first)}, "
+                        f"about {progress.seconds(1000 - first)} left"), beats
+    assert lines[len(beats)].startswith("eval iwae (k=5000): done in ")  # then the one closing line
+    assert lines[-1].startswith("no known size: done in ") and len(lines) == len(beats) + 2

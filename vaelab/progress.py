@@ -4,7 +4,9 @@ comes from `bar()` and every line said between bars goes through `say()`:
 - on a terminal (or in a notebook), tqdm's bars, redrawn in place;
 - where stderr is a file or a pipe (Slurm's log, `vaelab train ... 2> log`), or after
   `--no-progress` (`use_bars(False)`), no bar at all: one plain line when an item ends (an epoch,
-  an evaluator, a decoding pass), and nothing per batch, so a log holds no `\\r` redraws;
+  an evaluator, a decoding pass), and nothing per batch, so a log holds no `\\r` redraws; work of a
+  known size that runs longer than `HEARTBEAT_S` (a whole-test-split IWAE estimate: most of an hour
+  on a CPU) also says how far it is and how long is left, at most once per `HEARTBEAT_S`;
 - `show=False`: nothing (a sweep's trials, checks run in code).
 
 Imports no torch; tqdm only when a bar is drawn."""
@@ -20,6 +22,13 @@ from typing import Any, Protocol, TextIO, TypeVar
 T = TypeVar("T")
 
 _bars_off = False
+# Seconds between two "still going" lines of one piece of work in a log: often enough that a Slurm
+# log shows a long evaluator alive, rarely enough that epochs of a minute or two add no clutter.
+HEARTBEAT_S = 120.0
+
+
+def _now() -> float:
+    return time.perf_counter()
 
 
 def use_bars(allowed: bool) -> None:
@@ -98,11 +107,22 @@ class Lines:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self._count, self._delay, self._line = count, delay, line
         self._postfix = ""
-        self._started = time.perf_counter()
+        self._started = self._said = _now()
         self._closed = False
 
     def update(self, n: float = 1) -> None:
         self.n += n
+        if self._line and self.total:
+            now = _now()
+            if now - self._said >= HEARTBEAT_S and self.n < self.total:
+                self._said = now
+                say(self.so_far(now - self._started))
+
+    def so_far(self, took: float) -> str:
+        """`<desc>: 41% after 15.2 min, about 21.9 min left`: how far a long piece of work is."""
+        part = min(max(self.n / self.total, 0.0), 1.0) if self.total else 0.0
+        left = f", about {seconds(took * (1 - part) / part)} left" if part > 0 else ""
+        return f"{self.desc}: {100 * part:.0f}% after {seconds(took)}{left}"
 
     def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True,
                     **kwargs: Any) -> None:
@@ -116,7 +136,7 @@ class Lines:
         pass  # the line names the whole item by the description it started with
 
     def text(self) -> str:
-        took = seconds(time.perf_counter() - self._started)
+        took = seconds(_now() - self._started)
         if self._postfix:
             return f"{self.desc}: {self._postfix} ({took})"
         if self._count:
@@ -128,7 +148,7 @@ class Lines:
         if self._closed:
             return
         self._closed = True
-        if self._line and time.perf_counter() - self._started >= self._delay:
+        if self._line and _now() - self._started >= self._delay:
             say(self.text())
 
     def __enter__(self) -> Lines:
