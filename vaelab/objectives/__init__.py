@@ -20,15 +20,13 @@ from vaelab.objectives.kl import (
     SCHEDULES,
     KLWeighting,
     Terms,
-    kl_per_dimension,
-    kl_to_standard_normal,
     stacked_training_loss,
     training_loss,
     vae_terms,
 )
 from vaelab.objectives.record import Auxiliary, Objective, Penalty, RunObjective, SpecKey
 
-__all__ = ["SCHEDULES", "KLWeighting", "Terms", "kl_per_dimension", "kl_to_standard_normal", "training_loss",
+__all__ = ["SCHEDULES", "KLWeighting", "Terms", "training_loss",
            "stacked_training_loss", "vae_terms", "Auxiliary", "Objective", "Penalty", "RunObjective", "SpecKey",
            "OBJECTIVES", "objective_keys", "foreign_keys", "unhashed_keys", "kl_weighting", "objective_of"]
 

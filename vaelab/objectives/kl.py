@@ -1,6 +1,7 @@
-"""The ELBO's terms: the analytic KL to the prior, its weighting over training (KLWeighting), and
-`training_loss`, the one place a run's training loss is put together (single, stacked and
-validation steps, and evaluation through `vae_terms`). Likelihoods: vaelab.likelihoods.
+"""The ELBO's terms: the KL to the prior (computed by the prior's record, vaelab.models.priors), its
+weighting over training (KLWeighting), and `training_loss`, the one place a run's training loss is
+put together (single, stacked and validation steps, and evaluation through `vae_terms`).
+Likelihoods: vaelab.likelihoods.
 
 Every term is in nats per example (summed over pixels, averaged over the batch), so numbers
 compare with the VAE literature. No torch import at module level: spec checks read SCHEDULES.
@@ -19,17 +20,6 @@ if TYPE_CHECKING:  # annotations only
 
 # The names loss.kl_schedule may take (KLWeighting below implements each).
 SCHEDULES = ("constant", "linear", "cyclical", "capacity")
-
-
-def kl_per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)) of each latent dimension, (N, z_dim), in
-    closed form (Kingma & Welling 2014, appendix B)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-
-
-def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z|x) || N(0, I)) per example."""
-    return kl_per_dimension(mu, logvar).sum(1)
 
 
 @dataclass(frozen=True)

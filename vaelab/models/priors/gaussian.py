@@ -17,6 +17,18 @@ def standard_normal_log_density(z: Tensor) -> Tensor:
     return (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)
 
 
+def kl_per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) of each latent dimension, (N, z_dim), in closed form (Kingma & Welling
+    2014, appendix B): the one copy of the formula; training, validation and the figures reach it through the
+    prior's `kl_dims`."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(q(z|x) || N(0, I)) per example."""
+    return kl_per_dimension(mu, logvar).sum(-1)
+
+
 def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
     return (-0.5 * (z - mu).pow(2) * torch.exp(-logvar) - 0.5 * logvar - 0.5 * LOG_2PI).sum(-1)
@@ -33,7 +45,7 @@ class StandardNormal(nn.Module):
 
     def kl_dims(self, mu: Tensor, logvar: Tensor) -> Tensor:
         """KL(N(mu, exp(logvar)) || N(0, 1)) of each dimension, in closed form."""
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+        return kl_per_dimension(mu, logvar)
 
 
 def build(model_spec: Any, shape: tuple[int, int, int]) -> StandardNormal:
