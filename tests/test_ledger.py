@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import REPO, make_idx_folder
 from vaelab import cli
 from vaelab.errors import SpecError
-from vaelab.ledger import QUICK_EXPERIMENT, estimate, load_rows, plain
+from vaelab.ledger import QUICK_EXPERIMENT, Found, estimate, load_rows, plain, table
 from vaelab.spec import LEDGER_KEYS, PROTOCOL_KEYS, REQUIRED, describe_fields, load_spec, parse_spec
 
 LEDGER = REPO / "experiments" / "ledger"
@@ -140,7 +140,8 @@ def test_a_full_row_is_found_by_its_spec_and_judged_against_its_tolerance(ledger
     run_id = re.search(r"run ([0-9a-f]{32}) FINISHED", capsys.readouterr().out).group(1)
     code, out, err = ledger_cli("--folder", str(LEDGER), "--rows", row.stem, *sets, "--data-root", f"mnist={root}")
     assert code == 0, err
-    assert f"every row's run with --set {' '.join(tiny)}: not the protocol" in out
+    # the header names the --set items that change the protocol, not those that only say what else a run draws
+    assert "every row's run with --set train.epochs=1 model.prior_components=10: not the protocol" in out
     (line,) = [ln for ln in out.splitlines() if ln.startswith(row.stem + " ")]
     nll, diff, k, images, epochs = line.split()[4:9]
     assert (k, images, epochs) == ("5000", "all", "1") and line.endswith(run_id)
@@ -251,3 +252,51 @@ def test_the_estimate_compared_is_the_papers_when_the_run_has_it():
 
 def test_spec_text_is_printed_as_one_plain_line():
     assert plain("Table 1\x1b[2J\nrow\u202e") == "Table 1 [2J row"
+
+
+def _judged(found: Found, sets: list[str] | None = None) -> str:
+    """The verdict column of exemplar_fmnist_vae_gaussian's line (228.70, tolerance 1 nat) for `found`."""
+    (row,) = load_rows(LEDGER, names=["exemplar_fmnist_vae_gaussian"])
+    lines = table([row], {row.name: found}, quick=False, train_command=lambda r: "train", sets=sets)
+    (line,) = [ln for ln in lines if ln.startswith(row.name + " ")]
+    return line.split(maxsplit=9)[-1].rsplit(maxsplit=1)[0].strip()  # name, published (3), vaelab .. epochs
+
+
+@pytest.mark.parametrize(("nll", "k", "images", "departs", "verdict"), [
+    (229.69, 5000, 10000, (), "pass (tol 1)"),  # within the row's tolerance, either side
+    (227.71, 5000, 10000, (), "pass (tol 1)"),
+    (229.71, 5000, 10000, (), "FAIL (tol 1)"),  # just outside it
+    (226.50, 5000, 10000, (), "FAIL (tol 1)"),  # better than the paper by more than the tolerance is a FAIL too
+    (228.70, 1000, 10000, (), "not comparable (the paper: k=5000 on every test image)"),
+    (228.70, 5000, 1000, (), "not comparable (the paper: k=5000 on every test image)"),
+    (228.70, 5000, 10000, ("train.epochs=150",), "not the protocol"),
+])
+def test_a_full_run_passes_or_fails_against_the_rows_tolerance_at_the_papers_estimate(nll, k, images, departs,
+                                                                                     verdict):
+    assert _judged(Found("r1", nll, k, images, 10000, 900, departs)) == verdict
+
+
+def test_a_set_that_changes_no_protocol_still_passes_or_fails():
+    """`vaelab ledger --set train.device=cuda` (how, not what) keeps the verdict; `--set train.epochs=5` does not."""
+    exact = Found("r1", 228.9, 5000, 10000, 10000, 900)
+    assert _judged(exact, ["train.device=cuda", "eval.batch_size=500", "data.root=/x"]) == "pass (tol 1)"
+    assert _judged(exact, ["train.device=cuda", "train.epochs=5"]) == "not the protocol"
+
+
+def test_a_quick_row_that_cannot_train_says_why_and_the_others_still_print(ledger_cli, tmp_path: Path):
+    """Offline without MNIST's files, a quick ledger still trains and prints the rows it can; the one that cannot
+    train says why in its line, and the command exits 1 naming it."""
+    root = make_idx_folder(tmp_path / "mnist-files", n_train=120, n_test=20)
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    raw = yaml.safe_load((LEDGER / "exemplar_mnist_vae_vamp.yaml").read_text())
+    for name, data_root in (("a_missing", tmp_path / "no-mnist-here"), ("b_present", root)):
+        raw.update(name=name)
+        raw["base"]["data"].update(root=str(data_root), download=False)
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    code, out, err = ledger_cli("--folder", str(folder), "--quick")
+    assert code == 1 and err.strip().splitlines()[-1] == "vaelab ledger: 1 row(s) could not train: a_missing"
+    (missing,) = [ln for ln in out.splitlines() if ln.startswith("a_missing ")]
+    assert "failed  could not train: " in missing and str(tmp_path / "no-mnist-here") in missing
+    (present,) = [ln for ln in out.splitlines() if ln.startswith("b_present ")]
+    assert present.split()[-2] == "quick" and float(present.split()[4]) > 0  # name, published (3), vaelab

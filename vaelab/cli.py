@@ -253,9 +253,14 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     from vaelab.ledger import run_ledger
 
     names = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows else None
-    for line in run_ledger(Path(args.folder), args.quick, args.tracking_uri, args.set, args.data_root, names,
-                           program=invoked_as()):
+    printed = run_ledger(Path(args.folder), args.quick, args.tracking_uri, args.set, args.data_root, names,
+                         program=invoked_as())
+    for line in printed.lines:
         print(line)
+    if printed.failed:  # the table is printed all the same; the exit code says it is not whole
+        print(f"vaelab ledger: {len(printed.failed)} row(s) could not train: {', '.join(printed.failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

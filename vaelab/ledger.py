@@ -11,7 +11,8 @@ trains it.
 `--quick` first trains every row through the normal runner for QUICK's few epochs on a small subset, tracked in
 the experiment QUICK_EXPERIMENT so that quick runs never mix with full ones, then prints the same table marked
 quick: such runs check the machinery (data, model, objective, estimate, tracking), not the papers' numbers, so
-they pass or fail nothing.
+they pass or fail nothing. A row that cannot train (its data missing) says why in its line; the others still
+train and print.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vaelab.errors import SpecError, UsageError
-from vaelab.spec import Ledger, Spec, apply_overrides, load_spec, with_values
+from vaelab.errors import SpecError, UsageError, UserInputError
+from vaelab.spec import HOW_NOT_WHAT, Ledger, Spec, apply_overrides, flatten, load_spec, with_values
 
 if TYPE_CHECKING:
     from vaelab.tracking import Tracker
@@ -118,17 +119,26 @@ def load_rows(folder: Path, sets: list[str] | None = None, data_roots: Mapping[s
     return rows
 
 
-def train_quick(rows: list[Row], tracker: Tracker, show_progress: bool = True) -> None:
-    """Train every (quick) row through the normal runner, tracked in QUICK_EXPERIMENT, one after another."""
+def train_quick(rows: list[Row], tracker: Tracker, show_progress: bool = True) -> dict[str, str]:
+    """Train every (quick) row through the normal runner, tracked in QUICK_EXPERIMENT, one after another. A row
+    that cannot train (MNIST's files not in data.root, say) is said in one line and left; the others go on.
+    Returns why each such row failed, by name."""
     from vaelab import progress
     from vaelab.runner import run
 
     tracker.describe_experiment(QUICK_EXPERIMENT, "vaelab ledger --quick: every ledger row trained briefly on a "
                                                   "subset, to check the machinery; not comparable with the papers")
+    failed: dict[str, str] = {}
     for i, row in enumerate(rows, 1):
         progress.say(f"ledger --quick: row {i}/{len(rows)}, {row.name}")
-        run(row.spec.base, QUICK_EXPERIMENT, tracker, show_progress=show_progress, extra_tags={ROW_TAG: row.name},
-            name=row.name)
+        try:
+            run(row.spec.base, QUICK_EXPERIMENT, tracker, show_progress=show_progress,
+                extra_tags={ROW_TAG: row.name}, name=row.name)
+        except Exception as err:  # noqa: BLE001 - one row's failure is that row's line; Ctrl-C still stops all
+            reason = str(err) if isinstance(err, UserInputError) else f"{type(err).__name__}: {err}"
+            failed[row.name] = plain(reason.splitlines()[0] if reason else type(err).__name__)
+            progress.say(f"ledger --quick: {row.name} could not train: {failed[row.name]}")
+    return failed
 
 
 def find_run(row: Row, tracker: Tracker, experiment: str, exact: bool = False) -> Found | None:
@@ -146,20 +156,27 @@ def find_run(row: Row, tracker: Tracker, experiment: str, exact: bool = False) -
     return dataclasses.replace(found, departs=departures(row, data.params))
 
 
-# Where the images live and how they are held says nothing of the protocol.
-_WHERE = frozenset({"data.root", "data.download"})
+# Keys that say where the images live, how a run is computed or what else it draws, not what the paper's protocol
+# trains and estimates: a run, or a `vaelab ledger --set`, that differs only in these is still the row's protocol.
+NOT_PROTOCOL = HOW_NOT_WHAT | frozenset({
+    "data.root", "data.download", "train.device", "train.compile", "train.figure_every", "train.checkpoint_every",
+    "eval.batch_size", "eval.tsne_points", "eval.probe", "eval.disentanglement", "eval.dis_samples",
+    "eval.dci_importance", "eval.figures"})
+
+
+def protocol_sets(sets: list[str] | None) -> list[str]:
+    """The `--set KEY=VALUE` items that change a row's protocol (not NOT_PROTOCOL's keys)."""
+    return [item for item in sets or [] if item.partition("=")[0].strip() not in NOT_PROTOCOL]
 
 
 def departures(row: Row, params: Mapping[str, str]) -> tuple[str, ...]:
     """The keys of the row's base whose value the run's params (MLflow's strings) differ in, as "key=value"
     with the run's value; keys the run did not log (not used by it) are not compared."""
-    from vaelab.spec import HOW_NOT_WHAT, flatten
-
     def text(value: Any) -> str:
         return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
 
     return tuple(f"{key}={params[key]}" for key, value in flatten(row.spec.base).items()
-                 if key in params and key not in _WHERE | HOW_NOT_WHAT and params[key] != text(value))
+                 if key in params and key not in NOT_PROTOCOL and params[key] != text(value))
 
 
 def estimate(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str], k: int) -> Found:
@@ -209,10 +226,12 @@ def _verdict(entry: Ledger, found: Found, quick: bool, overridden: bool = False)
 
 
 def table(rows: list[Row], found: Mapping[str, Found | None], quick: bool,
-          train_command: Callable[[Row], str], sets: list[str] | None = None) -> list[str]:
+          train_command: Callable[[Row], str], sets: list[str] | None = None,
+          failed: Mapping[str, str] | None = None) -> list[str]:
     """The ledger's lines: a header, then per paper and table its rows, each one line (published, vaelab,
     difference, k and images, epochs, verdict, run) and a line naming the row in the paper's words. `sets`: the
-    overrides the runs were looked up with, said in the header (such runs are not the rows' protocol)."""
+    overrides the runs were looked up with; those that change the protocol are said in the header (such runs
+    pass or fail nothing). `failed`: why a quick row could not train, by name."""
     width = max([len(row.name) for row in rows] + [3])
     head = (f"{'row':<{width}}  {'published':>15}  {'vaelab':>8}  {'diff':>6}  {'k':>5}  {'images':>11}  "
             f"{'epochs':>6}  {'verdict':<16}  run")
@@ -221,8 +240,9 @@ def table(rows: list[Row], found: Mapping[str, Found | None], quick: bool,
     if quick:
         lines.append(f"QUICK (experiment {QUICK_EXPERIMENT}): {', '.join(QUICK)}: the machinery is checked, not "
                      "the papers' numbers")
-    if sets:
-        lines.append(f"every row's run with --set {plain(' '.join(sets))}: not the protocol its spec states")
+    changed = protocol_sets(sets)
+    if changed:
+        lines.append(f"every row's run with --set {plain(' '.join(changed))}: not the protocol its spec states")
     lines.append(head)
     paper = None
     for row in rows:
@@ -232,7 +252,9 @@ def table(rows: list[Row], found: Mapping[str, Found | None], quick: bool,
             lines.append(f"{plain(entry.paper)}; {plain(entry.table)}")
         start = f"{plain(row.name):<{width}}  {_published(entry):>15}  "
         hit = found.get(row.name)
-        if hit is None:
+        if row.name in (failed or {}):
+            lines.append(start + f"{'failed':>8}  could not train: {plain((failed or {})[row.name])}")
+        elif hit is None:
             lines.append(start + f"{'not run':>8}  train it: {plain(train_command(row))}")
         elif hit.nll is None:
             lines.append(start + f"{'no NLL':>8}  run {hit.run_id} logged no {_NLL} (eval.iw_samples 0?)")
@@ -240,7 +262,7 @@ def table(rows: list[Row], found: Mapping[str, Found | None], quick: bool,
             diff = "-" if quick else f"{hit.nll - entry.published:+.2f}"
             images = "all" if hit.images >= hit.of else f"{hit.images}/{hit.of}"
             lines.append(start + f"{hit.nll:>8.2f}  {diff:>6}  {hit.k:>5}  {images:>11}  {hit.epochs:>6}  "
-                                 f"{_verdict(entry, hit, quick, bool(sets)):<16}  {hit.run_id}")
+                                 f"{_verdict(entry, hit, quick, bool(changed)):<16}  {hit.run_id}")
             if hit.departs and not quick:
                 lines.append(f"{'':<{width}}  this run departs from the row's base: {plain(', '.join(hit.departs))}")
         note = f"{'':<{width}}  {plain(entry.row)}"
@@ -252,9 +274,17 @@ def table(rows: list[Row], found: Mapping[str, Found | None], quick: bool,
     return lines
 
 
+@dataclass(frozen=True)
+class Printed:
+    """What `vaelab ledger` prints, and the quick rows that could not train (the command then exits 1)."""
+
+    lines: list[str]
+    failed: tuple[str, ...] = ()
+
+
 def run_ledger(folder: Path = LEDGER_DIR, quick: bool = False, tracking_uri: str | None = None,
                sets: list[str] | None = None, data_roots: list[str] | None = None, names: list[str] | None = None,
-               program: str = "vaelab", show_progress: bool = True) -> list[str]:
+               program: str = "vaelab", show_progress: bool = True) -> Printed:
     """`vaelab ledger`: the table's lines, after training the quick rows when `quick`. `data_roots`: as
     `--data-root` takes them (DATASET=PATH)."""
     from vaelab.tracking import Tracker
@@ -262,8 +292,7 @@ def run_ledger(folder: Path = LEDGER_DIR, quick: bool = False, tracking_uri: str
     roots = parse_data_roots(data_roots)
     rows = load_rows(folder, sets, roots, names, quick)
     tracker = Tracker(tracking_uri)
-    if quick:
-        train_quick(rows, tracker, show_progress)
+    failed = train_quick(rows, tracker, show_progress) if quick else {}
     found = {row.name: find_run(row, tracker, QUICK_EXPERIMENT if quick else row.spec.name, exact=quick)
              for row in rows}
 
@@ -274,4 +303,4 @@ def run_ledger(folder: Path = LEDGER_DIR, quick: bool = False, tracking_uri: str
                 *(["--tracking-uri", tracking_uri] if tracking_uri else [])]
         return f"{program} {shlex.join(args)}"
 
-    return table(rows, found, quick, train_command, sets)
+    return Printed(table(rows, found, quick, train_command, sets, failed), tuple(failed))
