@@ -133,3 +133,50 @@ def test_workers_with_skewed_clocks_neither_reap_nor_are_reaped(tmp_path: Path, 
     trials = sweep.trials()
     assert [t.state for t in trials] == [TrialState.RUNNING] * 2 and not [t for t in trials if DIED in t.user_attrs]
     assert all(abs(t.user_attrs[HEARTBEAT] - time.time()) < 60 for t in trials)  # the server's clock, this host's
+
+
+class _Died(BaseException):
+    """A worker killed between its run's end and its trial's completion (the soak's SIGKILL, in one process)."""
+
+
+@pytest.mark.parametrize("stack", [1, 2], ids=["one run", "a stack of two"])
+def test_a_point_whose_run_finished_before_its_worker_died_is_not_trained_again(tmp_path: Path, mnist_root: Path,
+                                                                                 monkeypatch, capsys, stack: int):
+    """The window between a run's FINISHED and its trial's completion: the point is re-queued when the worker's
+    heartbeat stops, and its retry takes the finished run as its outcome (same objective value, same MLflow run)
+    instead of training a second run; in a stack, the member whose run had not finished trains as before."""
+    search = {"kind": "grid", "params": {"loss.beta": [1.0, 2.0][:stack]}, "stack": stack}
+    path = write_spec(tmp_path, mnist_root, search)
+    sweep = new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=30)
+    parent = sweep.prepare()
+    original = TrialQueue.complete
+    calls = []
+
+    def die_once(self, trial, value, test_elbo=None):
+        calls.append(trial.number)
+        if len(calls) == 1:
+            raise _Died
+        return original(self, trial, value, test_elbo)
+
+    monkeypatch.setattr(TrialQueue, "complete", die_once)
+    with pytest.raises(_Died):
+        sweep.work(parent)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    first = {t.number: t for t in sweep.trials()}[calls[0]]
+    done_run = client.get_run(first.user_attrs[MLFLOW_RUN])
+    assert first.state == TrialState.RUNNING and done_run.info.status == "FINISHED"
+
+    assert new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=0).reap_dead() == stack  # its heartbeat stopped
+    assert sweep.work(parent) == stack
+    trials = sweep.trials()
+    retried = [t for t in trials if t.user_attrs.get(RETRY_OF) == first.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].user_attrs[MLFLOW_RUN] == done_run.info.run_id  # the finished run, not a new one
+    assert retried[0].value == done_run.data.metrics["best/val/loss"]
+    assert f"its point's run {done_run.info.run_id} had finished before its worker died" in capsys.readouterr().err
+    finished = client.search_runs([done_run.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                                "attributes.status = 'FINISHED'")
+    points = sorted(r.data.tags["vaelab.sweep_point"] for r in finished)
+    assert len(points) == stack and len(set(points)) == stack  # each point FINISHED once in MLflow
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == stack

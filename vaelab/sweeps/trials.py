@@ -1,6 +1,8 @@
 """Running claimed trials: each goes to the same `runner.run_group` that `vaelab train` uses
 (one run, or a group that trains as one stacked model), as an MLflow child run under the
-sweep's parent run, and its outcome goes back to the queue as soon as the run is settled."""
+sweep's parent run, and its outcome goes back to the queue as soon as the run is settled. A
+retried point whose earlier run had FINISHED (its worker died before telling the trial) takes
+that run as its outcome instead of training again: each point finishes once in MLflow."""
 
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from vaelab.search import OptunaSearch, Point, own_keys
 from vaelab.spec import Spec
 from vaelab.sweeps.artifacts import attach_figures
 from vaelab.sweeps.points import child_run_name, trial_point
-from vaelab.sweeps.queue import MLFLOW_RUN, TrialQueue
+from vaelab.sweeps.queue import MLFLOW_RUN, RETRY_OF, TrialQueue
 from vaelab.tracking import Tracker
 from vaelab.training import EpochCallback
 from vaelab.training.session import request_stop
 
 INTERRUPTED = "interrupted (Ctrl-C)"
+POINT_TAG = "vaelab.sweep_point"  # a child run's point, as its label says it
 # Why this worker was asked to stop, once it was (else None): Slurm's warning or TERM, vaelab.sweeps.slurm_task.
 Stop = Callable[[], str | None]
 
@@ -47,7 +50,7 @@ class TrialRunner:
 
     def _tags(self, trial: Trial, point: Point, parent: str) -> dict[str, Any]:
         return {"mlflow.parentRunId": parent, "optuna.study": self.spec.name, "optuna.trial_number": trial.number,
-                "vaelab.sweep_point": point.label, CONFIG_TAG: point.config}
+                POINT_TAG: point.label, CONFIG_TAG: point.config}
 
     def _on_start(self, trial: Trial, name: str, show_progress: bool) -> Callable[[str], None]:
         def record(run_id: str) -> None:
@@ -137,6 +140,32 @@ class TrialRunner:
             attach_figures(self.tracker, outcome.run_id, trial, self.queue.storage, self.artifacts)
         return self.queue.complete(trial, outcome.best(self.search.metric), outcome.metrics["test/elbo"])
 
+    def _adopt(self, trial: Trial, point: Point, parent: str, told: _Told, i: int) -> bool:
+        """Whether `trial` was told from its point's FINISHED run under `parent`: a retried point whose earlier
+        worker died after that run ended and before its trial was told. The run is the point's outcome (its kept
+        epoch's validation metric, as the worker would have told it), so the point is not trained a second time.
+        Only retried trials look (one tracking query each); a lookup that fails trains the point, as before."""
+        if RETRY_OF not in trial.user_attrs:
+            return False
+        metric = f"best/{self.search.metric}"
+        try:
+            runs = [run for run, tags in self.tracker.finished_children(parent, point.run.hash())
+                    if tags.get(POINT_TAG) == point.label and metric in run.metrics and "test/elbo" in run.metrics]
+        except Exception as err:  # noqa: BLE001 - the worst case is the old one: the point trains again
+            progress.say(f"trial {trial.number}: could not look for an earlier finished run of its point "
+                         f"({type(err).__name__}); training it")
+            return False
+        if not runs:
+            return False
+        run = runs[0]
+        self.queue.set_attr(trial, MLFLOW_RUN, run.run_id)
+        if self.artifacts is not None and self.spec.base.eval.figures:
+            attach_figures(self.tracker, run.run_id, trial, self.queue.storage, self.artifacts)
+        progress.say(f"trial {trial.number}: its point's run {run.run_id} had finished before its worker died; "
+                     "told from it, not trained again")
+        told.record(i, self.queue.complete(trial, run.metrics[metric], run.metrics["test/elbo"]))
+        return True
+
     def _settler(self, told: _Told, i: int) -> Callable[[runner.RunOutcome | BaseException], None]:
         """runner.run_group's on_settled for member i: tell its trial at once."""
         def tell(outcome: runner.RunOutcome | BaseException) -> None:
@@ -169,12 +198,15 @@ class TrialRunner:
         with self.queue.beating(trials):
             try:
                 try:
-                    runner.run_group([p.run for p in points], self.spec.name, self.tracker,
-                                     show_progress=show_progress,
-                                     extra_tags=[self._tags(t, p, parent) for t, p in pairs],
-                                     epoch_callbacks=callbacks, names=names, on_start=starts,
-                                     guards=[self._guard(t) for t in trials],
-                                     on_settled=[self._settler(told, i) for i in range(len(trials))])
+                    todo = [i for i, (t, p) in enumerate(pairs) if not self._adopt(t, p, parent, told, i)]
+                    if todo:
+                        runner.run_group([points[i].run for i in todo], self.spec.name, self.tracker,
+                                         show_progress=show_progress,
+                                         extra_tags=[self._tags(trials[i], points[i], parent) for i in todo],
+                                         epoch_callbacks=[callbacks[i] for i in todo], names=[names[i] for i in todo],
+                                         on_start=[starts[i] for i in todo],
+                                         guards=[self._guard(trials[i]) for i in todo],
+                                         on_settled=[self._settler(told, i) for i in todo])
                 except KeyboardInterrupt:  # Ctrl-C: the points not told yet go back for the next `vaelab sweep`
                     for i in told.untold():
                         told.done[i] = None

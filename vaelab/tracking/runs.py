@@ -107,6 +107,17 @@ class MlflowRuns(Connection):
             return None
         return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics), runs[0].info.artifact_uri)
 
+    def finished_children(self, parent: str, run_hash: str) -> list[tuple[FinishedRun, dict[str, str]]]:
+        """The FINISHED child runs of the sweep run `parent` tagged with `run_hash`, oldest first, each with its
+        tags: a retried point's earlier attempt that finished before its worker died (vaelab.sweeps.trials)."""
+        parent_run = self.client.get_run(parent)
+        where = (f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{HASH_TAG}` = '{run_hash}' "
+                 "and attributes.status = 'FINISHED'")
+        runs = self.client.search_runs([parent_run.info.experiment_id], filter_string=where,
+                                       order_by=["attributes.end_time ASC"])
+        return [(FinishedRun(r.info.run_id, dict(r.data.metrics), r.info.artifact_uri), dict(r.data.tags))
+                for r in runs]
+
     def latest_finished_in(self, experiment: str) -> FinishedRun | None:
         """The latest FINISHED run of `experiment`, whatever its run hash, or None; asking makes no store."""
         if not self.exists:
