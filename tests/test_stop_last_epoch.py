@@ -55,3 +55,39 @@ def test_a_stop_in_any_epoch_ends_killed_then_the_same_run_resumes_to_finished(
     for key in ("test/elbo", "test/recon", "test/kl", "test/nll_iw"):
         assert outcome.metrics[key] == pytest.approx(reference.metrics[key], rel=1e-6), key
     assert not list((tmp_path / "runs" / "resume").rglob("state.pt"))  # a finished run leaves no state
+
+
+def test_a_slurm_term_while_an_epoch_is_recorded_waits_for_its_save(tmp_path: Path, mnist_root: Path):
+    """Slurm's TERM stops a worker at once, except while an epoch is being recorded (metrics logged, state not yet
+    saved): then the epoch is saved first, the run ends KILLED after it, and resuming logs no epoch twice. A real
+    SIGTERM to this process, through the handler a Slurm task installs, from inside the epoch's recording."""
+    import os
+    import signal
+
+    from vaelab.sweeps.slurm_task import TaskStop
+    from vaelab.training.session import recording
+
+    spec = with_values(tiny_run(mnist_root, train={"epochs": 3, "batch_size": 64, "device": "cpu", "patience": None}),
+                       {"eval.iw_samples": 5, "eval.figures": False})
+    seen = []
+
+    def term_at_epoch_2(done: int, _metrics: dict) -> None:
+        if done == 2:
+            seen.append(recording())
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside the epoch's recording
+
+    logs = MemoryRuns(tmp_path / "runs")
+    before = signal.getsignal(signal.SIGTERM)
+    stop = TaskStop.install({"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "VAELAB_SLURM_TASK": "1"})
+    try:
+        assert stop is not None
+        with pytest.raises(RunStopped, match="stopped after epoch 2 of 3"):
+            run(spec, "term", logs, show_progress=False, epoch_callbacks=[term_at_epoch_2])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    assert seen == [True] and not recording()  # recording while the callbacks ran, and not after
+    assert "stopped by TERM" in (stop.asked() or "")
+    assert logs.only().status == "KILLED" and saved_epoch(tmp_path / "runs") == 2
+    outcome = run(spec, "term", logs, show_progress=False)
+    assert logs.only().status == "FINISHED" and outcome.epochs_run == 3

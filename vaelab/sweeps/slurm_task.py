@@ -56,16 +56,11 @@ def _say(line: str) -> None:
         pass
 
 
-def _recording_epoch(frame: FrameType | None) -> bool:
-    """Whether the main thread is inside a member's end of epoch (vaelab.training.member: its metrics logged,
-    callbacks, its state saved). Looked up, not imported, as in _request_stop."""
-    member = sys.modules.get("vaelab.training.member")
-    end_epoch = getattr(getattr(getattr(member, "Member", None), "end_epoch", None), "__code__", None)
-    while end_epoch is not None and frame is not None:
-        if frame.f_code is end_epoch:
-            return True
-        frame = frame.f_back
-    return False
+def _recording_epoch() -> bool:
+    """Whether the main thread is recording a member's epoch (its metrics logged, callbacks, its state saved:
+    vaelab.training.session.recording_epoch). Looked up, not imported, as in _request_stop."""
+    session = sys.modules.get("vaelab.training.session")
+    return session is not None and session.recording()
 
 
 def _request_stop() -> bool:
@@ -113,9 +108,9 @@ class TaskStop:
              + ("finishing this epoch, then handing the trial back and requeueing the task" if training else
                 "claiming no new trial; the task requeues once its trials are handed back"))
 
-    def on_term(self, _signum: int, frame: FrameType | None) -> None:
+    def on_term(self, _signum: int, _frame: FrameType | None) -> None:
         self._ask(f"Slurm task {self.task}: stopped by TERM (preempted, requeued, cancelled or out of time)")
-        if _recording_epoch(frame):  # an epoch logged but not saved would be trained and logged again
+        if _recording_epoch():  # an epoch logged but not saved would be trained and logged again
             _request_stop()
             _say(f"Slurm task {self.task}: TERM: stopping once this epoch's results are saved")
             return

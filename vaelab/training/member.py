@@ -17,6 +17,7 @@ from vaelab.objectives import KLWeighting, kl_weighting
 from vaelab.resume import TrainState
 from vaelab.spec import RunSpec
 from vaelab.training.result import RunResult, non_finite_reason
+from vaelab.training.session import recording_epoch
 
 # Called after each epoch with (epoch starting at 1, {"train/loss": ..., "val/loss": ...}).
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -99,7 +100,12 @@ class Member:
     # ---- end of an epoch ---------------------------------------------------------------------------
     def end_epoch(self, epoch: int, metrics: dict[str, float], stepper: Stepper, i: int) -> None:
         """Non-finite check (fail, or ask for a rollback), early stopping and best
-        weights, callbacks (one that raises ends this member only), resume state."""
+        weights, callbacks (one that raises ends this member only), resume state; said to be
+        recording all the while (session.recording_epoch)."""
+        with recording_epoch():
+            self._end_epoch(epoch, metrics, stepper, i)
+
+    def _end_epoch(self, epoch: int, metrics: dict[str, float], stepper: Stepper, i: int) -> None:
         train = self.run.train
         reason = non_finite_reason(metrics, epoch)
         if reason and self.retry_on_nan and not self.retried and self.last_good is not None:

@@ -1,5 +1,5 @@
-"""The process-wide state of a training session: a stop asked for by Ctrl-C, and
-subnormal floats flushed to zero while training."""
+"""The process-wide state of a training session: a stop asked for by Ctrl-C, whether an
+epoch is being recorded, and subnormal floats flushed to zero while training."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 _stop = threading.Event()
 _training = threading.Event()
+_recording = threading.Event()
 
 
 def request_stop() -> bool:
@@ -29,6 +30,23 @@ def stop_requested() -> bool:
 def forget_stop() -> None:
     """A new command starts: a stop asked of an earlier one (in this process) does not apply."""
     _stop.clear()
+
+
+@contextmanager
+def recording_epoch() -> Iterator[None]:
+    """While a member's epoch is being recorded (its metrics logged, callbacks, its resume state saved): a
+    signal that stops at once would leave an epoch logged but not saved, trained and logged again on resume,
+    so a Slurm TERM then waits for the save (vaelab.sweeps.slurm_task)."""
+    _recording.set()
+    try:
+        yield
+    finally:
+        _recording.clear()
+
+
+def recording() -> bool:
+    """Whether an epoch is being recorded now (recording_epoch)."""
+    return _recording.is_set()
 
 
 @contextmanager
