@@ -150,3 +150,19 @@ def test_long_work_in_a_log_says_how_far_it_is_at_most_once_per_heartbeat(monkey
                         f"about {progress.seconds(1000 - first)} left"), beats
     assert lines[len(beats)].startswith("eval iwae (k=5000): done in ")  # then the one closing line
     assert lines[-1].startswith("no known size: done in ") and len(lines) == len(beats) + 2
+
+
+def test_the_time_left_counts_only_this_processs_pace(monkeypatch, capsys):
+    """A resumed sweep's bar starts at the trials done before (`initial`): 90 of 100 done, one trial in 10 min
+    here leaves about 90 min, not the 1 min that 91 units in 10 min would say."""
+    clock = [0.0]
+    monkeypatch.setattr(progress, "_now", lambda: clock[0])
+    progress.use_bars(False)
+    try:
+        with progress.bar(100, "sweep", "trial", initial=90, count=True) as bar:
+            clock[0] += 600.0
+            bar.update(1)
+    finally:
+        progress.use_bars(True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "sweep: 91% after 10.0 min, about 90.0 min left", lines

@@ -139,32 +139,50 @@ class _Died(BaseException):
     """A worker killed between its run's end and its trial's completion (the soak's SIGKILL, in one process)."""
 
 
-@pytest.mark.parametrize("stack", [1, 2], ids=["one run", "a stack of two"])
-def test_a_point_whose_run_finished_before_its_worker_died_is_not_trained_again(tmp_path: Path, mnist_root: Path,
-                                                                                 monkeypatch, capsys, stack: int):
+def _die_once(monkeypatch, owner, name: str) -> list:
+    """`owner.name` raises _Died on its first call (recorded), then does its work."""
+    original, calls = getattr(owner, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise _Died
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dying)
+    return calls
+
+
+@pytest.mark.parametrize(("stack", "dies_in"), [(1, "complete"), (2, "complete"), (1, "clear_state")],
+                         ids=["one run", "a stack of two", "before its resume state was cleared"])
+def test_a_point_whose_run_finished_before_its_worker_died_is_not_trained_again(
+        tmp_path: Path, mnist_root: Path, monkeypatch, capsys, stack: int, dies_in: str):
     """The window between a run's FINISHED and its trial's completion: the point is re-queued when the worker's
     heartbeat stops, and its retry takes the finished run as its outcome (same objective value, same MLflow run)
-    instead of training a second run; in a stack, the member whose run had not finished trains as before."""
+    instead of training a second run, and drops the run's resume state if the worker died before clearing it (else
+    `vaelab train` would take the run for resumable); in a stack, the member not yet finished trains as before."""
+    from vaelab.runner import group
+
     search = {"kind": "grid", "params": {"loss.beta": [1.0, 2.0][:stack]}, "stack": stack}
     path = write_spec(tmp_path, mnist_root, search)
     sweep = new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=30)
     parent = sweep.prepare()
-    original = TrialQueue.complete
-    calls = []
-
-    def die_once(self, trial, value, test_elbo=None):
-        calls.append(trial.number)
-        if len(calls) == 1:
-            raise _Died
-        return original(self, trial, value, test_elbo)
-
-    monkeypatch.setattr(TrialQueue, "complete", die_once)
+    _die_once(monkeypatch, TrialQueue, "complete")
+    if dies_in == "clear_state":  # it died before clearing the state too: the first clear does nothing
+        skipped: list[Path] = []
+        clear = group.clear_state
+        monkeypatch.setattr(group, "clear_state",
+                            lambda folder: skipped.append(folder) if not skipped else clear(folder))
     with pytest.raises(_Died):
         sweep.work(parent)
+    monkeypatch.undo()
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    first = {t.number: t for t in sweep.trials()}[calls[0]]
+    first = next(t for t in sweep.trials() if t.state == TrialState.RUNNING and MLFLOW_RUN in t.user_attrs
+                 and client.get_run(t.user_attrs[MLFLOW_RUN]).info.status == "FINISHED")
     done_run = client.get_run(first.user_attrs[MLFLOW_RUN])
-    assert first.state == TrialState.RUNNING and done_run.info.status == "FINISHED"
+    states = list((tmp_path / "runs" / "resume").rglob("state.pt"))
+    if stack == 1:  # (a stack's other member died before it finished: its state is its resume, kept)
+        assert bool(states) == (dies_in == "clear_state")
 
     assert new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=0).reap_dead() == stack  # its heartbeat stopped
     assert sweep.work(parent) == stack
@@ -180,3 +198,24 @@ def test_a_point_whose_run_finished_before_its_worker_died_is_not_trained_again(
     points = sorted(r.data.tags["vaelab.sweep_point"] for r in finished)
     assert len(points) == stack and len(set(points)) == stack  # each point FINISHED once in MLflow
     assert sum(t.state == TrialState.COMPLETE for t in trials) == stack
+    assert not list((tmp_path / "runs" / "resume").rglob("state.pt"))
+
+
+def test_a_finished_run_of_another_trial_with_the_same_point_is_not_taken(tmp_path: Path, mnist_root: Path,
+                                                                          monkeypatch):
+    """An Optuna search may sample one point twice: a retried trial takes only a run of its own earlier attempts
+    (their trial numbers, on the run's optuna.trial_number tag), never another trial's run of the same point."""
+    path = write_spec(tmp_path, mnist_root, ONE_POINT)
+    sweep = new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=30)
+    parent = sweep.prepare()
+    _die_once(monkeypatch, TrialQueue, "complete")
+    with pytest.raises(_Died):
+        sweep.work(parent)
+    monkeypatch.undo()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [first] = sweep.trials()
+    client.set_tag(first.user_attrs[MLFLOW_RUN], "optuna.trial_number", "999")  # as if another trial's run
+    assert new_sweep(tmp_path, path, heartbeat_s=0.1, grace_s=0).reap_dead() == 1
+    assert sweep.work(parent) == 1
+    [retry] = [t for t in sweep.trials() if t.user_attrs.get(RETRY_OF) == first.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs[MLFLOW_RUN] != first.user_attrs[MLFLOW_RUN]

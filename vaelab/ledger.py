@@ -136,7 +136,7 @@ def train_quick(rows: list[Row], tracker: Tracker, show_progress: bool = True) -
                 extra_tags={ROW_TAG: row.name}, name=row.name)
         except Exception as err:  # noqa: BLE001 - one row's failure is that row's line; Ctrl-C still stops all
             reason = str(err) if isinstance(err, UserInputError) else f"{type(err).__name__}: {err}"
-            failed[row.name] = plain(reason.splitlines()[0] if reason else type(err).__name__)
+            failed[row.name] = plain(reason.strip().splitlines()[0] if reason.strip() else type(err).__name__)
             progress.say(f"ledger --quick: {row.name} could not train: {failed[row.name]}")
     return failed
 

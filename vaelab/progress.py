@@ -104,7 +104,7 @@ class Lines:
 
     def __init__(self, total: float | None, desc: str, unit: str, count: bool, delay: float, line: bool,
                  initial: float = 0):
-        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.total, self.desc, self.unit, self.n, self._initial = total, desc, unit, initial, initial
         self._count, self._delay, self._line = count, delay, line
         self._postfix = ""
         self._started = self._said = _now()
@@ -119,9 +119,12 @@ class Lines:
                 say(self.so_far(now - self._started))
 
     def so_far(self, took: float) -> str:
-        """`<desc>: 41% after 15.2 min, about 21.9 min left`: how far a long piece of work is."""
-        part = min(max(self.n / self.total, 0.0), 1.0) if self.total else 0.0
-        left = f", about {seconds(took * (1 - part) / part)} left" if part > 0 else ""
+        """`<desc>: 41% after 15.2 min, about 21.9 min left`: how far a long piece of work is; the time left
+        at the pace of this process (units done before it started, `initial`, took none of its time)."""
+        total = self.total or 0.0
+        part = min(max(self.n / total, 0.0), 1.0) if total else 0.0
+        done_here = self.n - self._initial
+        left = (f", about {seconds(took * max(total - self.n, 0.0) / done_here)} left" if done_here > 0 else "")
         return f"{self.desc}: {100 * part:.0f}% after {seconds(took)}{left}"
 
     def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True,

@@ -14,8 +14,10 @@ from typing import Any
 from optuna.trial import FrozenTrial, Trial
 
 from vaelab import progress, runner
-from vaelab.errors import LeaseLost, RunPruned
+from vaelab.errors import LeaseLost, RunInProgress, RunPruned
+from vaelab.resume import clear_state, holding
 from vaelab.runlog import CONFIG_TAG
+from vaelab.runner.start import resume_folder
 from vaelab.search import OptunaSearch, Point, own_keys
 from vaelab.spec import Spec
 from vaelab.sweeps.artifacts import attach_figures
@@ -140,31 +142,62 @@ class TrialRunner:
             attach_figures(self.tracker, outcome.run_id, trial, self.queue.storage, self.artifacts)
         return self.queue.complete(trial, outcome.best(self.search.metric), outcome.metrics["test/elbo"])
 
+    def _attempts(self, trial: Trial) -> set[str]:
+        """The numbers of the trials this point ran under before `trial` (its RETRY_OF chain): a run carries the
+        number of the trial that last opened or resumed it (its `optuna.trial_number` tag)."""
+        by_number = {t.number: t for t in self.queue.trials()}
+        chain: set[str] = set()
+        number = trial.user_attrs.get(RETRY_OF)
+        while number is not None and str(number) not in chain:
+            chain.add(str(number))
+            earlier = by_number.get(int(number))
+            number = earlier.user_attrs.get(RETRY_OF) if earlier is not None else None
+        return chain
+
     def _adopt(self, trial: Trial, point: Point, parent: str, told: _Told, i: int) -> bool:
         """Whether `trial` was told from its point's FINISHED run under `parent`: a retried point whose earlier
         worker died after that run ended and before its trial was told. The run is the point's outcome (its kept
         epoch's validation metric, as the worker would have told it), so the point is not trained a second time.
-        Only retried trials look (one tracking query each); a lookup that fails trains the point, as before."""
+        Only a run of this point's own earlier trials counts (an Optuna search may sample a point twice). Only
+        retried trials look (two tracking queries and a read of the study); a lookup that fails trains the
+        point, as before."""
         if RETRY_OF not in trial.user_attrs:
             return False
         metric = f"best/{self.search.metric}"
+        run_hash = point.run.hash()
         try:
-            runs = [run for run, tags in self.tracker.finished_children(parent, point.run.hash())
-                    if tags.get(POINT_TAG) == point.label and metric in run.metrics and "test/elbo" in run.metrics]
+            attempts = self._attempts(trial)
+            runs = [run for run, tags in self.tracker.finished_children(parent, run_hash)
+                    if tags.get("optuna.trial_number") in attempts and metric in run.metrics
+                    and "test/elbo" in run.metrics]
         except Exception as err:  # noqa: BLE001 - the worst case is the old one: the point trains again
             progress.say(f"trial {trial.number}: could not look for an earlier finished run of its point "
                          f"({type(err).__name__}); training it")
             return False
         if not runs:
             return False
-        run = runs[0]
-        self.queue.set_attr(trial, MLFLOW_RUN, run.run_id)
-        if self.artifacts is not None and self.spec.base.eval.figures:
-            attach_figures(self.tracker, run.run_id, trial, self.queue.storage, self.artifacts)
+        run = runs[-1]
+        try:  # what the trial and the dashboard keep of the run: worth a warning, not the point's outcome
+            self.queue.set_attr(trial, MLFLOW_RUN, run.run_id)
+            if self.artifacts is not None and self.spec.base.eval.figures:
+                attach_figures(self.tracker, run.run_id, trial, self.queue.storage, self.artifacts)
+        except Exception as err:  # noqa: BLE001
+            progress.say(f"trial {trial.number}: could not attach run {run.run_id} ({type(err).__name__})")
+        self._drop_state(resume_folder(self.tracker, self.spec.name, run_hash))
         progress.say(f"trial {trial.number}: its point's run {run.run_id} had finished before its worker died; "
                      "told from it, not trained again")
         told.record(i, self.queue.complete(trial, run.metrics[metric], run.metrics["test/elbo"]))
         return True
+
+    @staticmethod
+    def _drop_state(folder: Path) -> None:
+        """A finished run's resume state, left when its worker died before clearing it: gone, or `vaelab train`
+        would take the run for resumable and train it again. Still held: its worker is alive and clears it."""
+        try:
+            with holding(folder):
+                clear_state(folder)
+        except RunInProgress:
+            pass
 
     def _settler(self, told: _Told, i: int) -> Callable[[runner.RunOutcome | BaseException], None]:
         """runner.run_group's on_settled for member i: tell its trial at once."""
