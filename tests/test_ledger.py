@@ -155,6 +155,7 @@ def test_a_full_row_is_found_by_its_spec_and_judged_against_its_tolerance(ledger
     departs = next(ln for ln in out.splitlines() if "departs from the row's base" in ln)
     assert "train.epochs=1" in departs and "model.prior_components=10" in departs and "data.root" not in departs
     assert "model.hidden_act" not in departs and "model.hidden" not in departs  # shared keys are not listed
+    assert "eval.iw_images" not in departs and "data.subset" not in departs  # nor shared nulls (logged "null")
 
 
 @pytest.mark.slow

@@ -172,8 +172,10 @@ def protocol_sets(sets: list[str] | None) -> list[str]:
 def departures(row: Row, params: Mapping[str, str]) -> tuple[str, ...]:
     """The keys of the row's base whose value the run's params (MLflow's strings) differ in, as "key=value"
     with the run's value; keys the run did not log (not used by it) are not compared."""
+    from vaelab.tracking.writer import param_text  # how the run logged each value (None as "null")
+
     def text(value: Any) -> str:
-        return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+        return param_text(list(value) if isinstance(value, tuple) else value)
 
     return tuple(f"{key}={params[key]}" for key, value in flatten(row.spec.base).items()
                  if key in params and key not in NOT_PROTOCOL and params[key] != text(value))
