@@ -113,6 +113,18 @@ def _ids(pid: int) -> dict[str, list[int]]:
             for line in status if line.startswith(("Uid:", "Gid:", "Groups:"))}
 
 
+def _alive(pids: list[int]) -> dict[int, tuple[str, dict[str, list[int]]]]:
+    """Each process of `pids` still running: its program and ids. A short-lived one (a PostgreSQL backend whose
+    connection just closed) may end between the listing and the read: gone, it runs as no one."""
+    alive = {}
+    for pid in pids:
+        try:
+            alive[pid] = (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(), _ids(pid))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return alive
+
+
 @pytest.mark.cluster
 def test_workers_role_reaches_only_optuna_and_no_server_is_root(services: Services):
     import psycopg
@@ -135,12 +147,11 @@ def test_workers_role_reaches_only_optuna_and_no_server_is_root(services: Servic
         services.connect("vaelab_admin", "admin-pgpass", "postgres")
 
     assert services.proc is not None
-    below = _descendants(services.proc.pid)
-    names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() for pid in below}
+    alive = _alive(_descendants(services.proc.pid))
+    names = {pid: name for pid, (name, _) in alive.items()}
     assert any("postgres" in n for n in names.values()) and any("python" in n for n in names.values()), names
-    for pid in below:  # the servers and every process they started
-        ids = _ids(pid)
-        assert 0 not in ids["Uid"] + ids["Gid"] + ids["Groups"], (names[pid], ids)
+    for name, ids in alive.values():  # the servers and every process they started
+        assert 0 not in ids["Uid"] + ids["Gid"] + ids["Groups"], (name, ids)
 
 
 @pytest.mark.cluster
