@@ -24,11 +24,6 @@ def kl_per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
-def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z|x) || N(0, I)) per example."""
-    return kl_per_dimension(mu, logvar).sum(-1)
-
-
 def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
     return (-0.5 * (z - mu).pow(2) * torch.exp(-logvar) - 0.5 * logvar - 0.5 * LOG_2PI).sum(-1)
